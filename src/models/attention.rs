@@ -1,0 +1,97 @@
+//! diffusers' `Attention` (models/attention_processor.py) as SD uses it:
+//! to_q / to_k / to_v / to_out.0, optional group norm in front and residual
+//! connection (the VAE's mid-block attention), self- or cross-attention.
+
+use candle_core::Tensor;
+
+use crate::Result;
+use crate::nn::{GroupNorm, Linear, Vb, scaled_dot_product_attention};
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub group_norm: Option<GroupNorm>,
+    pub heads: usize,
+    pub dim_head: usize,
+    pub residual_connection: bool,
+}
+
+/// Construction options mirroring diffusers' `Attention.__init__` arguments.
+#[derive(Clone, Debug)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    pub cross_attention_dim: Option<usize>,
+    pub heads: usize,
+    pub dim_head: usize,
+    /// Bias on to_q / to_k / to_v (to_out.0 always has one).
+    pub bias: bool,
+    /// (groups, eps) of a GroupNorm applied to the input first.
+    pub norm_num_groups: Option<(usize, f64)>,
+    pub residual_connection: bool,
+}
+
+impl Attention {
+    pub fn new(vb: &Vb, cfg: &AttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let kv_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
+        let group_norm = match cfg.norm_num_groups {
+            Some((g, eps)) => Some(GroupNorm::new(&vb.pp("group_norm"), g, cfg.query_dim, eps)?),
+            None => None,
+        };
+        Ok(Self {
+            to_q: Linear::new(&vb.pp("to_q"), cfg.query_dim, inner, cfg.bias)?,
+            to_k: Linear::new(&vb.pp("to_k"), kv_dim, inner, cfg.bias)?,
+            to_v: Linear::new(&vb.pp("to_v"), kv_dim, inner, cfg.bias)?,
+            to_out: Linear::new(&vb.pp("to_out").pp(0), inner, cfg.query_dim, true)?,
+            group_norm,
+            heads: cfg.heads,
+            dim_head: cfg.dim_head,
+            residual_connection: cfg.residual_connection,
+        })
+    }
+
+    /// (B, N, C) → (B, H, N, d)
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, self.dim_head))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// Attention over a token sequence `x` (B, N, C); `context` (B, M, C') for
+    /// cross-attention. Also accepts (B, C, H, W) input (the VAE's spatial
+    /// attention): it is flattened to tokens and restored afterwards.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let residual = x.clone();
+        let spatial = x.rank() == 4;
+        let mut h = x.clone();
+        if let Some(gn) = &self.group_norm {
+            h = gn.forward(&h)?;
+        }
+        let dims4 = if spatial { Some(h.dims4()?) } else { None };
+        if let Some((b, c, hh, ww)) = dims4 {
+            h = h.reshape((b, c, hh * ww))?.transpose(1, 2)?;
+        }
+        let ctx = context.unwrap_or(&h);
+        let q = self.split_heads(&self.to_q.forward(&h)?)?;
+        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let scale = 1.0 / (self.dim_head as f64).sqrt();
+        let o = scaled_dot_product_attention(&q, &k, &v, scale, None)?;
+        let (b, _, n, _) = o.dims4()?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.dim_head))?;
+        let mut out = self.to_out.forward(&o)?;
+        if let Some((b, c, hh, ww)) = dims4 {
+            out = out.transpose(1, 2)?.reshape((b, c, hh, ww))?;
+        }
+        if self.residual_connection {
+            out = (out + residual)?;
+        }
+        Ok(out)
+    }
+}

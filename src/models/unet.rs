@@ -1,0 +1,181 @@
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x and 2.x:
+//! ε̂ (or v̂) = UNet(noisy latents, per-sample timesteps, text context).
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::config::UNetConfig;
+use super::unet_blocks::{BlockAttn, BlockCommon, DownBlock, MidBlock, UpBlock};
+use crate::Result;
+use crate::nn::{Conv2d, GroupNorm, Linear, Vb, silu, timestep_embedding};
+
+/// `TimestepEmbedding`: linear_1 → SiLU → linear_2.
+#[derive(Clone, Debug)]
+pub struct TimestepEmbedding {
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(vb: &Vb, in_dim: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(&vb.pp("linear_1"), in_dim, dim, true)?,
+            linear_2: Linear::new(&vb.pp("linear_2"), dim, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    pub conv_in: Conv2d,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: &Vb, config: &UNetConfig) -> Result<Self> {
+        config.validate(&vb.path())?;
+        let boc = &config.block_out_channels;
+        let n = boc.len();
+        let heads = config.heads();
+        let layers = config.transformer_layers();
+        let temb = boc[0] * 4;
+        let common = BlockCommon {
+            temb_channels: temb,
+            groups: config.groups(),
+            eps: config.norm_eps,
+            cross_attention_dim: config.cross_attention_dim,
+            use_linear_projection: config.use_linear_projection,
+            output_scale_factor: config.resnet_out_scale_factor,
+        };
+        let k_in = config.conv_in_kernel;
+        let conv_in = Conv2d::new(&vb.pp("conv_in"), config.in_channels, boc[0], k_in, 1, k_in / 2)?;
+        let time_embedding = TimestepEmbedding::new(&vb.pp("time_embedding"), boc[0], temb)?;
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = boc[0];
+        for (i, ty) in config.down_block_types.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = boc[i];
+            let attn = (ty == "CrossAttnDownBlock2D").then_some(BlockAttn {
+                heads: heads[i],
+                layers: layers[i],
+            });
+            down_blocks.push(DownBlock::new(
+                &vb.pp("down_blocks").pp(i),
+                &common,
+                in_ch,
+                out_ch,
+                config.layers_per_block,
+                attn,
+                i + 1 < n,
+                config.downsample_padding,
+            )?);
+        }
+
+        let mid_block = match config.mid_block_type {
+            Some(_) => Some(MidBlock::new(
+                &vb.pp("mid_block"),
+                &BlockCommon {
+                    output_scale_factor: config.mid_block_scale_factor,
+                    ..common
+                },
+                boc[n - 1],
+                BlockAttn {
+                    heads: heads[n - 1],
+                    layers: layers[n - 1],
+                },
+            )?),
+            None => None,
+        };
+
+        let rev: Vec<usize> = boc.iter().rev().copied().collect();
+        let rev_heads: Vec<usize> = heads.iter().rev().copied().collect();
+        let rev_layers: Vec<usize> = layers.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = rev[0];
+        for (i, ty) in config.up_block_types.iter().enumerate() {
+            let prev_out = out_ch;
+            out_ch = rev[i];
+            let in_ch = rev[(i + 1).min(n - 1)];
+            let attn = (ty == "CrossAttnUpBlock2D").then_some(BlockAttn {
+                heads: rev_heads[i],
+                layers: rev_layers[i],
+            });
+            up_blocks.push(UpBlock::new(
+                &vb.pp("up_blocks").pp(i),
+                &common,
+                in_ch,
+                out_ch,
+                prev_out,
+                config.layers_per_block + 1,
+                attn,
+                i + 1 < n,
+            )?);
+        }
+        let k_out = config.conv_out_kernel;
+        Ok(Self {
+            config: config.clone(),
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(&vb.pp("conv_norm_out"), config.groups(), boc[0], config.norm_eps)?,
+            conv_out: Conv2d::new(&vb.pp("conv_out"), boc[0], config.out_channels, k_out, 1, k_out / 2)?,
+        })
+    }
+
+    /// Loads `unet/` of a diffusers folder (config.json + weights).
+    pub fn load(dir: &Path, device: &Device, trainable: bool) -> Result<(Self, Vb)> {
+        let config = UNetConfig::from_file(&dir.join("config.json"))?;
+        let vb = Vb::from_file(&super::load::weights_file(dir)?, device, trainable)?;
+        let model = Self::new(&vb, &config)?;
+        vb.finish()?;
+        Ok((model, vb))
+    }
+
+    /// `sample` (B, C, H, W); `timesteps` (B,) f32, one per sample (fractional
+    /// values allowed); `context` (B, L, cross_attention_dim).
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        let timesteps = if timesteps.elem_count() == 1 && b > 1 {
+            timesteps.reshape(1)?.repeat(b)?
+        } else {
+            timesteps.clone()
+        };
+        let t_emb = timestep_embedding(
+            &timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?;
+        let emb = self.time_embedding.forward(&t_emb)?;
+
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            let (out, s) = block.forward(&h, &emb, context)?;
+            h = out;
+            skips.extend(s);
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, &emb, context)?;
+        }
+        for block in &self.up_blocks {
+            h = block.forward(&h, &mut skips, &emb, context)?;
+        }
+        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)
+    }
+}

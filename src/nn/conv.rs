@@ -1,0 +1,53 @@
+//! `nn.Conv2d` (groups = 1), NCHW.
+
+use candle_core::Tensor;
+
+use super::store::{Init, Vb};
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: &Vb,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let init = Init::torch_default(in_ch * kernel * kernel);
+        let weight = vb.get(&[out_ch, in_ch, kernel, kernel], "weight", init)?;
+        let bias = Some(vb.get(&[out_ch], "bias", init)?);
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.weight.dim(2)?;
+        let y = if k == 1 && self.stride == 1 && self.padding == 0 {
+            // A 1×1 convolution is a matmul over channels: cheaper than im2col.
+            let (b, c, h, w) = x.dims4()?;
+            let o = self.weight.dim(0)?;
+            let w2 = self.weight.reshape((o, c))?;
+            let x2 = x.reshape((b, c, h * w))?;
+            w2.broadcast_matmul(&x2)?.reshape((b, o, h, w))?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
+            None => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `nn.Linear`: y = x Wᵀ + b over the last dimension.
+
+use candle_core::{D, Tensor};
+
+use super::store::{Init, Vb};
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let init = Init::torch_default(in_dim);
+        let weight = vb.get(&[out_dim, in_dim], "weight", init)?;
+        let bias = if bias {
+            Some(vb.get(&[out_dim], "bias", init)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = y.dim(D::Minus1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}

@@ -1,0 +1,19 @@
+//! The layers we train through, built from candle ops that carry a backward.
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod embedding;
+pub mod linear;
+pub mod norm;
+pub mod store;
+pub mod upsample;
+
+pub use activation::{Activation, gelu, quick_gelu, sigmoid, silu};
+pub use attention::{causal_mask, scaled_dot_product_attention, softmax_last_dim};
+pub use conv::Conv2d;
+pub use embedding::{Embedding, timestep_embedding};
+pub use linear::Linear;
+pub use norm::{GroupNorm, LayerNorm};
+pub use store::{Init, Vb, read_safetensors, save_safetensors};
+pub use upsample::upsample_nearest_2x;

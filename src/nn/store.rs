@@ -1,0 +1,337 @@
+//! Where a model's parameters come from: a safetensors file (diffusers layout),
+//! or a seeded random initialisation for training from scratch.
+//!
+//! Model constructors ask a [`Vb`] for each tensor by its state-dict path
+//! (`vb.pp("down_blocks").pp(0).get(&[320, 4, 3, 3], "weight", init)`), so module
+//! paths equal diffusers' keys. The store records which keys were used: after
+//! building a model, [`Vb::finish`] reports keys of the file the model did not use.
+//! In trainable mode every tensor becomes a [`Var`] whose gradient the optimizer reads.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use crate::{Error, Result};
+
+/// How a parameter is initialised when it is not loaded from a file.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Const(f64),
+    /// Uniform in `[-bound, bound]`.
+    Uniform(f64),
+    Normal(f64),
+}
+
+impl Init {
+    /// PyTorch's default for `nn.Linear` / `nn.Conv2d` weights and biases:
+    /// uniform with bound `1/sqrt(fan_in)`.
+    pub fn torch_default(fan_in: usize) -> Self {
+        Init::Uniform(1.0 / (fan_in as f64).sqrt())
+    }
+}
+
+enum Source {
+    File {
+        path: PathBuf,
+        tensors: HashMap<String, Tensor>,
+    },
+    Random {
+        rng: Mutex<StdRng>,
+    },
+}
+
+struct Inner {
+    source: Source,
+    device: Device,
+    trainable: bool,
+    vars: Mutex<BTreeMap<String, Var>>,
+    used: Mutex<HashSet<String>>,
+}
+
+/// A handle on a parameter store at one path prefix. Cheap to clone.
+#[derive(Clone)]
+pub struct Vb {
+    inner: Arc<Inner>,
+    prefix: String,
+}
+
+/// Reads every tensor of a safetensors file, converted to f32 on `device`.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = match view.dtype() {
+            safetensors::Dtype::F32
+            | safetensors::Dtype::F16
+            | safetensors::Dtype::BF16
+            | safetensors::Dtype::F64 => view.load(device)?.to_dtype(DType::F32)?,
+            safetensors::Dtype::I64 | safetensors::Dtype::U8 | safetensors::Dtype::U32 => {
+                view.load(device)?
+            }
+            d => {
+                return Err(Error::UnsupportedDType {
+                    path: path.to_path_buf(),
+                    key: name,
+                    dtype: format!("{d:?}"),
+                });
+            }
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+impl Vb {
+    /// Parameters read from a safetensors file (f32, f16 or bf16 stored; f32 in memory).
+    pub fn from_file(path: &Path, device: &Device, trainable: bool) -> Result<Self> {
+        let tensors = read_safetensors(path, device)?;
+        Ok(Self::from_tensors(path, tensors, device, trainable))
+    }
+
+    /// Parameters from tensors already in memory; `path` names their origin in errors.
+    pub fn from_tensors(
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        trainable: bool,
+    ) -> Self {
+        Self::new(
+            Source::File {
+                path: path.to_path_buf(),
+                tensors,
+            },
+            device,
+            trainable,
+        )
+    }
+
+    /// Fresh parameters drawn from a seeded RNG (training from scratch, benchmarks).
+    pub fn random(seed: u64, device: &Device, trainable: bool) -> Self {
+        Self::new(
+            Source::Random {
+                rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            },
+            device,
+            trainable,
+        )
+    }
+
+    fn new(source: Source, device: &Device, trainable: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source,
+                device: device.clone(),
+                trainable,
+                vars: Mutex::new(BTreeMap::new()),
+                used: Mutex::new(HashSet::new()),
+            }),
+            prefix: String::new(),
+        }
+    }
+
+    /// The store one level down: `vb.pp("conv_in")`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        let name = name.to_string();
+        let prefix = if self.prefix.is_empty() {
+            name
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Self {
+            inner: self.inner.clone(),
+            prefix,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        self.inner.trainable
+    }
+
+    /// The file the parameters come from (or `<random init>`).
+    pub fn path(&self) -> PathBuf {
+        match &self.inner.source {
+            Source::File { path, .. } => path.clone(),
+            Source::Random { .. } => PathBuf::from("<random init>"),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Whether the file holds a tensor at this path (always false for random init).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.inner.source {
+            Source::File { tensors, .. } => tensors.contains_key(&self.key(name)),
+            Source::Random { .. } => false,
+        }
+    }
+
+    /// The tensor at `prefix.name`, checked against `shape`.
+    pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        let key = self.key(name);
+        let t = match &self.inner.source {
+            Source::File { path, tensors } => {
+                let t = tensors.get(&key).ok_or_else(|| Error::MissingKey {
+                    path: path.clone(),
+                    key: key.clone(),
+                    expected: shape.to_vec(),
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::ShapeMismatch {
+                        path: path.clone(),
+                        key,
+                        expected: shape.to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                self.inner.used.lock().unwrap().insert(key.clone());
+                t.clone()
+            }
+            Source::Random { rng } => {
+                let n: usize = shape.iter().product();
+                let mut rng = rng.lock().unwrap();
+                let data: Vec<f32> = match init {
+                    Init::Const(c) => vec![c as f32; n],
+                    Init::Uniform(b) => {
+                        let d =
+                            Uniform::new_inclusive(-b, b).map_err(|e| Error::msg(e.to_string()))?;
+                        (0..n).map(|_| d.sample(&mut *rng) as f32).collect()
+                    }
+                    Init::Normal(s) => {
+                        let d = Normal::new(0.0, s).map_err(|e| Error::msg(e.to_string()))?;
+                        (0..n).map(|_| d.sample(&mut *rng) as f32).collect()
+                    }
+                };
+                Tensor::from_vec(data, shape, &self.inner.device)?
+            }
+        };
+        if self.inner.trainable {
+            let var = Var::from_tensor(&t)?;
+            let out = var.as_tensor().clone();
+            self.inner.vars.lock().unwrap().insert(key, var);
+            Ok(out)
+        } else {
+            Ok(t)
+        }
+    }
+
+    /// Errors if the file holds tensors the model never asked for.
+    pub fn finish(&self) -> Result<()> {
+        if let Source::File { path, tensors } = &self.inner.source {
+            let used = self.inner.used.lock().unwrap();
+            let mut unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+            unused.sort();
+            if let Some(first) = unused.first() {
+                return Err(Error::UnexpectedKeys {
+                    path: path.clone(),
+                    count: unused.len(),
+                    first: (*first).clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainable parameters created so far, by state-dict key.
+    pub fn vars(&self) -> BTreeMap<String, Var> {
+        self.inner.vars.lock().unwrap().clone()
+    }
+}
+
+/// Writes named tensors as a safetensors file (f32), atomically (temp file + rename).
+pub fn save_safetensors(
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    let mut bufs: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::new();
+    for (k, t) in tensors {
+        let (bytes, dtype) = tensor_bytes(t)?;
+        bufs.push((k.clone(), bytes, t.dims().to_vec(), dtype));
+    }
+    for (k, bytes, shape, dtype) in &bufs {
+        let view =
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| {
+                Error::Safetensors {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                }
+            })?;
+        views.push((k.clone(), view));
+    }
+    let data = safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    crate::util::write_atomic(path, &data)
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<(Vec<u8>, safetensors::Dtype)> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F16 => {
+            let v = t.to_vec1::<half::f16>()?;
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::F16,
+            )
+        }
+        DType::BF16 => {
+            let v = t.to_vec1::<half::bf16>()?;
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::BF16,
+            )
+        }
+        DType::I64 => {
+            let v = t.to_vec1::<i64>()?;
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::I64,
+            )
+        }
+        DType::U32 => {
+            let v = t.to_vec1::<u32>()?;
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::U32,
+            )
+        }
+        DType::U8 => (t.to_vec1::<u8>()?, safetensors::Dtype::U8),
+        _ => {
+            let v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            (
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                safetensors::Dtype::F32,
+            )
+        }
+    })
+}

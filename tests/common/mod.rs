@@ -1,0 +1,33 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+/// All tensors of a fixture file, as f32 on the CPU.
+pub fn load(rel: &str) -> HashMap<String, Tensor> {
+    dreambooth::nn::read_safetensors(&fixtures().join(rel), &Device::Cpu).unwrap()
+}
+
+/// Relative L2 error ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
+    let b = b.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Asserts relative L2 error below `tol`, printing the figure.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    let e = rel_err(a, b);
+    println!("{what}: rel err {e:.2e}");
+    assert!(e < tol, "{what}: relative L2 error {e:.3e} exceeds {tol:.0e}");
+}
