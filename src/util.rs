@@ -36,3 +36,16 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
         msg: e.to_string(),
     })
 }
+
+/// A tensor of standard-normal draws from `rng` (reproducible for a seed).
+pub fn randn(
+    rng: &mut impl rand::Rng,
+    shape: &[usize],
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng))
+        .collect();
+    Ok(candle_core::Tensor::from_vec(data, shape, device)?)
+}

@@ -3,7 +3,9 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod cpu;
 pub mod embedding;
+pub mod im2col;
 pub mod linear;
 pub mod norm;
 pub mod store;

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// All tensors of a fixture file, as f32 on the CPU.
@@ -18,10 +20,31 @@ pub fn load(rel: &str) -> HashMap<String, Tensor> {
 /// Relative L2 error ‖a − b‖ / ‖b‖.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
-    let b = b.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let a = a
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    let b = b
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let den = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     (num / den.max(1e-30)).sqrt()
 }
 
@@ -29,5 +52,8 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
     let e = rel_err(a, b);
     println!("{what}: rel err {e:.2e}");
-    assert!(e < tol, "{what}: relative L2 error {e:.3e} exceeds {tol:.0e}");
+    assert!(
+        e < tol,
+        "{what}: relative L2 error {e:.3e} exceeds {tol:.0e}"
+    );
 }

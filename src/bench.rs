@@ -1,0 +1,238 @@
+//! `dreambooth bench step`: the time of one training step of the UNet
+//! (forward, MSE loss, backward, AdamW) with random weights, so a change to a
+//! layer can be measured against itself and against PyTorch on the same
+//! machine (`tools/bench/pytorch_cpu_step.py` runs the same shapes).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::models::UNet2DConditionModel;
+use crate::models::config::UNetConfig;
+use crate::nn::Vb;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::util::randn;
+use crate::{Error, Result};
+
+/// Which UNet to build.
+#[derive(Clone, Debug)]
+pub enum Arch {
+    /// Stable Diffusion 1.5's UNet (860M parameters).
+    Sd15,
+    /// The bundled tiny model's UNet.
+    Toy,
+    /// A diffusers `config.json`.
+    Config(std::path::PathBuf),
+}
+
+impl Arch {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "sd15" | "sd1.5" => Arch::Sd15,
+            "toy" | "tiny" => Arch::Toy,
+            path => Arch::Config(path.into()),
+        }
+    }
+
+    pub fn config_json(&self) -> Result<serde_json::Value> {
+        Ok(match self {
+            Arch::Toy => crate::toy::pretrain::unet_config(),
+            Arch::Sd15 => sd15_unet_config(),
+            Arch::Config(p) => crate::util::read_json(p)?,
+        })
+    }
+
+    /// Pixels per latent cell of the architecture's VAE: 4 for the tiny
+    /// model (three VAE blocks), 8 for Stable Diffusion.
+    pub fn vae_factor(&self) -> usize {
+        match self {
+            Arch::Toy => 4,
+            _ => 8,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Arch::Sd15 => "sd15".into(),
+            Arch::Toy => "toy".into(),
+            Arch::Config(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// SD 1.5's `unet/config.json` (runwayml/stable-diffusion-v1-5).
+pub fn sd15_unet_config() -> serde_json::Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0
+    })
+}
+
+#[derive(Clone, Debug)]
+pub struct StepBenchOptions {
+    pub arch: Arch,
+    /// Pixel resolution; the latent is res / [`Arch::vae_factor`] on a side.
+    pub res: usize,
+    pub batch: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct StepTimes {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+impl StepTimes {
+    pub fn total(&self) -> f64 {
+        self.forward + self.backward + self.optimizer
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StepBenchReport {
+    pub arch: String,
+    pub res: usize,
+    pub latent: usize,
+    pub batch: usize,
+    pub params: usize,
+    pub threads: usize,
+    pub steps: Vec<StepTimes>,
+    pub median: StepTimes,
+    /// Peak resident memory of the process (VmHWM), bytes; None off Linux.
+    pub peak_rss: Option<u64>,
+}
+
+/// Text-context length the architecture is trained with (CLIP's 77 for SD).
+fn context_len(cfg: &UNetConfig) -> usize {
+    if cfg.cross_attention_dim <= 128 {
+        crate::toy::pretrain::MAX_TOKENS
+    } else {
+        77
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Builds the UNet with random weights and times `warmup + steps` training steps.
+pub fn bench_step(opts: &StepBenchOptions, device: &Device, log: &mut dyn FnMut(&str)) -> Result<StepBenchReport> {
+    let f = opts.arch.vae_factor();
+    if opts.res % f != 0 || opts.res == 0 {
+        return Err(Error::msg(format!("--res {} is not a positive multiple of {f}", opts.res)));
+    }
+    let cfg: UNetConfig = serde_json::from_value(opts.arch.config_json()?)
+        .map_err(|e| Error::msg(format!("UNet config: {e}")))?;
+    cfg.validate(Path::new(&opts.arch.name()))?;
+    let vb = Vb::random(opts.seed, device, true);
+    let unet = UNet2DConditionModel::new(&vb, &cfg)?;
+    let mut opt = AdamW::new(
+        vb.vars(),
+        AdamWConfig {
+            lr: 1e-5,
+            ..Default::default()
+        },
+    )?;
+    let params = opt.num_params();
+    let latent = opts.res / f;
+    let b = opts.batch;
+    let l = context_len(&cfg);
+    log(&format!(
+        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, {} threads",
+        opts.arch.name(),
+        params as f64 / 1e6,
+        cfg.cross_attention_dim,
+        crate::nn::cpu::num_threads()
+    ));
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let x = randn(&mut rng, &[b, cfg.in_channels, latent, latent], device)?;
+    let target = randn(&mut rng, &[b, cfg.out_channels, latent, latent], device)?;
+    let ctx = randn(&mut rng, &[b, l, cfg.cross_attention_dim], device)?;
+    let t: Vec<f32> = (0..b).map(|_| rng.random_range(0..1000) as f32).collect();
+    let t = Tensor::from_vec(t, b, device)?;
+
+    let mut steps = Vec::new();
+    for i in 0..opts.warmup + opts.steps {
+        let t0 = Instant::now();
+        let pred = unet.forward(&x, &t, &ctx)?;
+        let loss = (pred - &target)?.sqr()?.mean_all()?;
+        let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        device.synchronize()?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-5, 1.0)?;
+        drop(grads);
+        device.synchronize()?;
+        let t3 = Instant::now();
+        let st = StepTimes {
+            forward: (t1 - t0).as_secs_f64(),
+            backward: (t2 - t1).as_secs_f64(),
+            optimizer: (t3 - t2).as_secs_f64(),
+        };
+        let tag = if i < opts.warmup { "warm-up" } else { "step" };
+        log(&format!(
+            "  {tag} {i}: forward {:.3}s backward {:.3}s optimizer {:.3}s total {:.3}s",
+            st.forward,
+            st.backward,
+            st.optimizer,
+            st.total()
+        ));
+        if i >= opts.warmup {
+            steps.push(st);
+        }
+    }
+    let median = StepTimes {
+        forward: median(steps.iter().map(|s| s.forward).collect()),
+        backward: median(steps.iter().map(|s| s.backward).collect()),
+        optimizer: median(steps.iter().map(|s| s.optimizer).collect()),
+    };
+    Ok(StepBenchReport {
+        arch: opts.arch.name(),
+        res: opts.res,
+        latent,
+        batch: b,
+        params,
+        threads: crate::nn::cpu::num_threads(),
+        steps,
+        median,
+        peak_rss: peak_rss_bytes(),
+    })
+}
+
+/// VmHWM of /proc/self/status in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,201 @@
+//! `dreambooth generate`: text-to-image with a Stable Diffusion model.
+//!
+//! Writes `OUT/00000.png`, `OUT/00001.png`, ... (each with its generation
+//! parameters in PNG text chunks) and `OUT/grid.png`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dreambooth::diffusion::SamplerKind;
+use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
+use dreambooth::image_io;
+use dreambooth::models::{LoadOptions, StableDiffusion};
+
+/// Where the bundled tiny model lives, relative to the crate, the binary or the
+/// working directory.
+const TINY_MODEL: &str = "assets/tiny-model";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A diffusers model folder or a single-file .safetensors checkpoint
+    /// (default: the bundled tiny model, assets/tiny-model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// What to draw (cut to 77 CLIP tokens, with a warning naming the dropped words).
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (used when --guidance > 1).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Number of images (default 4, or the batch of --latents).
+    #[arg(short = 'n', long = "num-images")]
+    pub num_images: Option<usize>,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// ddim, euler, euler-a or dpm++.
+    #[arg(long, default_value = "dpm++")]
+    pub sampler: String,
+    /// Classifier-free guidance scale (≤ 1: no negative-prompt pass).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// DDIM's noise weight (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Image i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Pixels (default: the model's native size, UNet sample_size × VAE factor).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Pixels (default: as width).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Initial latents: a .safetensors file with a tensor `latents` (N, 4, H/8, W/8).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// 0: the text encoder's last layer; 1: the penultimate; ...
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+    /// Images per UNet batch (default: all, at most 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Cheap checks first: a typo should not wait for the model to load.
+    let sampler: SamplerKind = args.sampler.parse()?;
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => find_tiny_model()?,
+    };
+    let device = Device::cuda_if_available(0)?;
+    // Library errors name the file at fault; no extra context needed.
+    let model = StableDiffusion::load(&model_path, &device, LoadOptions::default())?;
+
+    let latents = match &args.latents {
+        Some(p) => Some(read_latents(p, &device)?),
+        None => None,
+    };
+    let n = match (&latents, args.num_images) {
+        (Some(l), Some(n)) if l.dim(0)? != n => bail!(
+            "{}: latents hold {} images but -n {n} was given",
+            args.latents.as_ref().unwrap().display(),
+            l.dim(0)?
+        ),
+        (Some(l), _) => l.dim(0)?,
+        (None, Some(n)) => n,
+        (None, None) => 4,
+    };
+    if n == 0 {
+        bail!("-n must be at least 1");
+    }
+    let opts = GenerateOptions {
+        prompts: vec![args.prompt.clone(); n],
+        negative_prompt: args.negative_prompt.clone(),
+        guidance_scale: args.guidance,
+        steps: args.steps,
+        sampler,
+        eta: args.eta,
+        seed: args.seed,
+        batch_size: args.batch_size.unwrap_or(n.min(4)),
+        width: args.width,
+        height: args.height,
+        clip_skip: args.clip_skip,
+        latents,
+    };
+    // Size errors before the output folder is made.
+    dreambooth::diffusion::pipeline::image_size(&model, &opts)?;
+
+    let batches = n.div_ceil(opts.batch_size);
+    let bar = ProgressBar::new((batches * args.steps) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let result = generate(&model, &opts, &mut |p| {
+        bar.set_position((p.batch * p.steps + p.step) as u64);
+        bar.set_message(format!("images {}/{}", p.images_done, p.images));
+    });
+    bar.finish_and_clear();
+    let result = result?;
+    for w in &result.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for (i, g) in result.images.iter().enumerate() {
+        image_io::save_generated(&args.out.join(format!("{i:05}.png")), &g.image, &g.info)?;
+    }
+    let imgs: Vec<_> = result.images.iter().map(|g| g.image.clone()).collect();
+    let grid = image_io::grid(&imgs, None)?;
+    let first = &result.images[0].info;
+    let mut text = first.to_text();
+    text.retain(|(k, _)| k != "seed");
+    text.push((
+        "seed".into(),
+        format!("{}..{}", args.seed, args.seed.wrapping_add(n as u64 - 1)),
+    ));
+    image_io::save_png(&args.out.join("grid.png"), &grid, &text)?;
+    println!(
+        "wrote {n} image(s) of {}×{} to {} (and grid.png)",
+        first.width,
+        first.height,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The tensor `latents` of a safetensors file.
+fn read_latents(path: &Path, device: &Device) -> anyhow::Result<candle_core::Tensor> {
+    let mut tensors = dreambooth::nn::read_safetensors(path, device)?;
+    match tensors.remove("latents") {
+        Some(t) => Ok(t),
+        None => {
+            let mut names: Vec<_> = tensors.keys().cloned().collect();
+            names.sort();
+            bail!(
+                "{}: no tensor named `latents` (found: {})",
+                path.display(),
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            )
+        }
+    }
+}
+
+/// The bundled tiny model: next to the sources this binary was built from,
+/// next to the binary, or under the working directory.
+fn find_tiny_model() -> anyhow::Result<PathBuf> {
+    let mut candidates = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL)];
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(TINY_MODEL));
+        candidates.push(dir.join("tiny-model"));
+    }
+    candidates.push(PathBuf::from(TINY_MODEL));
+    if let Some(p) = candidates
+        .iter()
+        .find(|p| p.join("model_index.json").is_file())
+    {
+        return Ok(p.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "no --model given and the bundled tiny model was not found (looked in {}); \
+         pass --model PATH or create it with `dreambooth toy pretrain --out {TINY_MODEL}`",
+        tried.join(", ")
+    )
+}

@@ -1,0 +1,5 @@
+//! One module per subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
+
+pub mod bench;
+pub mod generate;
+pub mod toy;

@@ -1,0 +1,379 @@
+//! Text-to-image generation, as diffusers' `StableDiffusionPipeline`.
+//!
+//! prompt → text context; Gaussian latents × init_noise_sigma; per step the
+//! UNet's prediction with classifier-free guidance (negative prompt and prompt
+//! in one batch: ε̂ = ε̂_neg + g·(ε̂_pos − ε̂_neg); no negative pass when g ≤ 1)
+//! and a sampler step; the VAE decodes latents / scaling_factor to pixels.
+//!
+//! Every random draw comes from a per-image [`StdRng`] seeded with `seed + i`
+//! (image `i`'s starting noise, then the ancestral samplers' per-step noise), so
+//! the same seed gives the same images whatever the batch size, and image `i` is
+//! reproduced alone with `seed + i`.
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::sampler::{SamplerKind, make_sampler};
+use crate::image_io::GenerationInfo;
+use crate::models::sd::StableDiffusion;
+use crate::{Error, Result};
+
+/// What to generate. [`GenerateOptions::new`] gives diffusers' defaults.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// One image per entry (repeat a prompt for several images of it).
+    pub prompts: Vec<String>,
+    /// The negative prompt of every image ("" for none).
+    pub negative_prompt: String,
+    /// Classifier-free guidance scale; ≤ 1 runs the prompt alone.
+    pub guidance_scale: f64,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    /// DDIM's noise weight (0 = deterministic).
+    pub eta: f64,
+    /// Image `i` uses seed `seed + i`.
+    pub seed: u64,
+    /// Images per UNet batch (each runs twice as wide with guidance).
+    pub batch_size: usize,
+    /// Pixels; default the model's [`StableDiffusion::default_size`], or the
+    /// size of `latents` when given.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// 0 = the text encoder's last layer, 1 = the penultimate, ...
+    pub clip_skip: usize,
+    /// Starting latents (B, C, H/f, W/f), unit Gaussian (they are multiplied by
+    /// the sampler's init_noise_sigma); B equals the number of prompts.
+    /// Drawn from the seeded RNG when absent.
+    pub latents: Option<Tensor>,
+}
+
+impl GenerateOptions {
+    /// `n` images of `prompt` with 30 DPM-Solver++ steps, guidance 7.5, seed 0.
+    pub fn new(prompt: impl Into<String>, n: usize) -> Self {
+        Self {
+            prompts: vec![prompt.into(); n],
+            negative_prompt: String::new(),
+            guidance_scale: 7.5,
+            steps: 30,
+            sampler: SamplerKind::DpmPlusPlus,
+            eta: 0.0,
+            seed: 0,
+            batch_size: 1,
+            width: None,
+            height: None,
+            clip_skip: 0,
+            latents: None,
+        }
+    }
+
+    /// Whether a negative-prompt pass runs (guidance > 1, as diffusers).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+/// Where generation is, reported after every sampler step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Steps done in the current batch (1..=steps).
+    pub step: usize,
+    pub steps: usize,
+    /// Current batch (0-based) and the number of batches.
+    pub batch: usize,
+    pub batches: usize,
+    /// Images finished before this batch, and in all.
+    pub images_done: usize,
+    pub images: usize,
+}
+
+/// One generated image with the parameters that reproduce it.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub image: RgbImage,
+    pub info: GenerationInfo,
+}
+
+/// The result of [`generate`].
+#[derive(Debug)]
+pub struct Generation {
+    pub images: Vec<GeneratedImage>,
+    /// The final latents (B, C, h, w), before the VAE (not divided by the scaling factor).
+    pub latents: Tensor,
+    /// Warnings for the user (truncated prompts), each once.
+    pub warnings: Vec<String>,
+}
+
+/// Generates `opts.prompts.len()` images with an already-loaded model (the CLI,
+/// the trainer's class images and validation all come through here).
+/// `progress` is called after every sampler step.
+pub fn generate(
+    model: &StableDiffusion,
+    opts: &GenerateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Generation> {
+    let n = opts.prompts.len();
+    if n == 0 {
+        return Err(Error::msg("nothing to generate: no prompts given"));
+    }
+    if opts.batch_size == 0 {
+        return Err(Error::msg("batch size must be at least 1"));
+    }
+    if !opts.guidance_scale.is_finite() {
+        return Err(Error::msg(format!(
+            "guidance scale {} is not a number",
+            opts.guidance_scale
+        )));
+    }
+    let (width, height) = image_size(model, opts)?;
+    let f = model.vae_scale_factor();
+    let latent_shape = (model.unet_config().in_channels, height / f, width / f);
+    // Fail on a bad sampler configuration before any work.
+    make_sampler(opts.sampler, &model.scheduler, opts.steps, opts.eta)?;
+    let model_name = model.name();
+    let model_hash = model.model_hash()?;
+
+    let mut rngs: Vec<StdRng> = (0..n as u64)
+        .map(|i| StdRng::seed_from_u64(opts.seed.wrapping_add(i)))
+        .collect();
+    let batches = n.div_ceil(opts.batch_size);
+    let mut images = Vec::with_capacity(n);
+    let mut all_latents = Vec::with_capacity(batches);
+    let mut warnings: Vec<String> = Vec::new();
+    let mut warn = |w: Vec<String>| {
+        for w in w {
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+        }
+    };
+
+    for batch in 0..batches {
+        let lo = batch * opts.batch_size;
+        let hi = (lo + opts.batch_size).min(n);
+        let prompts = &opts.prompts[lo..hi];
+        let x0 = match &opts.latents {
+            Some(l) => l
+                .narrow(0, lo, hi - lo)?
+                .to_device(&model.device)?
+                .to_dtype(DType::F32)?,
+            None => randn(&mut rngs[lo..hi], latent_shape, &model.device)?,
+        };
+        let (cond, w) = model.encode_prompt(prompts, opts.clip_skip)?;
+        warn(w);
+        let uncond = if opts.uses_guidance() {
+            let negs = vec![opts.negative_prompt.clone(); prompts.len()];
+            let (u, w) = model.encode_prompt(&negs, opts.clip_skip)?;
+            warn(w);
+            Some(u)
+        } else {
+            None
+        };
+        let images_done = lo;
+        let latents = denoise(
+            model,
+            opts,
+            &x0,
+            &cond,
+            uncond.as_ref(),
+            &mut rngs[lo..hi],
+            &mut |step, steps| {
+                progress(&Progress {
+                    step,
+                    steps,
+                    batch,
+                    batches,
+                    images_done,
+                    images: n,
+                })
+            },
+        )?;
+        let pixels = decode_latents(model, &latents)?;
+        for (j, image) in to_rgb8(&pixels)?.into_iter().enumerate() {
+            let i = lo + j;
+            images.push(GeneratedImage {
+                image,
+                info: GenerationInfo {
+                    prompt: opts.prompts[i].clone(),
+                    negative_prompt: opts.negative_prompt.clone(),
+                    seed: opts.seed.wrapping_add(i as u64),
+                    steps: opts.steps,
+                    sampler: opts.sampler.name().to_string(),
+                    guidance: opts.guidance_scale,
+                    eta: opts.eta,
+                    clip_skip: opts.clip_skip,
+                    model: model_name.clone(),
+                    model_hash: model_hash.clone(),
+                    width,
+                    height,
+                },
+            });
+        }
+        all_latents.push(latents);
+    }
+    Ok(Generation {
+        images,
+        latents: Tensor::cat(&all_latents, 0)?,
+        warnings,
+    })
+}
+
+/// The image size of a request, checked: from the options, the given latents,
+/// or the model's default; multiples of [`StableDiffusion::size_multiple`].
+pub fn image_size(model: &StableDiffusion, opts: &GenerateOptions) -> Result<(usize, usize)> {
+    let f = model.vae_scale_factor();
+    let (mut w, mut h) = (opts.width, opts.height);
+    if let Some(l) = &opts.latents {
+        let (b, c, lh, lw) = l.dims4().map_err(|_| {
+            Error::msg(format!(
+                "initial latents must have 4 dimensions (batch, channels, height, width), got shape {:?}",
+                l.dims()
+            ))
+        })?;
+        let want_c = model.unet_config().in_channels;
+        if c != want_c {
+            return Err(Error::msg(format!(
+                "initial latents have {c} channels, the model's UNet takes {want_c}"
+            )));
+        }
+        if b != opts.prompts.len() {
+            return Err(Error::msg(format!(
+                "initial latents hold {b} images but {} were asked for",
+                opts.prompts.len()
+            )));
+        }
+        for (name, given, from_latents) in [("width", w, lw * f), ("height", h, lh * f)] {
+            if let Some(g) = given
+                && g != from_latents
+            {
+                return Err(Error::msg(format!(
+                    "{name} {g} differs from the initial latents' {from_latents} ({} latent pixels × {f})",
+                    from_latents / f
+                )));
+            }
+        }
+        w = Some(lw * f);
+        h = Some(lh * f);
+    }
+    let d = model.default_size();
+    let (w, h) = (w.unwrap_or(d), h.unwrap_or(d));
+    let m = model.size_multiple();
+    for (name, v) in [("width", w), ("height", h)] {
+        if v == 0 || v % m != 0 {
+            let why = if m > 8 {
+                format!(
+                    " (this model's latents are 1/{f} of the image and its UNet halves them {} times)",
+                    m.trailing_zeros() - f.trailing_zeros()
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::msg(format!(
+                "{name} {v} is not a multiple of {m}{why}; try {}",
+                (v / m).max(1) * m
+            )));
+        }
+    }
+    Ok((w, h))
+}
+
+/// Runs the sampler from `x0` (unit Gaussian, multiplied by init_noise_sigma
+/// here) to the final latents, with guidance when `uncond` is given. `rngs`
+/// (one per image) supply the ancestral samplers' noise. `on_step(step, steps)`
+/// after each step.
+pub fn denoise(
+    model: &StableDiffusion,
+    opts: &GenerateOptions,
+    x0: &Tensor,
+    cond: &Tensor,
+    uncond: Option<&Tensor>,
+    rngs: &mut [StdRng],
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let b = x0.dim(0)?;
+    let dev = x0.device().clone();
+    let mut sampler = make_sampler(opts.sampler, &model.scheduler, opts.steps, opts.eta)?;
+    // Detached: a trainable model's Vars must not grow a graph across steps.
+    let context = match uncond {
+        Some(u) => Tensor::cat(&[u, cond], 0)?.detach(),
+        None => cond.detach(),
+    };
+    let mut x = (x0 * sampler.init_noise_sigma())?;
+    let steps = sampler.num_steps();
+    let shape = {
+        let (_, c, h, w) = x0.dims4()?;
+        (c, h, w)
+    };
+    for i in 0..steps {
+        let t = sampler.timesteps()[i];
+        let x_in = sampler.scale_model_input(&x, i)?;
+        let x_in = if uncond.is_some() {
+            Tensor::cat(&[&x_in, &x_in], 0)?
+        } else {
+            x_in
+        };
+        let ts = Tensor::full(t as f32, x_in.dim(0)?, &dev)?;
+        let out = model.unet.forward(&x_in, &ts, &context)?.detach();
+        let pred = if uncond.is_some() {
+            let u = out.narrow(0, 0, b)?;
+            let c = out.narrow(0, b, b)?;
+            (&u + ((c - &u)? * opts.guidance_scale)?)?
+        } else {
+            out
+        };
+        let noise = if sampler.needs_noise() {
+            Some(randn(rngs, shape, &dev)?)
+        } else {
+            None
+        };
+        x = sampler.step(&pred, i, &x, noise.as_ref())?;
+        on_step(i + 1, steps);
+    }
+    Ok(x)
+}
+
+/// Standard normal latents (B, C, H, W): image `i`'s from `rngs[i]`.
+pub fn randn(rngs: &mut [StdRng], shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+    let (c, h, w) = shape;
+    let per = c * h * w;
+    let mut data = Vec::with_capacity(rngs.len() * per);
+    for rng in rngs.iter_mut() {
+        data.extend((0..per).map(|_| -> f32 { StandardNormal.sample(rng) }));
+    }
+    Ok(Tensor::from_vec(data, (rngs.len(), c, h, w), device)?)
+}
+
+/// Latents (as the UNet sees them) → pixels (B, 3, H, W) in [0, 1]: the VAE
+/// decodes latents / scaling_factor (+ shift), then (x / 2 + 0.5) clamped.
+pub fn decode_latents(model: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
+    let z = (latents.detach() / model.vae.scaling_factor())?;
+    let shift = model.vae.shift_factor();
+    let z = if shift != 0.0 { (z + shift)? } else { z };
+    let x = model.vae.decode(&z)?.detach();
+    Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// Pixels (B, 3, H, W) in [0, 1] → 8-bit RGB images, rounding as diffusers
+/// (`(x * 255).round()`).
+pub fn to_rgb8(pixels: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = pixels.dims4()?;
+    if c != 3 {
+        return Err(Error::msg(format!("expected 3 colour channels, got {c}")));
+    }
+    let v = (pixels.to_dtype(DType::F32)? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .permute((0, 2, 3, 1))?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let per = h * w * 3;
+    Ok((0..b)
+        .map(|i| {
+            let raw: Vec<u8> = v[i * per..(i + 1) * per].iter().map(|&x| x as u8).collect();
+            RgbImage::from_raw(w as u32, h as u32, raw).expect("buffer matches the size")
+        })
+        .collect())
+}

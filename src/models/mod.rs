@@ -1,0 +1,17 @@
+//! The Stable Diffusion networks, their configs and checkpoint loading.
+
+pub mod attention;
+pub mod clip_text;
+pub mod config;
+pub mod load;
+pub mod resnet;
+pub mod sd;
+pub mod single_file;
+pub mod transformer;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
+
+pub use config::UNetConfig;
+pub use unet::UNet2DConditionModel;
+pub use sd::{LoadOptions, StableDiffusion};

@@ -1,0 +1,442 @@
+//! A whole Stable Diffusion model: tokenizer, text encoder, UNet, VAE and the
+//! noise schedule, loaded from a diffusers folder or a single-file checkpoint.
+//!
+//! ```ignore
+//! let sd = StableDiffusion::load(Path::new("models/sd15"), &Device::Cpu, LoadOptions::default())?;
+//! let (context, warnings) = sd.encode_prompt(&["a photo of sks dog".into()], 0)?;
+//! ```
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use super::clip_text::{ClipTextConfig, ClipTextModel};
+use super::config::UNetConfig;
+use super::load::weights_file;
+use super::unet::UNet2DConditionModel;
+use super::vae::{AutoencoderKL, VaeConfig};
+use crate::diffusion::{PredictionType, SchedulerConfig};
+use crate::nn::Vb;
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// The component folders of a diffusers Stable Diffusion folder.
+pub const COMPONENTS: [&str; 5] = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+
+/// Which networks get trainable parameters (their [`Vb`] holds `Var`s).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub train_unet: bool,
+    pub train_text_encoder: bool,
+    /// Overrides the scheduler's prediction type (a single file cannot tell
+    /// SD 2.x's ε and v models apart; a diffusers folder's config can be wrong).
+    pub prediction_type: Option<PredictionType>,
+}
+
+/// Where a model was loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A diffusers folder (`model_index.json`, `unet/`, `vae/`, ...).
+    Diffusers,
+    /// An original (LDM / CompVis) single-file `.safetensors` checkpoint.
+    SingleFile,
+}
+
+/// Tokenizer, text encoder, UNet, VAE and scheduler config of one model.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler: SchedulerConfig,
+    /// The folder or file the model was loaded from.
+    pub source: PathBuf,
+    pub format: ModelFormat,
+    /// The UNet's parameters (trainable `Var`s when [`LoadOptions::train_unet`]).
+    pub unet_vb: Vb,
+    /// The text encoder's parameters (`Var`s when [`LoadOptions::train_text_encoder`]).
+    pub text_encoder_vb: Vb,
+    pub vae_vb: Vb,
+    pub device: Device,
+    /// The weights files, with the component each holds (for [`Self::model_hash`]).
+    weight_files: Vec<(&'static str, PathBuf)>,
+}
+
+impl std::fmt::Debug for StableDiffusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableDiffusion")
+            .field("source", &self.source)
+            .field("format", &self.format)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers folder, or a single-file `.safetensors` checkpoint when
+    /// `path` is a file. Every error names the file or folder at fault.
+    pub fn load(path: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
+        if path.is_file() {
+            Self::load_single_file(path, device, opts)
+        } else if path.is_dir() {
+            Self::load_diffusers(path, device, opts)
+        } else {
+            Err(Error::NotFound {
+                path: path.to_path_buf(),
+            })
+        }
+    }
+
+    /// A diffusers folder: `model_index.json` and the `unet/ vae/ text_encoder/
+    /// tokenizer/ scheduler/` folders.
+    pub fn load_diffusers(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::config(
+                dir,
+                "not a diffusers model folder: model_index.json is missing \
+                 (pass a diffusers folder or a single-file .safetensors checkpoint)",
+            ));
+        }
+        let index: serde_json::Value = crate::util::read_json(&index_path)?;
+        check_model_index(&index, &index_path)?;
+        for c in COMPONENTS {
+            if !dir.join(c).is_dir() {
+                return Err(Error::config(
+                    dir,
+                    format!(
+                        "the `{c}/` folder is missing (a Stable Diffusion folder has {})",
+                        {
+                            let names: Vec<String> =
+                                COMPONENTS.iter().map(|c| format!("{c}/")).collect();
+                            names.join(" ")
+                        }
+                    ),
+                ));
+            }
+        }
+
+        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+        let mut scheduler =
+            SchedulerConfig::from_file(scheduler_config_file(&dir.join("scheduler"))?)?;
+        if let Some(p) = opts.prediction_type {
+            scheduler.prediction_type = p;
+        }
+
+        let unet_dir = dir.join("unet");
+        let unet_file = weights_file(&unet_dir)?;
+        let (unet, unet_vb) = UNet2DConditionModel::load(&unet_dir, device, opts.train_unet)?;
+
+        let te_dir = dir.join("text_encoder");
+        let te_file = weights_file(&te_dir)?;
+        let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
+        let (text_encoder, text_encoder_vb) =
+            ClipTextModel::load(&te_file, &te_cfg, device, opts.train_text_encoder)?;
+
+        let vae_dir = dir.join("vae");
+        let vae_file = weights_file(&vae_dir)?;
+        let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_vb = Vb::from_file(&vae_file, device, false)?;
+        let vae = AutoencoderKL::new(&vae_vb, &vae_cfg)?;
+        vae_vb.finish()?;
+
+        let model = Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            source: dir.to_path_buf(),
+            format: ModelFormat::Diffusers,
+            unet_vb,
+            text_encoder_vb,
+            vae_vb,
+            device: device.clone(),
+            weight_files: vec![
+                ("unet", unet_file),
+                ("text_encoder", te_file),
+                ("vae", vae_file),
+            ],
+        };
+        model.check_compatible()?;
+        Ok(model)
+    }
+
+    /// An original-layout single-file checkpoint (not supported until
+    /// `models::single_file` is registered in models/mod.rs).
+    // SINGLE-FILE CALL SITE: once `pub mod single_file;` is in src/models/mod.rs,
+    // delete this stub and the `#[cfg(any())]` on the function below.
+    #[cfg(not(any()))]
+    pub fn load_single_file(path: &Path, _device: &Device, _opts: LoadOptions) -> Result<Self> {
+        Err(Error::config(
+            path,
+            "single-file checkpoints are not supported yet; pass a diffusers model folder",
+        ))
+    }
+
+    /// An original-layout single-file checkpoint, converted to diffusers keys by
+    /// `super::single_file`; the tokenizer is CLIP's BPE from `assets/clip/`.
+    #[cfg(any())]
+    pub fn load_single_file(path: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
+        let sf_opts = super::single_file::SingleFileOptions {
+            prediction_type: opts.prediction_type,
+            ..Default::default()
+        };
+        let c = super::single_file::load_components(path, device, &sf_opts)?;
+        let tokenizer = c.tokenizer(&clip_bpe_file()?)?;
+        let from = |tensors: std::collections::HashMap<String, Tensor>, trainable: bool| {
+            Vb::from_tensors(path, tensors, device, trainable)
+        };
+
+        let unet_vb = from(c.unet, opts.train_unet);
+        let unet = UNet2DConditionModel::new(&unet_vb, &c.unet_config)?;
+        unet_vb.finish()?;
+
+        let mut te = c.text_encoder;
+        for k in super::clip_text::BUFFER_KEYS {
+            te.remove(k);
+        }
+        let text_encoder_vb = from(te, opts.train_text_encoder);
+        let text_encoder = ClipTextModel::new(&text_encoder_vb, &c.text_config)?;
+        text_encoder_vb.finish()?;
+
+        let vae_vb = from(c.vae, false);
+        let vae = AutoencoderKL::new(&vae_vb, &c.vae_config)?;
+        vae_vb.finish()?;
+
+        let model = Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler: c.scheduler,
+            source: path.to_path_buf(),
+            format: ModelFormat::SingleFile,
+            unet_vb,
+            text_encoder_vb,
+            vae_vb,
+            device: device.clone(),
+            weight_files: vec![("checkpoint", path.to_path_buf())],
+        };
+        model.check_compatible()?;
+        Ok(model)
+    }
+
+    /// The components must fit together: context width, latent channels.
+    fn check_compatible(&self) -> Result<()> {
+        let u = &self.unet.config;
+        let te = self.text_encoder.config();
+        if u.cross_attention_dim != te.hidden_size {
+            return Err(Error::config(
+                &self.source,
+                format!(
+                    "the UNet's cross_attention_dim ({}) differs from the text encoder's hidden_size ({})",
+                    u.cross_attention_dim, te.hidden_size
+                ),
+            ));
+        }
+        let (nt, nv) = (self.tokenizer.vocab_size(), te.vocab_size);
+        if nt > nv {
+            return Err(Error::config(
+                &self.source,
+                format!(
+                    "the tokenizer has {nt} tokens but the text encoder's vocabulary has {nv}; \
+                     they do not belong together"
+                ),
+            ));
+        }
+        let lc = self.vae.config().latent_channels;
+        if u.in_channels != lc || u.out_channels != lc {
+            return Err(Error::config(
+                &self.source,
+                format!(
+                    "the UNet has {} input / {} output channels but the VAE's latents have {lc}",
+                    u.in_channels, u.out_channels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The UNet's config.
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.unet.config
+    }
+
+    /// What the UNet predicts (ε or v), from the scheduler config.
+    pub fn prediction_type(&self) -> PredictionType {
+        self.scheduler.prediction_type
+    }
+
+    /// Pixels per latent along each side (8 for Stable Diffusion).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+
+    /// Width and height must be multiples of this: the VAE's factor times the
+    /// UNet's total downsampling (at least 8, as diffusers asks).
+    pub fn size_multiple(&self) -> usize {
+        let levels = self.unet.config.block_out_channels.len();
+        (self.vae_scale_factor() << levels.saturating_sub(1)).max(8)
+    }
+
+    /// The image side the model was trained at: UNet `sample_size` × VAE factor.
+    pub fn default_size(&self) -> usize {
+        self.unet.config.sample_size * self.vae_scale_factor()
+    }
+
+    /// Tokens a prompt is cut to: the tokenizer's `model_max_length` (77), at
+    /// most the text encoder's positions.
+    pub fn max_tokens(&self) -> usize {
+        self.tokenizer
+            .model_max_length()
+            .min(self.text_encoder.config().max_position_embeddings)
+    }
+
+    /// A short name for the model: the folder's or file's name.
+    pub fn name(&self) -> String {
+        let p = self
+            .source
+            .canonicalize()
+            .unwrap_or_else(|_| self.source.clone());
+        let name = match self.format {
+            ModelFormat::Diffusers => p.file_name(),
+            ModelFormat::SingleFile => p.file_stem(),
+        };
+        name.map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string())
+    }
+
+    /// Token ids (B, max_tokens) u32 of `prompts`, padded or truncated as
+    /// diffusers' pipelines do, and a warning per prompt that was cut, naming
+    /// the words dropped.
+    pub fn tokenize(&self, prompts: &[String]) -> Result<(Tensor, Vec<String>)> {
+        let max_len = self.max_tokens();
+        let mut ids = Vec::with_capacity(prompts.len() * max_len);
+        let mut warnings = Vec::new();
+        for p in prompts {
+            let (t, cut) = self.tokenizer.encode_padded(p, max_len);
+            if let Some(cut) = cut {
+                warnings.push(format!(
+                    "prompt truncated to {max_len} tokens (CLIP's limit); dropped: \"{cut}\""
+                ));
+            }
+            ids.extend(t);
+        }
+        let ids = Tensor::from_vec(ids, (prompts.len(), max_len), &self.device)?;
+        Ok((ids, warnings))
+    }
+
+    /// Text context (B, 77, hidden) of `prompts` for the UNet's cross-attention;
+    /// `clip_skip` as diffusers' (0 = last layer, 1 = penultimate). Returns the
+    /// truncation warnings of [`Self::tokenize`].
+    pub fn encode_prompt(
+        &self,
+        prompts: &[String],
+        clip_skip: usize,
+    ) -> Result<(Tensor, Vec<String>)> {
+        if prompts.is_empty() {
+            return Err(Error::msg("encode_prompt: no prompts given"));
+        }
+        let (ids, warnings) = self.tokenize(prompts)?;
+        let context = self.text_encoder.forward_with_skip(&ids, clip_skip)?;
+        Ok((context, warnings))
+    }
+
+    /// A short stable fingerprint of the weights (16 hex digits): SHA-256 over
+    /// each weights file's component name, size, first and last MiB. Cheap on
+    /// multi-GB files; changes whenever the weights are rewritten with other values
+    /// (in practice), not when the folder moves.
+    pub fn model_hash(&self) -> Result<String> {
+        hash_files(&self.weight_files)
+    }
+}
+
+/// See [`StableDiffusion::model_hash`].
+pub fn hash_files(files: &[(&str, PathBuf)]) -> Result<String> {
+    const CHUNK: u64 = 1 << 20;
+    let mut h = Sha256::new();
+    for (name, path) in files {
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        h.update(name.as_bytes());
+        h.update([0u8]);
+        h.update(len.to_le_bytes());
+        let mut buf = Vec::new();
+        (&mut f)
+            .take(CHUNK)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(path, e))?;
+        if len > CHUNK {
+            f.seek(SeekFrom::Start(len.saturating_sub(CHUNK).max(CHUNK)))
+                .map_err(|e| Error::io(path, e))?;
+            f.read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
+        }
+        h.update(&buf);
+    }
+    let digest = h.finalize();
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// CLIP's `bpe_simple_vocab_16e6.txt.gz` (the tokenizer of single-file
+/// checkpoints): under `assets/clip/` of the source tree this binary was built
+/// from, next to the executable, or under the working directory.
+pub fn clip_bpe_file() -> Result<PathBuf> {
+    const REL: &str = "assets/clip/bpe_simple_vocab_16e6.txt.gz";
+    let mut candidates = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join(REL)];
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(REL));
+    }
+    candidates.push(PathBuf::from(REL));
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::msg(format!(
+        "CLIP's vocabulary {REL} (needed for single-file checkpoints) was not found; looked in: {}",
+        tried.join(", ")
+    )))
+}
+
+/// `scheduler/scheduler_config.json` (or `config.json`).
+fn scheduler_config_file(dir: &Path) -> Result<PathBuf> {
+    for name in ["scheduler_config.json", "config.json"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Error::NotFound {
+        path: dir.join("scheduler_config.json"),
+    })
+}
+
+/// Rejects pipelines this crate does not run (SDXL's second text encoder, ...).
+fn check_model_index(index: &serde_json::Value, path: &Path) -> Result<()> {
+    let class = index
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if index.get("text_encoder_2").is_some() || class.contains("XL") {
+        return Err(Error::config(
+            path,
+            format!(
+                "`{class}` (Stable Diffusion XL) is not supported; use a Stable Diffusion 1.x or 2.x model"
+            ),
+        ));
+    }
+    if let Some(unet) = index.get("unet").and_then(|v| v.as_array())
+        && let Some(name) = unet.get(1).and_then(|v| v.as_str())
+        && name != "UNet2DConditionModel"
+    {
+        return Err(Error::config(
+            path,
+            format!("unet is a `{name}`; only UNet2DConditionModel is supported"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Optimizer and learning-rate schedules.
+
+pub mod adamw;
+pub mod lr_schedule;
+
+pub use adamw::{AdamW, AdamWConfig, clip_factor, grad_norm};
+pub use lr_schedule::{LrSchedule, LrScheduleKind};
