@@ -145,10 +145,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Builds the UNet with random weights and times `warmup + steps` training steps.
-pub fn bench_step(opts: &StepBenchOptions, device: &Device, log: &mut dyn FnMut(&str)) -> Result<StepBenchReport> {
+pub fn bench_step(
+    opts: &StepBenchOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<StepBenchReport> {
     let f = opts.arch.vae_factor();
     if opts.res % f != 0 || opts.res == 0 {
-        return Err(Error::msg(format!("--res {} is not a positive multiple of {f}", opts.res)));
+        return Err(Error::msg(format!(
+            "--res {} is not a positive multiple of {f}",
+            opts.res
+        )));
     }
     let cfg: UNetConfig = serde_json::from_value(opts.arch.config_json()?)
         .map_err(|e| Error::msg(format!("UNet config: {e}")))?;

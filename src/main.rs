@@ -20,15 +20,22 @@ enum Command {
     Bench(cli::bench::Args),
     /// Generate images from a prompt with a Stable Diffusion model.
     Generate(cli::generate::Args),
+    /// List candidate rare-token identifiers of a model's vocabulary (like `sks`).
+    Identifier(cli::identifier::Args),
+    /// Personalize a model on a few photos of a subject (DreamBooth).
+    Train(Box<cli::train::Args>),
     /// The procedural toy world and the bundled tiny model.
     Toy(cli::toy::Args),
 }
 
 fn main() {
+    dreambooth::nn::cpu::configure();
     let args = Cli::parse();
     let result = match args.command {
         Command::Bench(a) => cli::bench::run(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Identifier(a) => cli::identifier::run(a),
+        Command::Train(a) => cli::train::run(*a),
         Command::Toy(a) => cli::toy::run(a),
     };
     if let Err(e) = result {

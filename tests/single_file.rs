@@ -202,6 +202,7 @@ fn check_save_matches_python(name: &str, family: Family) {
         vae: &cfg.vae,
         text_encoder: &cfg.text,
         scheduler: &cfg.scheduler,
+        tokenizer_files: None,
     };
     assert_eq!(configs.family, family);
     save_single_file(
@@ -279,6 +280,7 @@ fn check_round_trip(name: &str) {
         vae: &c.vae_config,
         text_encoder: &c.text_config,
         scheduler: &c.scheduler,
+        tokenizer_files: None,
     };
     let path = dir.join("round.safetensors");
     save_single_file(
@@ -625,6 +627,7 @@ fn check_sd_shaped_without_metadata(family: Family) {
         vae: &vae,
         text_encoder: &text,
         scheduler: &scheduler,
+        tokenizer_files: None,
     };
     save_single_file(&with_meta, &unet_w, &vae_w, &text_w, &configs, DType::F32).unwrap();
     let bare = dir.join("bare.safetensors");

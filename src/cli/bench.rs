@@ -72,7 +72,9 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         d => bail!("unknown --device `{d}` (cpu or cuda)"),
     };
     let arch = Arch::parse(&a.arch);
-    let res = a.res.unwrap_or(if matches!(arch, Arch::Toy) { 64 } else { 256 });
+    let res = a
+        .res
+        .unwrap_or(if matches!(arch, Arch::Toy) { 64 } else { 256 });
     let opts = StepBenchOptions {
         arch: arch.clone(),
         res,

@@ -16,7 +16,6 @@ use dreambooth::models::{LoadOptions, StableDiffusion};
 
 /// Where the bundled tiny model lives, relative to the crate, the binary or the
 /// working directory.
-const TINY_MODEL: &str = "assets/tiny-model";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -175,27 +174,7 @@ fn read_latents(path: &Path, device: &Device) -> anyhow::Result<candle_core::Ten
     }
 }
 
-/// The bundled tiny model: next to the sources this binary was built from,
-/// next to the binary, or under the working directory.
+/// The bundled tiny model (see [`dreambooth::models::sd::default_model_dir`]).
 fn find_tiny_model() -> anyhow::Result<PathBuf> {
-    let mut candidates = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL)];
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent()
-    {
-        candidates.push(dir.join(TINY_MODEL));
-        candidates.push(dir.join("tiny-model"));
-    }
-    candidates.push(PathBuf::from(TINY_MODEL));
-    if let Some(p) = candidates
-        .iter()
-        .find(|p| p.join("model_index.json").is_file())
-    {
-        return Ok(p.clone());
-    }
-    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-    bail!(
-        "no --model given and the bundled tiny model was not found (looked in {}); \
-         pass --model PATH or create it with `dreambooth toy pretrain --out {TINY_MODEL}`",
-        tried.join(", ")
-    )
+    Ok(dreambooth::models::sd::default_model_dir()?)
 }

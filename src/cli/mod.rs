@@ -2,4 +2,6 @@
 
 pub mod bench;
 pub mod generate;
+pub mod identifier;
 pub mod toy;
+pub mod train;

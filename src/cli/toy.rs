@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use dreambooth::toy::pretrain::{PretrainOptions, pretrain};
 
+mod eval;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -15,6 +17,8 @@ pub struct Args {
 pub enum ToyCommand {
     /// Train the tiny text-to-image model from scratch on the procedural world.
     Pretrain(PretrainArgs),
+    Eval(eval::EvalArgs),
+    OracleCheck(eval::OracleCheckArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,6 +50,8 @@ pub struct PretrainArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
+        ToyCommand::Eval(a) => eval::run_eval(a),
+        ToyCommand::OracleCheck(a) => eval::run_oracle_check(a),
         ToyCommand::Pretrain(a) => {
             let opts = PretrainOptions {
                 out: a.out,

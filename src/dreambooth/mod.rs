@@ -2,3 +2,10 @@
 //! checkpoints and export.
 
 pub mod loss;
+pub mod data;
+pub mod checkpoint;
+pub mod config;
+pub mod export;
+pub mod class_images;
+pub mod trainer;
+pub mod identifier;

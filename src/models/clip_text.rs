@@ -58,7 +58,7 @@ fn d_eos() -> u32 {
 }
 
 /// `text_encoder/config.json` with `CLIPTextConfig`'s defaults; unknown fields ignored.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct ClipTextConfig {
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,

@@ -14,4 +14,4 @@ pub mod vae;
 
 pub use config::UNetConfig;
 pub use unet::UNet2DConditionModel;
-pub use sd::{LoadOptions, StableDiffusion};
+pub use sd::{LoadOptions, ModelFormat, StableDiffusion};

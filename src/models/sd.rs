@@ -164,21 +164,8 @@ impl StableDiffusion {
         Ok(model)
     }
 
-    /// An original-layout single-file checkpoint (not supported until
-    /// `models::single_file` is registered in models/mod.rs).
-    // SINGLE-FILE CALL SITE: once `pub mod single_file;` is in src/models/mod.rs,
-    // delete this stub and the `#[cfg(any())]` on the function below.
-    #[cfg(not(any()))]
-    pub fn load_single_file(path: &Path, _device: &Device, _opts: LoadOptions) -> Result<Self> {
-        Err(Error::config(
-            path,
-            "single-file checkpoints are not supported yet; pass a diffusers model folder",
-        ))
-    }
-
     /// An original-layout single-file checkpoint, converted to diffusers keys by
     /// `super::single_file`; the tokenizer is CLIP's BPE from `assets/clip/`.
-    #[cfg(any())]
     pub fn load_single_file(path: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
         let sf_opts = super::single_file::SingleFileOptions {
             prediction_type: opts.prediction_type,
@@ -439,4 +426,29 @@ fn check_model_index(index: &serde_json::Value, path: &Path) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Where the bundled tiny model lives, relative to the crate.
+pub const TINY_MODEL: &str = "assets/tiny-model";
+
+/// The bundled tiny model: next to the sources this binary was built from,
+/// next to the binary, or under the working directory.
+pub fn default_model_dir() -> Result<PathBuf> {
+    let mut candidates = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL)];
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(TINY_MODEL));
+        candidates.push(dir.join("tiny-model"));
+    }
+    candidates.push(PathBuf::from(TINY_MODEL));
+    if let Some(p) = candidates.iter().find(|p| p.join("model_index.json").is_file()) {
+        return Ok(p.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::msg(format!(
+        "no --model given and the bundled tiny model was not found (looked in {}); \
+         pass --model PATH or create it with `dreambooth toy pretrain --out {TINY_MODEL}`",
+        tried.join(", ")
+    )))
 }

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::attention::{Attention, AttentionConfig};
 use crate::Result;
-use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, Vb, gelu};
+use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, Vb};
 
 /// `FeedForward(dim, activation_fn="geglu")`: net.0 = GEGLU projection, net.2 = out.
 #[derive(Clone, Debug)]
@@ -26,10 +26,7 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let a = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        self.out.forward(&(a * gelu(&gate)?)?)
+        self.out.forward(&crate::nn::fused::geglu(&h)?)
     }
 }
 

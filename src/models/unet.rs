@@ -175,7 +175,7 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             h = block.forward(&h, &mut skips, &emb, context)?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -71,7 +71,7 @@ fn int_or_first<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D
 
 /// `vae/config.json` with `AutoencoderKL.__init__`'s defaults. `force_upcast`,
 /// `latents_mean` / `latents_std` and other unknown fields are ignored.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct VaeConfig {
     #[serde(default = "d_three")]
     pub in_channels: usize,

@@ -1,16 +1,13 @@
-//! Softmax and scaled dot-product attention from differentiable ops.
+//! Softmax and scaled dot-product attention, differentiable (a fused kernel
+//! with its own backward on the CPU, plain candle ops elsewhere).
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::Result;
 
-/// Softmax over the last dimension. The max is subtracted as a constant
-/// (softmax is invariant to it), so the gradient flows through plain ops.
+/// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    super::fused::softmax_last_dim(x, 1.0)
 }
 
 /// softmax(q kᵀ · scale + mask) v for (B, H, N, d) inputs; `mask` broadcasts to
@@ -22,11 +19,11 @@ pub fn scaled_dot_product_attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
-    }
-    let p = softmax_last_dim(&scores)?;
+    let scores = q.matmul(&k.t()?)?;
+    let p = match mask {
+        Some(m) => softmax_last_dim(&(scores * scale)?.broadcast_add(m)?)?,
+        None => super::fused::softmax_last_dim(&scores, scale)?,
+    };
     Ok(p.matmul(v)?)
 }
 

@@ -35,20 +35,23 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
-        let y = if k == 1 && self.stride == 1 && self.padding == 0 {
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+        let y = if k == 1 && self.stride == 1 && self.padding == 0 && cpu_f32 {
+            super::im2col::conv2d_1x1(x, &self.weight)?
+        } else if k == 1 && self.stride == 1 && self.padding == 0 {
             // A 1×1 convolution is a matmul over channels: cheaper than im2col.
             let (b, c, h, w) = x.dims4()?;
             let o = self.weight.dim(0)?;
             let w2 = self.weight.reshape((o, c))?;
             let x2 = x.reshape((b, c, h * w))?;
             w2.broadcast_matmul(&x2)?.reshape((b, o, h, w))?
-        } else if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        } else if cpu_f32 {
             super::im2col::conv2d_im2col(x, &self.weight, self.stride, self.padding)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
         match &self.bias {
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
+            Some(b) => super::fused::add_bias(&y, b, 1),
             None => Ok(y),
         }
     }

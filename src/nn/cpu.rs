@@ -1,6 +1,48 @@
-//! CPU thread configuration.
+//! CPU runtime configuration for training on a few cores.
+//!
+//! Two settings decide much of a CPU training step's time (see
+//! docs/performance.md):
+//!
+//! * candle 0.11 runs large elementwise ops on its own "barrier pool"
+//!   (threads `candle-bp-*`) whose workers spin for a while after every op
+//!   and whose caller spins until all workers are done. On a machine with as
+//!   many busy threads as cores (rayon's GEMM threads, our kernels, other
+//!   processes) the spinning thread steals the core the others need: a toy
+//!   training step took 4–5× longer under load. With `CANDLE_NUM_THREADS=1`
+//!   the pool has no workers and those ops run on the calling thread; the
+//!   heavy work (GEMM, im2col, the fused norm/softmax/GEGLU kernels) runs on
+//!   rayon's pool, whose idle threads sleep.
+//! * mimalloc (the binary's allocator) returns freed memory to the OS after
+//!   10 ms; a training step frees and re-allocates hundreds of MB of
+//!   activations, and the kernel zeroes every page again on the next touch
+//!   (a quarter of the CPU time of a toy step). Purging is turned off.
+
+use std::os::raw::{c_int, c_long};
 
 /// Threads our CPU kernels (and candle's matmul) use: rayon's global pool.
 pub fn num_threads() -> usize {
     rayon::current_num_threads()
+}
+
+// mimalloc's option setter (linked through the `mimalloc` crate).
+unsafe extern "C" {
+    fn mi_option_set(option: c_int, value: c_long);
+}
+/// `mi_option_purge_delay` (same index in mimalloc v2 and v3).
+const MI_OPTION_PURGE_DELAY: c_int = 15;
+
+/// Applies the settings above; call first thing in `main`, before any thread
+/// starts. An environment variable the user set wins (`CANDLE_NUM_THREADS`;
+/// `DREAMBOOTH_MI_PURGE=1` keeps mimalloc's purging).
+pub fn configure() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at the start of main, before other threads exist.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+    if std::env::var_os("DREAMBOOTH_MI_PURGE").is_none() {
+        // Make sure the mimalloc crate (and its C library) is linked.
+        let _ = &mimalloc::MiMalloc;
+        // SAFETY: mimalloc's options are plain integers it reads on each purge.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
 }

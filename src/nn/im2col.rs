@@ -2,9 +2,14 @@
 //! GEMM forward and two GEMMs backward (candle's own CPU conv backward goes
 //! through a slow transposed convolution and a huge-kernel convolution).
 //!
-//! `Im2Col` maps (B, C, H, W) to (B, C·kh·kw, Ho·Wo) with row index
+//! `Im2Col` maps (B, C, H, W) to (C·kh·kw, B·Ho·Wo) with row index
 //! c·kh·kw + i·kw + j — the order of a (O, C, kh, kw) weight flattened to
-//! (O, C·kh·kw). Its backward is `Col2Im`, which scatters-adds columns back.
+//! (O, C·kh·kw) — and column b·Ho·Wo + pixel. The batch sits in the columns so
+//! the convolution is a single (O, C·kh·kw) × (C·kh·kw, B·Ho·Wo) GEMM and the
+//! weight gradient another single GEMM (a batched matmul against a broadcast
+//! weight would leave candle a (B, O, C·kh·kw) gradient to sum over the batch,
+//! a slow strided reduction). Its backward is `Col2Im`, which scatters-adds
+//! columns back.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -44,19 +49,27 @@ impl CustomOp1 for Im2Col {
         "im2col"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (b, c, h, w) = layout.shape().dims4()?;
         let x = contiguous_f32(storage, layout)?;
         let (ho, wo) = g.out_hw(h, w);
         let l = ho * wo;
         let kk = g.kh * g.kw;
-        let mut out = vec![0f32; b * c * kk * l];
-        out.par_chunks_mut(kk * l).enumerate().for_each(|(bc, dst)| {
-            let src = &x[bc * h * w..(bc + 1) * h * w];
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let row = &mut dst[(i * g.kw + j) * l..(i * g.kw + j + 1) * l];
+        let mut out = vec![0f32; c * kk * b * l];
+        // One output row (c, i, j) holds B·L columns.
+        out.par_chunks_mut(b * l)
+            .enumerate()
+            .for_each(|(row_idx, row)| {
+                let (ch, ij) = (row_idx / kk, row_idx % kk);
+                let (i, j) = (ij / g.kw, ij % g.kw);
+                for bi in 0..b {
+                    let src = &x[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w];
+                    let row = &mut row[bi * l..(bi + 1) * l];
                     for oy in 0..ho {
                         let y = (oy * g.stride + i) as isize - g.padding as isize;
                         let dst_row = &mut row[oy * wo..(oy + 1) * wo];
@@ -82,15 +95,20 @@ impl CustomOp1 for Im2Col {
                         }
                     }
                 }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, c * kk, l))))
+            });
+        Ok((CpuStorage::F32(out), Shape::from((c * kk, b * l))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (_, c, h, w) = arg.dims4()?;
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (b, c, h, w) = arg.dims4()?;
         let op = Col2Im {
             geom: self.0,
+            b,
             c,
             h,
             w,
@@ -99,9 +117,10 @@ impl CustomOp1 for Im2Col {
     }
 }
 
-/// The adjoint of [`Im2Col`]: (B, C·kh·kw, Ho·Wo) → (B, C, H, W), summing overlaps.
+/// The adjoint of [`Im2Col`]: (C·kh·kw, B·Ho·Wo) → (B, C, H, W), summing overlaps.
 pub struct Col2Im {
     pub geom: ConvGeom,
+    pub b: usize,
     pub c: usize,
     pub h: usize,
     pub w: usize,
@@ -112,20 +131,24 @@ impl CustomOp1 for Col2Im {
         "col2im"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.geom;
-        let (c, h, w) = (self.c, self.h, self.w);
-        let (b, _, _) = layout.shape().dims3()?;
+        let (b, c, h, w) = (self.b, self.c, self.h, self.w);
         let cols = contiguous_f32(storage, layout)?;
         let (ho, wo) = g.out_hw(h, w);
         let l = ho * wo;
         let kk = g.kh * g.kw;
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
-            let src = &cols[bc * kk * l..(bc + 1) * kk * l];
+            let (bi, ch) = (bc / c, bc % c);
             for i in 0..g.kh {
                 for j in 0..g.kw {
-                    let row = &src[(i * g.kw + j) * l..(i * g.kw + j + 1) * l];
+                    let r = (ch * kk + i * g.kw + j) * b * l + bi * l;
+                    let row = &cols[r..r + l];
                     for oy in 0..ho {
                         let y = (oy * g.stride + i) as isize - g.padding as isize;
                         if y < 0 || y >= h as isize {
@@ -148,7 +171,12 @@ impl CustomOp1 for Col2Im {
 }
 
 /// Convolution (groups 1, dilation 1) as im2col + GEMM; differentiable.
-pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+pub fn conv2d_im2col(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
     let (o, c, kh, kw) = weight.dims4()?;
     let geom = ConvGeom {
@@ -160,5 +188,22 @@ pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize)
     let (ho, wo) = geom.out_hw(h, w);
     let cols = x.contiguous()?.apply_op1(Im2Col(geom))?;
     let w2 = weight.reshape((o, c * kh * kw))?;
-    w2.broadcast_matmul(&cols)?.reshape((b, o, ho, wo))
+    // (O, B·L) → (B, O, Ho, Wo), a strided view the next op copies once.
+    w2.matmul(&cols)?.reshape((o, b, ho, wo))?.transpose(0, 1)
+}
+
+/// A 1×1 convolution (stride 1, no padding) as one GEMM over (C, B·H·W).
+pub fn conv2d_1x1(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let o = weight.dim(0)?;
+    let xc = x
+        .reshape((b, c, h * w))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((c, b * h * w))?;
+    weight
+        .reshape((o, c))?
+        .matmul(&xc)?
+        .reshape((o, b, h, w))?
+        .transpose(0, 1)
 }

@@ -38,7 +38,7 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = super::fused::add_bias(&y, b, 1)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(D::Minus1)?;

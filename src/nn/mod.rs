@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conv;
 pub mod cpu;
 pub mod embedding;
+pub mod fused;
 pub mod im2col;
 pub mod linear;
 pub mod norm;

@@ -1,7 +1,8 @@
-//! Group norm and layer norm built from differentiable ops (candle-nn's fused
-//! versions have no backward).
+//! Group norm and layer norm: fused CPU kernels with a hand-written backward
+//! ([`super::fused`]), plain differentiable candle ops elsewhere (candle-nn's
+//! fused versions have no backward).
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use super::store::{Init, Vb};
 use crate::Result;
@@ -32,15 +33,12 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let xg = x.reshape((b, self.num_groups, ()))?;
-        let y = normalize_last_dim(&xg, self.eps)?.reshape(dims.as_slice())?;
-        let mut shape = vec![1usize; dims.len()];
-        shape[1] = c;
-        let w = self.weight.reshape(shape.as_slice())?;
-        let bb = self.bias.reshape(shape.as_slice())?;
-        Ok(y.broadcast_mul(&w)?.broadcast_add(&bb)?)
+        super::fused::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, false)
+    }
+
+    /// silu(group_norm(x)) in one pass (the ResNet blocks' pattern).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        super::fused::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, true)
     }
 }
 
@@ -62,15 +60,8 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = normalize_last_dim(x, self.eps)?;
-        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// (x − mean) / sqrt(var + eps) over the last dimension (biased variance).
-pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?)
-}
+pub use super::fused::plain::normalize_last_dim;

@@ -259,6 +259,24 @@ impl Vb {
         Ok(())
     }
 
+    /// Every tensor the model uses, by state-dict key, with trainable ones at
+    /// their current values (what an export writes).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        if let Source::File { tensors, .. } = &self.inner.source {
+            let used = self.inner.used.lock().unwrap();
+            for (k, t) in tensors {
+                if used.contains(k) {
+                    out.insert(k.clone(), t.clone());
+                }
+            }
+        }
+        for (k, v) in self.inner.vars.lock().unwrap().iter() {
+            out.insert(k.clone(), v.as_tensor().detach());
+        }
+        out
+    }
+
     /// The trainable parameters created so far, by state-dict key.
     pub fn vars(&self) -> BTreeMap<String, Var> {
         self.inner.vars.lock().unwrap().clone()

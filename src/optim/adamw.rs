@@ -74,9 +74,32 @@ impl AdamW {
             .filter_map(|(k, s)| grads.get(s.var.as_tensor()).map(|g| (k, g)))
     }
 
-    /// One update with learning rate `lr`; `grad_scale` multiplies every
-    /// gradient first (gradient-norm clipping, accumulation averaging).
+    /// The gradients of this group's parameters, detached, by name.
+    pub fn collect(&self, grads: &GradStore) -> BTreeMap<String, Tensor> {
+        self.grads(grads).map(|(k, g)| (k.clone(), g.detach())).collect()
+    }
+
+    /// Adds `grads` into `acc` (gradient accumulation).
+    pub fn accumulate(acc: &mut BTreeMap<String, Tensor>, grads: BTreeMap<String, Tensor>) -> Result<()> {
+        for (k, g) in grads {
+            let sum = match acc.remove(&k) {
+                Some(a) => (a + g)?,
+                None => g,
+            };
+            acc.insert(k, sum);
+        }
+        Ok(())
+    }
+
+    /// One update from a backward pass's gradient store.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let map = self.collect(grads);
+        self.step_map(&map, lr, grad_scale)
+    }
+
+    /// One update with learning rate `lr` from gradients by name; `grad_scale`
+    /// multiplies every gradient first (gradient-norm clipping, accumulation averaging).
+    pub fn step_map(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -84,8 +107,8 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(t);
         let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
-        for slot in self.slots.values_mut() {
-            let Some(g) = grads.get(slot.var.as_tensor()) else {
+        for (key, slot) in self.slots.iter_mut() {
+            let Some(g) = grads.get(key) else {
                 continue;
             };
             let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g.clone() };

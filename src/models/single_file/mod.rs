@@ -66,6 +66,10 @@ pub const OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
 
 pub const META_UNET_CONFIG: &str = "dreambooth.unet_config";
 pub const META_VAE_CONFIG: &str = "dreambooth.vae_config";
+/// A model's own tokenizer (vocab.json / merges.txt text), for models whose
+/// vocabulary is not CLIP's standard one (the bundled tiny model).
+pub const META_TOKENIZER_VOCAB: &str = "dreambooth.tokenizer_vocab";
+pub const META_TOKENIZER_MERGES: &str = "dreambooth.tokenizer_merges";
 pub const META_TEXT_ENCODER_CONFIG: &str = "dreambooth.text_encoder_config";
 pub const META_SCHEDULER_CONFIG: &str = "dreambooth.scheduler_config";
 
@@ -179,13 +183,18 @@ pub struct SingleFileComponents {
     pub tokenizer_pad: String,
     /// Every config came from the file's `dreambooth.*` metadata.
     pub configs_from_metadata: bool,
+    /// The model's own tokenizer files (vocab.json, merges.txt), when the file carries them.
+    pub tokenizer_files: Option<(String, String)>,
 }
 
 impl SingleFileComponents {
     /// The CLIP tokenizer of this family from OpenAI's / open_clip's
     /// `bpe_simple_vocab_16e6.txt.gz` (`assets/clip/`), padding with [`Self::tokenizer_pad`].
     pub fn tokenizer(&self, bpe_gz: &Path) -> Result<ClipTokenizer> {
-        let tok = ClipTokenizer::from_bpe_gz(bpe_gz)?;
+        let tok = match &self.tokenizer_files {
+            Some((vocab, merges)) => ClipTokenizer::from_vocab_merges_text(vocab, merges)?,
+            None => ClipTokenizer::from_bpe_gz(bpe_gz)?,
+        };
         match self.family {
             Family::Sd1 => Ok(tok),
             Family::Sd2 => tok.with_pad_token(&self.tokenizer_pad),
@@ -202,6 +211,9 @@ pub struct SaveConfigs<'a> {
     pub vae: &'a VaeConfig,
     pub text_encoder: &'a ClipTextConfig,
     pub scheduler: &'a SchedulerConfig,
+    /// The model's own tokenizer files (vocab.json, merges.txt) to embed, for
+    /// vocabularies other than CLIP's standard one.
+    pub tokenizer_files: Option<(&'a str, &'a str)>,
 }
 
 // ---------------------------------------------------------------------------
@@ -711,6 +723,13 @@ pub fn load_components(
         scheduler: configs.scheduler,
         tokenizer_pad: family.tokenizer_pad().to_string(),
         configs_from_metadata: configs.from_metadata,
+        tokenizer_files: match (
+            scan.metadata.get(META_TOKENIZER_VOCAB),
+            scan.metadata.get(META_TOKENIZER_MERGES),
+        ) {
+            (Some(v), Some(m)) => Some((v.clone(), m.clone())),
+            _ => None,
+        },
     })
 }
 
@@ -856,17 +875,20 @@ pub fn save_single_file(
         .map(|t| t.device().clone())
         .unwrap_or(Device::Cpu);
     let source = |what: &str| PathBuf::from(format!("{} ({what} to export)", path.display()));
-    let hash =
+    let as_hash_map =
         |m: &BTreeMap<String, Tensor>| m.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-    check_model(&source("UNet"), &hash(unet), &device, |vb| {
+    check_model(&source("UNet"), &as_hash_map(unet), &device, |vb| {
         UNet2DConditionModel::new(vb, configs.unet).map(drop)
     })?;
-    check_model(&source("VAE"), &hash(vae), &device, |vb| {
+    check_model(&source("VAE"), &as_hash_map(vae), &device, |vb| {
         AutoencoderKL::new(vb, configs.vae).map(drop)
     })?;
-    check_model(&source("text encoder"), &hash(&text), &device, |vb| {
-        ClipTextModel::new(vb, configs.text_encoder).map(drop)
-    })?;
+    check_model(
+        &source("text encoder"),
+        &as_hash_map(&text),
+        &device,
+        |vb| ClipTextModel::new(vb, configs.text_encoder).map(drop),
+    )?;
 
     let family = configs.family;
     let mut out = BTreeMap::new();
@@ -937,5 +959,10 @@ pub fn save_single_file(
             scheduler_config_json(configs.scheduler).to_string(),
         ),
     ]);
+    let mut metadata = metadata;
+    if let Some((vocab, merges)) = configs.tokenizer_files {
+        metadata.insert(META_TOKENIZER_VOCAB.to_string(), vocab.to_string());
+        metadata.insert(META_TOKENIZER_MERGES.to_string(), merges.to_string());
+    }
     save_safetensors(&out, path, Some(metadata))
 }

@@ -1,0 +1,219 @@
+//! `dreambooth train`: every option as a flag or in a TOML file
+//! (`--config run.toml`; flags override the file).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use dreambooth::dreambooth::config::TrainConfig;
+use dreambooth::dreambooth::trainer::{Events, train};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(clap::Args, Default)]
+pub struct Args {
+    /// A TOML file with any of the options below (snake_case keys); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Base model: diffusers folder or single-file .safetensors (default: bundled tiny model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Folder with the subject's photos (jpg, png, webp).
+    #[arg(long)]
+    pub instance_dir: Option<PathBuf>,
+    /// Prompt binding the identifier to the subject, e.g. "a photo of sks dog".
+    #[arg(long)]
+    pub instance_prompt: Option<String>,
+    /// Prompt of the subject's class, e.g. "a photo of dog".
+    #[arg(long)]
+    pub class_prompt: Option<String>,
+    /// Where class images are cached (default: OUTPUT_DIR/class_images).
+    #[arg(long)]
+    pub class_dir: Option<PathBuf>,
+    /// Train with the class-specific prior-preservation loss.
+    #[arg(long)]
+    pub with_prior_preservation: bool,
+    #[arg(long)]
+    pub num_class_images: Option<usize>,
+    /// λ, the weight of the prior-preservation loss.
+    #[arg(long)]
+    pub prior_loss_weight: Option<f64>,
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    #[arg(long)]
+    pub center_crop: bool,
+    #[arg(long)]
+    pub random_flip: bool,
+    #[arg(long)]
+    pub train_batch_size: Option<usize>,
+    #[arg(long)]
+    pub max_train_steps: Option<u64>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    pub text_encoder_lr: Option<f64>,
+    /// constant | constant_with_warmup | linear | cosine
+    #[arg(long)]
+    pub lr_scheduler: Option<String>,
+    #[arg(long)]
+    pub lr_warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_weight_decay: Option<f64>,
+    #[arg(long)]
+    pub adam_epsilon: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Also fine-tune the text encoder (own LR: --text-encoder-lr).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Min-SNR-γ loss weighting (e.g. 5.0).
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
+    /// Offset noise strength (e.g. 0.05).
+    #[arg(long)]
+    pub offset_noise: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub checkpointing_steps: Option<u64>,
+    /// Keep the last K checkpoints.
+    #[arg(long)]
+    pub checkpoints_total_limit: Option<usize>,
+    /// Resume from `latest` or a checkpoint folder.
+    #[arg(long)]
+    pub resume: Option<String>,
+    #[arg(long)]
+    pub validation_prompt: Option<String>,
+    #[arg(long)]
+    pub validation_steps: Option<u64>,
+    #[arg(long)]
+    pub num_validation_images: Option<usize>,
+    /// Batch size for class-image generation and validation.
+    #[arg(long)]
+    pub sample_batch_size: Option<usize>,
+    #[arg(long)]
+    pub class_sampler: Option<String>,
+    #[arg(long)]
+    pub class_steps: Option<usize>,
+    #[arg(long)]
+    pub class_guidance: Option<f64>,
+    #[arg(long)]
+    pub class_negative_prompt: Option<String>,
+    /// Delete class images made for another prompt/model and generate anew.
+    #[arg(long)]
+    pub regenerate_class_images: bool,
+    /// Skip unreadable instance images with a warning instead of stopping.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Also write the original-layout single-file checkpoint.
+    #[arg(long)]
+    pub save_single_file: bool,
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    #[arg(long)]
+    pub sample_guidance: Option<f64>,
+}
+
+macro_rules! set {
+    ($cfg:ident, $args:ident, $($f:ident),*) => {
+        $( if let Some(v) = $args.$f.clone() { $cfg.$f = v; } )*
+    };
+}
+
+macro_rules! set_opt {
+    ($cfg:ident, $args:ident, $($f:ident),*) => {
+        $( if $args.$f.is_some() { $cfg.$f = $args.$f.clone(); } )*
+    };
+}
+
+macro_rules! set_flag {
+    ($cfg:ident, $args:ident, $($f:ident),*) => {
+        $( if $args.$f { $cfg.$f = true; } )*
+    };
+}
+
+/// The effective configuration: the TOML file (if any), then the flags.
+pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    set!(
+        cfg, args, instance_dir, instance_prompt, num_class_images, prior_loss_weight, output_dir,
+        train_batch_size, max_train_steps, learning_rate, lr_warmup_steps, adam_beta1, adam_beta2,
+        adam_weight_decay, adam_epsilon, max_grad_norm, gradient_accumulation_steps, offset_noise, seed,
+        checkpointing_steps, checkpoints_total_limit, validation_steps, num_validation_images,
+        sample_batch_size, class_sampler, class_steps, class_guidance, class_negative_prompt,
+        sample_steps, sample_guidance
+    );
+    set_opt!(cfg, args, model, class_prompt, class_dir, resolution, text_encoder_lr, snr_gamma, resume, validation_prompt);
+    set_flag!(
+        cfg, args, with_prior_preservation, center_crop, random_flip, train_text_encoder,
+        regenerate_class_images, skip_bad_images, save_single_file
+    );
+    if let Some(s) = &args.lr_scheduler {
+        cfg.lr_scheduler = s.parse().map_err(|e: String| anyhow::anyhow!("invalid option: {e}"))?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = effective_config(&args)?;
+    println!("# effective configuration\n{}", cfg.to_toml());
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to abort)");
+        });
+    }
+    let bar = ProgressBar::new(cfg.max_train_steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {msg} {per_sec} ETA {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
+    let mut log = |line: &str| bar.suspend(|| println!("{line}"));
+    let mut on_step = |s: &dreambooth::dreambooth::trainer::StepInfo| {
+        bar.set_position(s.step);
+        let prior = s.loss_prior.map(|p| format!(" prior {p:.4}")).unwrap_or_default();
+        bar.set_message(format!("loss {:.4} (inst {:.4}{prior}) lr {:.2e}", s.loss, s.loss_instance, s.lr));
+    };
+    let mut ev = Events {
+        log: &mut log,
+        step: &mut on_step,
+        stop: &stop,
+    };
+    let (_, outcome) = train(&cfg, &device, &mut ev).context("training failed")?;
+    bar.finish_and_clear();
+    if outcome.interrupted {
+        println!("stopped at step {}; resume with --resume latest", outcome.final_step);
+        std::process::exit(130);
+    }
+    if let Some(dir) = outcome.model_dir {
+        println!(
+            "done: {} steps; trained model in {}\ntry: dreambooth generate --model {} --prompt \"{}\" --out samples",
+            outcome.final_step,
+            dir.display(),
+            dir.display(),
+            cfg.instance_prompt
+        );
+    }
+    Ok(())
+}

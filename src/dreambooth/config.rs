@@ -1,0 +1,189 @@
+//! Every option of `dreambooth train`, with the paper's / diffusers' defaults.
+//! The same struct deserializes from a TOML file (`--config run.toml`); flags
+//! given on the command line override the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion::SamplerKind;
+use crate::optim::LrScheduleKind;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model: diffusers folder or single-file checkpoint (default: bundled tiny model).
+    pub model: Option<PathBuf>,
+    pub instance_dir: PathBuf,
+    pub instance_prompt: String,
+    pub class_prompt: Option<String>,
+    pub class_dir: Option<PathBuf>,
+    pub with_prior_preservation: bool,
+    pub num_class_images: usize,
+    pub prior_loss_weight: f64,
+    pub output_dir: PathBuf,
+    /// Training resolution in pixels (default: the model's native size).
+    pub resolution: Option<usize>,
+    pub center_crop: bool,
+    pub random_flip: bool,
+    pub train_batch_size: usize,
+    pub max_train_steps: u64,
+    pub learning_rate: f64,
+    /// Learning rate of the text encoder (default: `learning_rate`).
+    pub text_encoder_lr: Option<f64>,
+    pub lr_scheduler: LrScheduleKind,
+    pub lr_warmup_steps: u64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub gradient_accumulation_steps: usize,
+    pub train_text_encoder: bool,
+    pub snr_gamma: Option<f64>,
+    pub offset_noise: f64,
+    pub seed: u64,
+    pub checkpointing_steps: u64,
+    pub checkpoints_total_limit: usize,
+    pub resume: Option<String>,
+    pub validation_prompt: Option<String>,
+    pub validation_steps: u64,
+    pub num_validation_images: usize,
+    /// Class-image generation.
+    pub sample_batch_size: usize,
+    pub class_sampler: String,
+    pub class_steps: usize,
+    pub class_guidance: f64,
+    pub class_negative_prompt: String,
+    pub regenerate_class_images: bool,
+    pub skip_bad_images: bool,
+    pub save_single_file: bool,
+    /// Sampling settings for validation images.
+    pub sample_steps: usize,
+    pub sample_guidance: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            instance_dir: PathBuf::new(),
+            instance_prompt: String::new(),
+            class_prompt: None,
+            class_dir: None,
+            with_prior_preservation: false,
+            num_class_images: 200,
+            prior_loss_weight: 1.0,
+            output_dir: PathBuf::from("dreambooth-out"),
+            resolution: None,
+            center_crop: false,
+            random_flip: false,
+            train_batch_size: 1,
+            max_train_steps: 800,
+            learning_rate: 5e-6,
+            text_encoder_lr: None,
+            lr_scheduler: LrScheduleKind::Constant,
+            lr_warmup_steps: 0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_weight_decay: 1e-2,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            gradient_accumulation_steps: 1,
+            train_text_encoder: false,
+            snr_gamma: None,
+            offset_noise: 0.0,
+            seed: 0,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: 3,
+            resume: None,
+            validation_prompt: None,
+            validation_steps: 100,
+            num_validation_images: 4,
+            sample_batch_size: 4,
+            class_sampler: "dpm++".into(),
+            class_steps: 25,
+            class_guidance: 7.5,
+            class_negative_prompt: String::new(),
+            regenerate_class_images: false,
+            skip_bad_images: false,
+            save_single_file: false,
+            sample_steps: 25,
+            sample_guidance: 7.5,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks ranges and combinations; the error names the option.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::msg(format!("invalid option: {m}")));
+        if self.instance_prompt.trim().is_empty() {
+            return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());
+        }
+        if self.instance_dir.as_os_str().is_empty() {
+            return bad("--instance-dir is required (a folder of 3-5 photos of the subject)".into());
+        }
+        if self.with_prior_preservation {
+            if self.class_prompt.as_deref().unwrap_or("").trim().is_empty() {
+                return bad("--with-prior-preservation needs --class-prompt (e.g. \"a photo of dog\")".into());
+            }
+            if self.num_class_images == 0 {
+                return bad("--num-class-images must be at least 1 with prior preservation".into());
+            }
+        }
+        for (name, v) in [
+            ("--learning-rate", self.learning_rate),
+            ("--text-encoder-lr", self.text_encoder_lr.unwrap_or(self.learning_rate)),
+        ] {
+            if !(v > 0.0 && v < 1.0) {
+                return bad(format!("{name} {v} is out of range (0, 1)"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("--adam-beta1/--adam-beta2 must lie in [0, 1)".into());
+        }
+        if self.adam_weight_decay < 0.0 || self.adam_epsilon <= 0.0 {
+            return bad("--adam-weight-decay must be ≥ 0 and --adam-epsilon > 0".into());
+        }
+        if self.prior_loss_weight < 0.0 {
+            return bad(format!("--prior-loss-weight {} must be ≥ 0", self.prior_loss_weight));
+        }
+        if self.train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("--train-batch-size and --gradient-accumulation-steps must be ≥ 1".into());
+        }
+        if self.max_train_steps == 0 {
+            return bad("--max-train-steps must be ≥ 1".into());
+        }
+        if let Some(g) = self.snr_gamma
+            && g <= 0.0
+        {
+            return bad(format!("--snr-gamma {g} must be > 0"));
+        }
+        if self.offset_noise < 0.0 || self.offset_noise > 1.0 {
+            return bad(format!("--offset-noise {} must lie in [0, 1]", self.offset_noise));
+        }
+        if let Some(r) = self.resolution
+            && (r == 0 || r % 8 != 0)
+        {
+            return bad(format!("--resolution {r} must be a positive multiple of 8"));
+        }
+        if self.class_sampler.parse::<SamplerKind>().is_err() {
+            return bad(format!(
+                "--class-sampler `{}` is unknown (use ddim, euler, euler-a or dpm++)",
+                self.class_sampler
+            ));
+        }
+        Ok(())
+    }
+}

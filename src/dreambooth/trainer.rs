@@ -1,0 +1,510 @@
+//! The DreamBooth training loop (Ruiz et al. 2023): each step denoises a batch
+//! of the subject's photos under the instance prompt ("a photo of sks dog")
+//! and, with prior preservation, an equal batch of the frozen model's own class
+//! images under the class prompt ("a photo of dog"):
+//!
+//!     loss = ‖ε̂(z_t, c) − ε‖² + λ · ‖ε̂(z'_t', c_pr) − ε'‖²
+//!
+//! with independent timesteps and noise per sample. Latents of the photos (and
+//! the text embeddings, when the text encoder is frozen) are computed once.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, IndexOp, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::checkpoint::{self, CheckpointState, Group};
+use super::class_images::{ClassGenOptions, ClassImageCache};
+use super::config::TrainConfig;
+use super::data::{self, Crop, ImageFolder};
+use super::export;
+use super::loss::{denoising_loss, min_snr_weights};
+use crate::diffusion::{GenerateOptions, NoiseSchedule, SamplerKind, generate};
+use crate::models::{LoadOptions, StableDiffusion};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_factor, grad_norm};
+use crate::util::randn;
+use crate::{Error, Result};
+
+/// Random crops per photo whose latents are cached when `center_crop` is off.
+const RANDOM_CROPS: u64 = 8;
+
+/// What the loop reports after each optimizer step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepInfo {
+    pub step: u64,
+    pub total: u64,
+    pub loss: f64,
+    pub loss_instance: f64,
+    pub loss_prior: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+}
+
+/// Callbacks of a training run.
+pub struct Events<'a> {
+    /// A line for the user (class images, checkpoints, validation, export).
+    pub log: &'a mut dyn FnMut(&str),
+    pub step: &'a mut dyn FnMut(&StepInfo),
+    /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: &'a AtomicBool,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    pub final_step: u64,
+    pub interrupted: bool,
+    /// The exported diffusers folder (absent when interrupted).
+    pub model_dir: Option<PathBuf>,
+    pub single_file: Option<PathBuf>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// A latent distribution cached per training view: z = mean + std · ε.
+struct LatentBank {
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl LatentBank {
+    fn encode(model: &StableDiffusion, images: &[image::RgbImage]) -> Result<Self> {
+        let mut means = Vec::new();
+        let mut stds = Vec::new();
+        for chunk in images.chunks(8) {
+            let x = data::to_tensor(chunk, &model.device)?;
+            let post = model.vae.encode(&x)?;
+            means.push(post.mean.detach());
+            stds.push(post.std()?.detach());
+        }
+        Ok(Self {
+            mean: Tensor::cat(&means, 0)?.contiguous()?,
+            std: Tensor::cat(&stds, 0)?.contiguous()?,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.mean.dim(0).unwrap_or(0)
+    }
+
+    /// Scaled latents (z − shift)·scale for `idx`, with fresh posterior noise.
+    fn sample(&self, idx: &[u32], rng: &mut StdRng, model: &StableDiffusion) -> Result<Tensor> {
+        let ids = Tensor::from_vec(idx.to_vec(), idx.len(), self.mean.device())?;
+        let mean = self.mean.index_select(&ids, 0)?;
+        let std = self.std.index_select(&ids, 0)?;
+        let eps = randn(rng, mean.dims(), mean.device())?;
+        let z = (mean + (std * eps)?)?;
+        let vae = &model.vae;
+        Ok(((z - vae.shift_factor())? * vae.scaling_factor())?)
+    }
+}
+
+/// Seeds every random draw of micro-step `i` from (seed, i) alone, so a
+/// resumed run repeats exactly what an uninterrupted one would have done.
+fn step_rng(seed: u64, i: u64) -> StdRng {
+    StdRng::seed_from_u64(crate::toy::world::derive_seed(seed ^ 0xD8EA_B007, i))
+}
+
+/// The training resolution: the option, or the model's native size.
+pub fn resolution(cfg: &TrainConfig, model: &StableDiffusion) -> usize {
+    cfg.resolution.unwrap_or_else(|| model.default_size())
+}
+
+/// Loads the base model for training per `cfg`.
+pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
+    let path = match &cfg.model {
+        Some(p) => p.clone(),
+        None => crate::models::sd::default_model_dir()?,
+    };
+    StableDiffusion::load(
+        &path,
+        device,
+        LoadOptions {
+            train_unet: true,
+            train_text_encoder: cfg.train_text_encoder,
+            ..Default::default()
+        },
+    )
+}
+
+/// Runs `dreambooth train`: loads the model, trains, exports.
+pub fn train(cfg: &TrainConfig, device: &Device, ev: &mut Events) -> Result<(StableDiffusion, TrainOutcome)> {
+    cfg.validate()?;
+    let model = load_model(cfg, device)?;
+    let outcome = train_model(cfg, &model, ev)?;
+    Ok((model, outcome))
+}
+
+/// Trains an already-loaded model in place (its UNet — and text encoder when
+/// `train_text_encoder` — must have been loaded trainable).
+pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let res = resolution(cfg, model);
+    let mult = model.size_multiple();
+    if res % mult != 0 {
+        return Err(Error::msg(format!(
+            "--resolution {res} must be a multiple of {mult} for this model"
+        )));
+    }
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+
+    // Instance photos → cached latent distributions, one per training view.
+    let (paths, warnings) = ImageFolder::scan_for_resolution(&cfg.instance_dir, res, cfg.skip_bad_images)?;
+    for w in warnings {
+        (ev.log)(&format!("warning: {w}"));
+    }
+    let mut views = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let img = data::load_image(p)?;
+        let flips: &[bool] = if cfg.random_flip { &[false, true] } else { &[false] };
+        if cfg.center_crop {
+            for &f in flips {
+                views.push(data::prepare(&img, res, Crop::Center, f));
+            }
+        } else {
+            for k in 0..RANDOM_CROPS {
+                let seed = crate::toy::world::derive_seed(cfg.seed ^ i as u64, k);
+                views.push(data::prepare(&img, res, Crop::Random(seed), cfg.random_flip && k % 2 == 1));
+            }
+        }
+    }
+    let instance = LatentBank::encode(model, &views)?;
+    (ev.log)(&format!(
+        "{} instance photo(s) from {}, {} cached training views at {res} px",
+        paths.len(),
+        cfg.instance_dir.display(),
+        instance.len()
+    ));
+
+    // Class images for prior preservation: reuse, generate the missing, encode.
+    let class_prompt = cfg.class_prompt.clone().unwrap_or_default();
+    let class_bank = if cfg.with_prior_preservation {
+        let dir = cfg.class_dir.clone().unwrap_or_else(|| out.join("class_images"));
+        let sampler: SamplerKind = cfg.class_sampler.parse()?;
+        let gen_opts = ClassGenOptions {
+            sampler,
+            steps: cfg.class_steps,
+            guidance: cfg.class_guidance,
+            batch_size: cfg.sample_batch_size,
+            seed: cfg.seed,
+            negative_prompt: cfg.class_negative_prompt.clone(),
+            size: Some(res),
+            regenerate: cfg.regenerate_class_images,
+        };
+        let t0 = Instant::now();
+        let mut last = 0;
+        let imgs = ClassImageCache::prepare(model, &dir, &class_prompt, cfg.num_class_images, &gen_opts, &mut |p| {
+            if p.done != last || p.step == 1 {
+                last = p.done;
+            }
+        })?;
+        for n in &imgs.notes {
+            (ev.log)(n);
+        }
+        (ev.log)(&format!(
+            "class images in {}: {} reused, {} generated, {} user-provided ({:.1}s)",
+            dir.display(),
+            imgs.reused,
+            imgs.generated,
+            imgs.user_provided,
+            t0.elapsed().as_secs_f64()
+        ));
+        let mut class_views = Vec::new();
+        for p in &imgs.paths {
+            let img = data::load_image(p)?;
+            class_views.push(data::prepare(&img, res, Crop::Center, false));
+        }
+        Some(LatentBank::encode(model, &class_views)?)
+    } else {
+        None
+    };
+
+    // Text: cached embeddings when the text encoder is frozen.
+    let (inst_ids, _) = model.tokenize(std::slice::from_ref(&cfg.instance_prompt))?;
+    let (class_ids, _) = model.tokenize(std::slice::from_ref(&class_prompt))?;
+    let cached_ctx = if cfg.train_text_encoder {
+        None
+    } else {
+        let a = model.text_encoder.forward(&inst_ids)?.detach();
+        let b = model.text_encoder.forward(&class_ids)?.detach();
+        Some((a, b))
+    };
+
+    // Optimizers: one parameter group per trained network.
+    let adam = |lr: f64| AdamWConfig {
+        lr,
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay: cfg.adam_weight_decay,
+    };
+    let unet_vars = model.unet_vb.vars();
+    let te_vars = if cfg.train_text_encoder {
+        model.text_encoder_vb.vars()
+    } else {
+        BTreeMap::new()
+    };
+    if unet_vars.is_empty() {
+        return Err(Error::msg("the UNet was not loaded trainable"));
+    }
+    let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
+    let mut unet_opt = AdamW::new(unet_vars.clone(), adam(cfg.learning_rate))?;
+    let mut te_opt = AdamW::new(te_vars.clone(), adam(te_lr))?;
+    let schedule_of = |lr: f64| LrSchedule {
+        kind: cfg.lr_scheduler,
+        base_lr: lr,
+        warmup_steps: cfg.lr_warmup_steps,
+        total_steps: cfg.max_train_steps,
+    };
+    let (unet_sched, te_sched) = (schedule_of(cfg.learning_rate), schedule_of(te_lr));
+    let noise_schedule = NoiseSchedule::new(&model.scheduler)?;
+    let n_train_t = noise_schedule.num_train_timesteps();
+    (ev.log)(&format!(
+        "training {} UNet parameters{}",
+        unet_opt.num_params(),
+        if cfg.train_text_encoder {
+            format!(" and {} text-encoder parameters", te_opt.num_params())
+        } else {
+            String::new()
+        }
+    ));
+
+    // Resume.
+    let ckpt_root = out.join("checkpoints");
+    let mut start = 0u64;
+    if let Some(which) = &cfg.resume {
+        let dir = checkpoint::resolve(&ckpt_root, which)?;
+        let mut groups = vec![Group {
+            name: "unet",
+            vars: &unet_vars,
+            opt: &mut unet_opt,
+        }];
+        if cfg.train_text_encoder {
+            groups.push(Group {
+                name: "text_encoder",
+                vars: &te_vars,
+                opt: &mut te_opt,
+            });
+        }
+        let state = checkpoint::load(&dir, &mut groups, &model.device)?;
+        if state.seed != cfg.seed {
+            (ev.log)(&format!(
+                "warning: the checkpoint was trained with --seed {}, this run uses {}",
+                state.seed, cfg.seed
+            ));
+        }
+        start = state.step;
+        (ev.log)(&format!("resumed from {} at step {start}", dir.display()));
+    }
+
+    let log_path = out.join("logs").join("train.jsonl");
+    std::fs::create_dir_all(log_path.parent().unwrap()).map_err(|e| Error::io(&log_path, e))?;
+    let mut jsonl = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+
+    let save_ckpt = |step: u64, unet_opt: &mut AdamW, te_opt: &mut AdamW| -> Result<PathBuf> {
+        let mut steps = BTreeMap::from([("unet".to_string(), unet_opt.step)]);
+        let mut groups = vec![Group {
+            name: "unet",
+            vars: &unet_vars,
+            opt: unet_opt,
+        }];
+        if cfg.train_text_encoder {
+            steps.insert("text_encoder".into(), te_opt.step);
+            groups.push(Group {
+                name: "text_encoder",
+                vars: &te_vars,
+                opt: te_opt,
+            });
+        }
+        let state = CheckpointState {
+            step,
+            seed: cfg.seed,
+            optimizer_steps: steps,
+        };
+        checkpoint::save(&ckpt_root, &state, &groups, cfg.checkpoints_total_limit)
+    };
+
+    let bs = cfg.train_batch_size;
+    let accum = cfg.gradient_accumulation_steps;
+    let t0 = Instant::now();
+    let mut last_ckpt = None;
+    let mut step = start;
+    let mut interrupted = false;
+    while step < cfg.max_train_steps {
+        let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut l_inst, mut l_prior, mut l_total) = (0f64, 0f64, 0f64);
+        for micro in 0..accum {
+            let mut rng = step_rng(cfg.seed, step * accum as u64 + micro as u64);
+            let inst_idx: Vec<u32> = (0..bs).map(|_| rng.random_range(0..instance.len() as u32)).collect();
+            let mut latents = instance.sample(&inst_idx, &mut rng, model)?;
+            let mut ctx_parts = Vec::new();
+            let n_class = if let Some(cb) = &class_bank {
+                let idx: Vec<u32> = (0..bs).map(|_| rng.random_range(0..cb.len() as u32)).collect();
+                latents = Tensor::cat(&[&latents, &cb.sample(&idx, &mut rng, model)?], 0)?;
+                bs
+            } else {
+                0
+            };
+            let context = match &cached_ctx {
+                Some((a, b)) => {
+                    ctx_parts.push(a.repeat((bs, 1, 1))?);
+                    if n_class > 0 {
+                        ctx_parts.push(b.repeat((n_class, 1, 1))?);
+                    }
+                    Tensor::cat(&ctx_parts, 0)?
+                }
+                None => {
+                    let mut ids = vec![inst_ids.repeat((bs, 1))?];
+                    if n_class > 0 {
+                        ids.push(class_ids.repeat((n_class, 1))?);
+                    }
+                    model.text_encoder.forward(&Tensor::cat(&ids, 0)?)?
+                }
+            };
+            let n = bs + n_class;
+            let timesteps: Vec<usize> = (0..n).map(|_| rng.random_range(0..n_train_t)).collect();
+            let mut noise = randn(&mut rng, latents.dims(), &model.device)?;
+            if cfg.offset_noise > 0.0 {
+                let (b, c, _, _) = latents.dims4()?;
+                let off = randn(&mut rng, &[b, c, 1, 1], &model.device)?;
+                noise = noise.broadcast_add(&(off * cfg.offset_noise)?)?;
+            }
+            let mut per = denoising_loss(&model.unet, &noise_schedule, &latents, &context, &timesteps, &noise)?;
+            if let Some(g) = cfg.snr_gamma {
+                per = (per * min_snr_weights(&noise_schedule, &timesteps, g, &model.device)?)?;
+            }
+            let loss_inst = per.i(0..bs)?.mean_all()?;
+            let mut loss = loss_inst.clone();
+            if n_class > 0 {
+                let loss_prior = per.i(bs..n)?.mean_all()?;
+                l_prior += loss_prior.to_scalar::<f32>()? as f64 / accum as f64;
+                loss = (loss + (loss_prior * cfg.prior_loss_weight)?)?;
+            }
+            l_inst += loss_inst.to_scalar::<f32>()? as f64 / accum as f64;
+            l_total += loss.to_scalar::<f32>()? as f64 / accum as f64;
+            let grads = (loss / accum as f64)?.backward()?;
+            AdamW::accumulate(&mut acc, unet_opt.collect(&grads))?;
+            if cfg.train_text_encoder {
+                AdamW::accumulate(&mut acc, te_opt.collect(&grads).into_iter().map(|(k, g)| (format!("te:{k}"), g)).collect())?;
+            }
+        }
+        let norm = grad_norm(acc.values())?;
+        let scale = clip_factor(norm, cfg.max_grad_norm);
+        let lr = unet_sched.lr(step);
+        let (te_acc, unet_acc): (BTreeMap<_, _>, BTreeMap<_, _>) = acc.into_iter().partition(|(k, _)| k.starts_with("te:"));
+        unet_opt.step_map(&unet_acc, lr, scale)?;
+        if cfg.train_text_encoder {
+            let te_acc: BTreeMap<String, Tensor> =
+                te_acc.into_iter().map(|(k, g)| (k["te:".len()..].to_string(), g)).collect();
+            te_opt.step_map(&te_acc, te_sched.lr(step), scale)?;
+        }
+        step += 1;
+        let info = StepInfo {
+            step,
+            total: cfg.max_train_steps,
+            loss: l_total,
+            loss_instance: l_inst,
+            loss_prior: class_bank.as_ref().map(|_| l_prior),
+            lr,
+            grad_norm: norm,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if let Ok(line) = serde_json::to_string(&info) {
+            writeln!(jsonl, "{line}").map_err(|e| Error::io(&log_path, e))?;
+        }
+        (ev.step)(&info);
+
+        if cfg.checkpointing_steps > 0 && step % cfg.checkpointing_steps == 0 && step < cfg.max_train_steps {
+            let p = save_ckpt(step, &mut unet_opt, &mut te_opt)?;
+            (ev.log)(&format!("checkpoint saved: {}", p.display()));
+            last_ckpt = Some(p);
+        }
+        if let Some(prompt) = &cfg.validation_prompt
+            && cfg.validation_steps > 0
+            && step % cfg.validation_steps == 0
+            && step < cfg.max_train_steps
+        {
+            let p = validation(cfg, model, prompt, step, res)?;
+            (ev.log)(&format!("validation images: {}", p.display()));
+        }
+        if ev.stop.load(Ordering::SeqCst) && step < cfg.max_train_steps {
+            let p = save_ckpt(step, &mut unet_opt, &mut te_opt)?;
+            (ev.log)(&format!(
+                "interrupted at step {step}: checkpoint saved to {} (continue with --resume latest)",
+                p.display()
+            ));
+            last_ckpt = Some(p);
+            interrupted = true;
+            break;
+        }
+    }
+
+    if interrupted {
+        return Ok(TrainOutcome {
+            final_step: step,
+            interrupted,
+            model_dir: None,
+            single_file: None,
+            last_checkpoint: last_ckpt,
+        });
+    }
+    if let Some(prompt) = &cfg.validation_prompt {
+        let p = validation(cfg, model, prompt, step, res)?;
+        (ev.log)(&format!("validation images: {}", p.display()));
+    }
+    let model_dir = out.join("model");
+    export::save_diffusers(model, &model_dir)?;
+    (ev.log)(&format!("trained model (diffusers folder): {}", model_dir.display()));
+    let single_file = if cfg.save_single_file {
+        let p = export::save_single(model, &out.join("model.safetensors"), candle_core::DType::F32)?;
+        (ev.log)(&format!("single-file checkpoint: {}", p.display()));
+        Some(p)
+    } else {
+        None
+    };
+    Ok(TrainOutcome {
+        final_step: step,
+        interrupted: false,
+        model_dir: Some(model_dir),
+        single_file,
+        last_checkpoint: last_ckpt,
+    })
+}
+
+/// Generates `num_validation_images` for `prompt` with the current weights and
+/// saves them as a grid under `output_dir/validation/`.
+fn validation(cfg: &TrainConfig, model: &StableDiffusion, prompt: &str, step: u64, res: usize) -> Result<PathBuf> {
+    let mut opts = GenerateOptions::new(prompt, cfg.num_validation_images.max(1));
+    opts.steps = cfg.sample_steps;
+    opts.guidance_scale = cfg.sample_guidance;
+    opts.seed = cfg.seed;
+    opts.width = Some(res);
+    opts.height = Some(res);
+    opts.batch_size = cfg.sample_batch_size.max(1);
+    let g = generate(model, &opts, &mut |_| {})?;
+    let images: Vec<_> = g.images.into_iter().map(|i| i.image).collect();
+    let grid = crate::image_io::grid(&images, Some(images.len().min(4)))?;
+    let path = cfg.output_dir.join("validation").join(format!("step-{step:06}.png"));
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    grid.save(&path).map_err(|e| Error::Image {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    Ok(path)
+}
+
+/// Where a run's checkpoints live.
+pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
+    output_dir.join("checkpoints")
+}

@@ -1,0 +1,802 @@
+//! Fused CPU kernels with hand-written backward passes, as candle custom ops.
+//!
+//! Each public function computes what a handful of plain candle ops compute
+//! (the `plain` module keeps those versions: they run on every other device
+//! and the tests compare the two), but in one or two passes over memory,
+//! multi-threaded with rayon, and with a backward that avoids candle's slow
+//! strided reductions (the gradient of a broadcast weight or bias).
+//!
+//! The fused path runs for f32 tensors on the CPU; everything else takes the
+//! plain path, so the CUDA build keeps using candle's ops.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Whether `x` takes the fused path: f32 on the CPU, unless
+/// `DREAMBOOTH_NO_FUSED` is set (to measure or debug the plain ops).
+pub fn use_fused(x: &Tensor) -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && !*DISABLED.get_or_init(|| std::env::var_os("DREAMBOOTH_NO_FUSED").is_some())
+}
+
+// ---------------------------------------------------------------------------
+// Public entry points
+// ---------------------------------------------------------------------------
+
+/// GroupNorm over (B, C, ...) with per-channel affine `weight`, `bias`
+/// (C,), optionally followed by SiLU.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    if use_fused(x) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op3(weight, bias, GroupNormOp { groups, eps, silu })?)
+    } else {
+        plain::group_norm(x, weight, bias, groups, eps, silu)
+    }
+}
+
+/// LayerNorm over the last dimension with affine `weight`, `bias` (D,).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(x) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op3(weight, bias, LayerNormOp { eps })?)
+    } else {
+        plain::layer_norm(x, weight, bias, eps)
+    }
+}
+
+/// softmax(scale · x) over the last dimension (scale > 0).
+pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_fused(x) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op1(SoftmaxOp { scale })?)
+    } else {
+        plain::softmax_last_dim(x, scale)
+    }
+}
+
+/// GEGLU: the last dimension of `h` splits into halves (a, gate);
+/// returns a · gelu(gate) (exact erf GELU).
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if use_fused(h) {
+        let h = h.contiguous()?;
+        Ok(h.apply_op1(GegluOp)?)
+    } else {
+        plain::geglu(h)
+    }
+}
+
+/// y + bias broadcast along dimension `dim` of y (bias has y.dim(dim) entries):
+/// dim = 1 for a conv's NCHW output, the last dim for a linear layer.
+pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
+    if use_fused(y) {
+        let y = y.contiguous()?;
+        Ok(y.apply_op2(bias, BiasAddOp { dim })?)
+    } else {
+        plain::add_bias(y, bias, dim)
+    }
+}
+
+/// The same computations from plain candle ops (differentiable by candle's
+/// autograd); the path for non-CPU devices and the reference in tests.
+pub mod plain {
+    use candle_core::{D, Tensor};
+
+    use crate::Result;
+
+    pub fn group_norm(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let xg = x.reshape((b, groups, ()))?;
+        let y = normalize_last_dim(&xg, eps)?.reshape(dims.as_slice())?;
+        let mut shape = vec![1usize; dims.len()];
+        shape[1] = c;
+        let w = weight.reshape(shape.as_slice())?;
+        let bb = bias.reshape(shape.as_slice())?;
+        let y = y.broadcast_mul(&w)?.broadcast_add(&bb)?;
+        Ok(if silu { y.silu()? } else { y })
+    }
+
+    pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let y = normalize_last_dim(x, eps)?;
+        Ok(y.broadcast_mul(weight)?.broadcast_add(bias)?)
+    }
+
+    /// (x − mean) / sqrt(var + eps) over the last dimension (biased variance).
+    pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?)
+    }
+
+    /// The max is subtracted as a constant (softmax is invariant to it), so
+    /// the gradient flows through plain ops.
+    pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+        let x = if scale != 1.0 {
+            (x * scale)?
+        } else {
+            x.clone()
+        };
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&m)?.exp()?;
+        let s = e.sum_keepdim(D::Minus1)?;
+        Ok(e.broadcast_div(&s)?)
+    }
+
+    pub fn geglu(h: &Tensor) -> Result<Tensor> {
+        let half = h.dim(D::Minus1)? / 2;
+        let a = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        Ok((a * gate.gelu_erf()?)?)
+    }
+
+    pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
+        let mut shape = vec![1usize; y.rank()];
+        shape[dim] = bias.elem_count();
+        Ok(y.broadcast_add(&bias.reshape(shape)?)?)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(d) => d.as_slice(),
+        _ => candle_core::bail!("{what}: only f32 is supported"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Splits `rows` into about 4 blocks per thread (at least 1 row each).
+fn row_block(rows: usize) -> usize {
+    let t = rayon::current_num_threads().max(1);
+    rows.div_ceil(4 * t).max(1)
+}
+
+#[inline]
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Exact GELU and its derivative at x.
+#[inline]
+fn gelu_and_grad(x: f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1/sqrt(2π)
+    (x * cdf, cdf + x * pdf)
+}
+
+/// Mean and 1/sqrt(var + eps) of a slice, accumulated in f64.
+#[inline]
+fn moments(v: &[f32], eps: f64) -> (f32, f32) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&a| (a as f64 - mean) * (a as f64 - mean))
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// Splits a flat (n + 2·c) gradient buffer into (dx shaped like x, dw, db).
+fn split3(
+    flat: Tensor,
+    x_shape: &Shape,
+    c: usize,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let n = x_shape.elem_count();
+    let dx = flat.narrow(0, 0, n)?.reshape(x_shape)?;
+    let dw = flat.narrow(0, n, c)?;
+    let db = flat.narrow(0, n + c, c)?;
+    Ok((Some(dx), Some(dw), Some(db)))
+}
+
+// ---------------------------------------------------------------------------
+// GroupNorm (+ SiLU)
+// ---------------------------------------------------------------------------
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "fused-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "group_norm")?;
+        let w = slice(s2, l2, "group_norm")?;
+        let b = slice(s3, l3, "group_norm")?;
+        let dims = l1.dims();
+        let c = dims[1];
+        let g = self.groups;
+        if c % g != 0 || w.len() != c || b.len() != c {
+            candle_core::bail!(
+                "group_norm: {c} channels, {g} groups, weight {} bias {}",
+                w.len(),
+                b.len()
+            );
+        }
+        let s: usize = dims[2..].iter().product();
+        let cpg = c / g;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(cpg * s)
+            .zip(x.par_chunks(cpg * s))
+            .enumerate()
+            .for_each(|(bg, (yo, xi))| {
+                let (mean, rstd) = moments(xi, self.eps);
+                let c0 = (bg % g) * cpg;
+                for k in 0..cpg {
+                    let (a, sh) = (rstd * w[c0 + k], b[c0 + k] - mean * rstd * w[c0 + k]);
+                    let (yr, xr) = (&mut yo[k * s..(k + 1) * s], &xi[k * s..(k + 1) * s]);
+                    if self.silu {
+                        for (o, &v) in yr.iter_mut().zip(xr) {
+                            let z = v * a + sh;
+                            *o = z * sigmoid(z);
+                        }
+                    } else {
+                        for (o, &v) in yr.iter_mut().zip(xr) {
+                            *o = v * a + sh;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let wb = Tensor::cat(&[w, b], 0)?;
+        let flat = x.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            &wb,
+            &GroupNormBwd {
+                groups: self.groups,
+                eps: self.eps,
+                silu: self.silu,
+            },
+        )?;
+        split3(flat, x.shape(), w.elem_count())
+    }
+}
+
+/// (x, dy, [w; b]) → flat [dx; dw; db].
+struct GroupNormBwd {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-group-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "group_norm bwd")?;
+        let dy = slice(s2, l2, "group_norm bwd")?;
+        let wb = slice(s3, l3, "group_norm bwd")?;
+        let dims = l1.dims();
+        let (bsz, c) = (dims[0], dims[1]);
+        let (w, b) = wb.split_at(c);
+        let g = self.groups;
+        let s: usize = dims[2..].iter().product();
+        let cpg = c / g;
+        let n = x.len();
+        let mut dx = vec![0f32; n];
+        // Per-(sample, channel) partial sums of dw and db, reduced over the batch below.
+        let mut part = vec![0f32; bsz * c * 2];
+        dx.par_chunks_mut(cpg * s)
+            .zip(part.par_chunks_mut(cpg * 2))
+            .enumerate()
+            .for_each(|(bg, (dxo, pw))| {
+                let xi = &x[bg * cpg * s..(bg + 1) * cpg * s];
+                let gi = &dy[bg * cpg * s..(bg + 1) * cpg * s];
+                let (mean, rstd) = moments(xi, self.eps);
+                let c0 = (bg % g) * cpg;
+                // Pass 1: dz (gradient before the affine), into dxo as scratch;
+                // sums of dxhat and dxhat·xhat.
+                let (mut s1, mut s2) = (0f64, 0f64);
+                for k in 0..cpg {
+                    let (wk, bk) = (w[c0 + k], b[c0 + k]);
+                    let (mut dw, mut db) = (0f32, 0f32);
+                    let (mut a1, mut a2) = (0f32, 0f32);
+                    let r = k * s..(k + 1) * s;
+                    for ((o, &xv), &gv) in dxo[r.clone()].iter_mut().zip(&xi[r.clone()]).zip(&gi[r])
+                    {
+                        let xh = (xv - mean) * rstd;
+                        let gz = if self.silu {
+                            let z = xh * wk + bk;
+                            let sg = sigmoid(z);
+                            gv * sg * (1.0 + z * (1.0 - sg))
+                        } else {
+                            gv
+                        };
+                        dw += gz * xh;
+                        db += gz;
+                        let dxh = gz * wk;
+                        a1 += dxh;
+                        a2 += dxh * xh;
+                        *o = dxh;
+                    }
+                    s1 += a1 as f64;
+                    s2 += a2 as f64;
+                    pw[2 * k] = dw;
+                    pw[2 * k + 1] = db;
+                }
+                let m = (cpg * s) as f64;
+                let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
+                for (o, &xv) in dxo.iter_mut().zip(xi) {
+                    let xh = (xv - mean) * rstd;
+                    *o = rstd * (*o - m1 - xh * m2);
+                }
+            });
+        let mut out = dx;
+        out.resize(n + 2 * c, 0.0);
+        for bi in 0..bsz {
+            for ch in 0..c {
+                out[n + ch] += part[(bi * c + ch) * 2];
+                out[n + c + ch] += part[(bi * c + ch) * 2 + 1];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// LayerNorm over the last dimension
+// ---------------------------------------------------------------------------
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "layer_norm")?;
+        let w = slice(s2, l2, "layer_norm")?;
+        let b = slice(s3, l3, "layer_norm")?;
+        let d = *l1.dims().last().unwrap_or(&1);
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "layer_norm: last dim {d}, weight {} bias {}",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        let rb = row_block(x.len() / d.max(1));
+        y.par_chunks_mut(rb * d)
+            .zip(x.par_chunks(rb * d))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                    let (mean, rstd) = moments(xr, self.eps);
+                    for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                        *o = (v - mean) * rstd * wv + bv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(&grad.contiguous()?, w, &LayerNormBwd { eps: self.eps })?;
+        split3(flat, x.shape(), w.elem_count())
+    }
+}
+
+/// (x, dy, w) → flat [dx; dw; db].
+struct LayerNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "layer_norm bwd")?;
+        let dy = slice(s2, l2, "layer_norm bwd")?;
+        let w = slice(s3, l3, "layer_norm bwd")?;
+        let d = w.len();
+        let n = x.len();
+        let rb = row_block(n / d.max(1));
+        let mut dx = vec![0f32; n];
+        let parts: Vec<Vec<f32>> = dx
+            .par_chunks_mut(rb * d)
+            .zip(x.par_chunks(rb * d).zip(dy.par_chunks(rb * d)))
+            .map(|(dxb, (xb, gb))| {
+                let mut p = vec![0f32; 2 * d];
+                let (pw, pb) = p.split_at_mut(d);
+                for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                    let (mean, rstd) = moments(xr, self.eps);
+                    let (mut a1, mut a2) = (0f32, 0f32);
+                    for i in 0..d {
+                        let xh = (xr[i] - mean) * rstd;
+                        pw[i] += gr[i] * xh;
+                        pb[i] += gr[i];
+                        let dxh = gr[i] * w[i];
+                        a1 += dxh;
+                        a2 += dxh * xh;
+                    }
+                    let (m1, m2) = (a1 / d as f32, a2 / d as f32);
+                    for i in 0..d {
+                        let xh = (xr[i] - mean) * rstd;
+                        dxr[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+                    }
+                }
+                p
+            })
+            .collect();
+        let mut out = dx;
+        out.resize(n + 2 * d, 0.0);
+        for p in parts {
+            for (o, v) in out[n..].iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Softmax over the last dimension
+// ---------------------------------------------------------------------------
+
+struct SoftmaxOp {
+    scale: f64,
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "softmax")?;
+        let d = *l.dims().last().unwrap_or(&1);
+        let scale = self.scale as f32;
+        let mut y = vec![0f32; x.len()];
+        let rb = row_block(x.len() / d.max(1));
+        y.par_chunks_mut(rb * d)
+            .zip(x.par_chunks(rb * d))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                    let m = xr.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    let mut sum = 0f32;
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        let e = ((v - m) * scale).exp();
+                        *o = e;
+                        sum += e;
+                    }
+                    let inv = 1.0 / sum;
+                    for o in yr.iter_mut() {
+                        *o *= inv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = SoftmaxBwd { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// (y, dy) → dx = scale · y · (dy − Σ dy·y).
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, "softmax bwd")?;
+        let g = slice(s2, l2, "softmax bwd")?;
+        let d = *l1.dims().last().unwrap_or(&1);
+        let scale = self.scale as f32;
+        let mut dx = vec![0f32; y.len()];
+        let rb = row_block(y.len() / d.max(1));
+        dx.par_chunks_mut(rb * d)
+            .zip(y.par_chunks(rb * d).zip(g.par_chunks(rb * d)))
+            .for_each(|(db, (yb, gb))| {
+                for ((dr, yr), gr) in db.chunks_mut(d).zip(yb.chunks(d)).zip(gb.chunks(d)) {
+                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for ((o, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+                        *o = scale * yv * (gv - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GEGLU
+// ---------------------------------------------------------------------------
+
+struct GegluOp;
+
+impl CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "fused-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = slice(s, l, "geglu")?;
+        let dims = l.dims();
+        let d2 = *dims.last().unwrap_or(&0);
+        if d2 % 2 != 0 {
+            candle_core::bail!("geglu: last dimension {d2} is odd");
+        }
+        let d = d2 / 2;
+        let rows = h.len() / d2.max(1);
+        let mut y = vec![0f32; rows * d];
+        let rb = row_block(rows);
+        y.par_chunks_mut(rb * d)
+            .zip(h.par_chunks(rb * d2))
+            .for_each(|(yb, hb)| {
+                for (yr, hr) in yb.chunks_mut(d).zip(hb.chunks(d2)) {
+                    let (a, gate) = hr.split_at(d);
+                    for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(gate) {
+                        *o = av * gelu_and_grad(gv).0;
+                    }
+                }
+            });
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = d;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(h.apply_op2_no_bwd(&grad.contiguous()?, &GegluBwd)?))
+    }
+}
+
+/// (h, dy) → dh = [dy · gelu(gate); dy · a · gelu'(gate)].
+struct GegluBwd;
+
+impl CustomOp2 for GegluBwd {
+    fn name(&self) -> &'static str {
+        "fused-geglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = slice(s1, l1, "geglu bwd")?;
+        let g = slice(s2, l2, "geglu bwd")?;
+        let d2 = *l1.dims().last().unwrap_or(&0);
+        let d = d2 / 2;
+        let rows = h.len() / d2.max(1);
+        let mut dh = vec![0f32; h.len()];
+        let rb = row_block(rows);
+        dh.par_chunks_mut(rb * d2)
+            .zip(h.par_chunks(rb * d2).zip(g.par_chunks(rb * d)))
+            .for_each(|(db, (hb, gb))| {
+                for ((dr, hr), gr) in db.chunks_mut(d2).zip(hb.chunks(d2)).zip(gb.chunks(d)) {
+                    let (a, gate) = hr.split_at(d);
+                    let (da, dgate) = dr.split_at_mut(d);
+                    for i in 0..d {
+                        let (gl, dgl) = gelu_and_grad(gate[i]);
+                        da[i] = gr[i] * gl;
+                        dgate[i] = gr[i] * a[i] * dgl;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dh), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bias add along one dimension
+// ---------------------------------------------------------------------------
+
+/// (outer, c, inner) sizes of `dims` around dimension `dim`.
+fn split_dims(dims: &[usize], dim: usize) -> (usize, usize, usize) {
+    let outer = dims[..dim].iter().product();
+    let inner = dims[dim + 1..].iter().product();
+    (outer, dims[dim], inner)
+}
+
+struct BiasAddOp {
+    dim: usize,
+}
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "fused-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, "bias add")?;
+        let b = slice(s2, l2, "bias add")?;
+        let (_, c, inner) = split_dims(l1.dims(), self.dim);
+        if b.len() != c {
+            candle_core::bail!(
+                "bias add: {} bias values for dimension of size {c}",
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; y.len()];
+        let row = c * inner;
+        let rb = row_block(y.len() / row.max(1));
+        out.par_chunks_mut(rb * row)
+            .zip(y.par_chunks(rb * row))
+            .for_each(|(ob, yb)| {
+                for (or, yr) in ob.chunks_mut(row).zip(yb.chunks(row)) {
+                    if inner == 1 {
+                        for ((o, &v), &bv) in or.iter_mut().zip(yr).zip(b) {
+                            *o = v + bv;
+                        }
+                    } else {
+                        for (k, &bv) in b.iter().enumerate() {
+                            let r = k * inner..(k + 1) * inner;
+                            for (o, &v) in or[r.clone()].iter_mut().zip(&yr[r]) {
+                                *o = v + bv;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, c, _) = split_dims(y.dims(), self.dim);
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&SumAround { dim: self.dim })?;
+        debug_assert_eq!(b.elem_count(), c);
+        Ok((Some(grad.clone()), Some(db.reshape(b.shape())?)))
+    }
+}
+
+/// Sums a tensor over every dimension but `dim`: (outer, c, inner) → (c,).
+struct SumAround {
+    dim: usize,
+}
+
+impl CustomOp1 for SumAround {
+    fn name(&self) -> &'static str {
+        "fused-sum-around"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice(s, l, "bias grad")?;
+        let (outer, c, inner) = split_dims(l.dims(), self.dim);
+        let row = c * inner;
+        let rb = row_block(outer);
+        let parts: Vec<Vec<f64>> = g
+            .par_chunks(rb * row)
+            .map(|gb| {
+                let mut p = vec![0f64; c];
+                for gr in gb.chunks(row) {
+                    if inner == 1 {
+                        for (o, &v) in p.iter_mut().zip(gr) {
+                            *o += v as f64;
+                        }
+                    } else {
+                        for (k, o) in p.iter_mut().enumerate() {
+                            *o += gr[k * inner..(k + 1) * inner].iter().sum::<f32>() as f64;
+                        }
+                    }
+                }
+                p
+            })
+            .collect();
+        let mut out = vec![0f64; c];
+        for p in parts {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((
+            CpuStorage::F32(out.into_iter().map(|v| v as f32).collect()),
+            Shape::from(c),
+        ))
+    }
+}
