@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Benchmarks: time a UNet training step (and PyTorch's, to compare).
     Bench(cli::bench::Args),
+    /// Run DreamBooth end to end on the bundled tiny model and write report.html.
+    Demo(cli::demo::Args),
     /// Generate images from a prompt with a Stable Diffusion model.
     Generate(cli::generate::Args),
     /// List candidate rare-token identifiers of a model's vocabulary (like `sks`).
@@ -33,6 +35,7 @@ fn main() {
     let args = Cli::parse();
     let result = match args.command {
         Command::Bench(a) => cli::bench::run(a),
+        Command::Demo(a) => cli::demo::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Identifier(a) => cli::identifier::run(a),
         Command::Train(a) => cli::train::run(*a),

@@ -20,25 +20,49 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let a = a.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
     let b = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let den = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     (num / den.max(1e-30)).sqrt()
 }
 
 /// Σ f(inputs) · r, in f64.
 fn loss(f: &F, inputs: &[Tensor], r: &Tensor) -> f64 {
     let y = f(inputs).unwrap().to_dtype(DType::F64).unwrap();
-    (y * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    (y * r.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Outputs and input gradients of Σ f(inputs)·r.
 fn value_and_grads(f: &F, inputs: &[Tensor], r: &Tensor) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts).unwrap();
     let l = (&y * r).unwrap().sum_all().unwrap();
     let g = l.backward().unwrap();
-    let grads = ts.iter().map(|t| g.get(t).expect("no gradient for an input").clone()).collect();
+    let grads = ts
+        .iter()
+        .map(|t| g.get(t).expect("no gradient for an input").clone())
+        .collect();
     (y, grads)
 }
 
@@ -72,20 +96,32 @@ fn check(name: &str, fused_f: &F, plain_f: &F, inputs: &[Tensor]) {
             .to_scalar::<f64>()
             .unwrap();
         let err = (fd - an).abs() / an.abs().max(1.0);
-        assert!(err < 1e-2, "{name}: input {i}: finite difference {fd} vs analytic {an}");
+        assert!(
+            err < 1e-2,
+            "{name}: input {i}: finite difference {fd} vs analytic {an}"
+        );
     }
 }
 
 #[test]
 fn group_norm_matches_plain() {
-    for (silu, shape, groups) in [(false, [2, 8, 5, 3], 4), (true, [3, 6, 4, 4], 2), (true, [1, 4, 7, 1], 4)] {
+    for (silu, shape, groups) in [
+        (false, [2, 8, 5, 3], 4),
+        (true, [3, 6, 4, 4], 2),
+        (true, [1, 4, 7, 1], 4),
+    ] {
         let c = shape[1];
-        let x = (randn(&shape, 1) * 2.0 + 0.5).unwrap();
-        let w = (randn(&[c], 2) * 0.5 + 1.0).unwrap();
+        let x = ((randn(&shape, 1) * 2.0).unwrap() + 0.5).unwrap();
+        let w = ((randn(&[c], 2) * 0.5).unwrap() + 1.0).unwrap();
         let b = randn(&[c], 3);
         let ff = move |t: &[Tensor]| fused::group_norm(&t[0], &t[1], &t[2], groups, 1e-5, silu);
         let pf = move |t: &[Tensor]| plain::group_norm(&t[0], &t[1], &t[2], groups, 1e-5, silu);
-        check(&format!("group_norm silu={silu} {shape:?}"), &ff, &pf, &[x, w, b]);
+        check(
+            &format!("group_norm silu={silu} {shape:?}"),
+            &ff,
+            &pf,
+            &[x, w, b],
+        );
     }
 }
 
@@ -93,8 +129,8 @@ fn group_norm_matches_plain() {
 fn layer_norm_matches_plain() {
     for shape in [vec![2, 5, 16], vec![7, 33], vec![1, 1, 8]] {
         let d = *shape.last().unwrap();
-        let x = (randn(&shape, 4) * 3.0 - 1.0).unwrap();
-        let w = (randn(&[d], 5) * 0.5 + 1.0).unwrap();
+        let x = ((randn(&shape, 4) * 3.0).unwrap() - 1.0).unwrap();
+        let w = ((randn(&[d], 5) * 0.5).unwrap() + 1.0).unwrap();
         let b = randn(&[d], 6);
         let ff = |t: &[Tensor]| fused::layer_norm(&t[0], &t[1], &t[2], 1e-5);
         let pf = |t: &[Tensor]| plain::layer_norm(&t[0], &t[1], &t[2], 1e-5);
@@ -104,7 +140,11 @@ fn layer_norm_matches_plain() {
 
 #[test]
 fn softmax_matches_plain() {
-    for (shape, scale) in [(vec![2, 3, 5, 7], 1.0), (vec![4, 40], 0.125), (vec![3, 1], 2.0)] {
+    for (shape, scale) in [
+        (vec![2, 3, 5, 7], 1.0),
+        (vec![4, 40], 0.125),
+        (vec![3, 1], 2.0),
+    ] {
         let x = (randn(&shape, 7) * 2.0).unwrap();
         let ff = move |t: &[Tensor]| fused::softmax_last_dim(&t[0], scale);
         let pf = move |t: &[Tensor]| plain::softmax_last_dim(&t[0], scale);
@@ -124,7 +164,12 @@ fn geglu_matches_plain() {
 
 #[test]
 fn add_bias_matches_plain() {
-    for (shape, dim) in [(vec![2, 6, 3, 4], 1), (vec![10, 7], 1), (vec![2, 3, 5], 2), (vec![4, 3], 0)] {
+    for (shape, dim) in [
+        (vec![2, 6, 3, 4], 1),
+        (vec![10, 7], 1),
+        (vec![2, 3, 5], 2),
+        (vec![4, 3], 0),
+    ] {
         let y = randn(&shape, 9);
         let b = randn(&[shape[dim]], 10);
         let ff = move |t: &[Tensor]| fused::add_bias(&t[0], &t[1], dim);

@@ -216,6 +216,11 @@ fn oracle_accuracy_on_fresh_scenes() {
         assert_eq!(r.total, 200);
         assert!(r.value().unwrap() >= 0.95, "{r:?}");
     }
+    let img = world::render(&world::World::sample(3));
+    assert_eq!(metrics::degrade(&img, 0.0, 0.0, 0.0, 1), img);
+    assert_ne!(metrics::degrade(&img, 1.0, 0.0, 0.0, 1), img);
+    let d = metrics::oracle_accuracy_degraded(100, 0, 1.0, 6.0, 15.0);
+    assert!(d.all.value().unwrap() >= 0.95, "{}", d.summary());
     for c in metrics::oracle_subject_check(6, 0) {
         assert!(c.photo_fidelity > 0.7 && c.plain_fidelity < 0.4, "{c:?}");
         assert!(c.photo_likeness > 0.9 && c.plain_likeness < 0.1, "{c:?}");
@@ -371,6 +376,9 @@ fn metrics_run_end_to_end_on_a_random_model() {
     assert_eq!(s.prompts.iter().map(|p| p.images).sum::<usize>(), 8);
     assert!((0.0..=1.0).contains(&s.fidelity) && (0.0..=1.0).contains(&s.pres));
     assert!(s.div > 0.0, "different seeds give different images");
+
+    let c = metrics::vae_ceiling(&model, 3, 0).unwrap();
+    assert_eq!((c.images, c.class.total, c.context.total), (3, 3, 3));
 
     let mut bad = quick();
     bad.images_per_prompt = 0;

@@ -486,6 +486,37 @@ fn class_images_of_another_model_are_flagged() {
     let dir = tmp("class-model");
     let prompt = "a photo of a ball";
     ClassImageCache::prepare(&model, &dir, prompt, 1, &class_opts(1), &mut |_| {}).unwrap();
+
+    // Other settings, same model and prompt: reused with a note, or remade on request.
+    let three_steps = ClassGenOptions {
+        steps: 3,
+        ..class_opts(1)
+    };
+    let r = ClassImageCache::prepare(&model, &dir, prompt, 1, &three_steps, &mut |_| {}).unwrap();
+    assert_eq!((r.generated, r.reused), (0, 1));
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("other settings") && n.contains("2 steps, not 3")),
+        "{:?}",
+        r.notes
+    );
+    let remake = ClassGenOptions {
+        regenerate: true,
+        ..three_steps
+    };
+    let r = ClassImageCache::prepare(&model, &dir, prompt, 1, &remake, &mut |_| {}).unwrap();
+    assert_eq!((r.generated, r.reused), (1, 0));
+    assert!(
+        r.notes.iter().any(|n| n.contains("moved 1")),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(
+        Manifest::read(&dir).unwrap().images[&class_file_name(0)].steps,
+        3
+    );
+
     let mut manifest = Manifest::read(&dir).unwrap();
     for e in manifest.images.values_mut() {
         e.model = "sd15".into();
@@ -532,4 +563,24 @@ fn identifier_candidates_on_tiny_sd1() {
     }
     // The best combined candidate is rarer than the median eligible token.
     assert!(r.candidates[0].rarity_rank <= r.candidates.len() / 2 + 1);
+}
+
+#[test]
+fn identifier_filter_on_clip_vocabulary() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/clip/bpe_simple_vocab_16e6.txt.gz");
+    let tok = dreambooth::tokenizer::ClipTokenizer::from_bpe_gz(&path).unwrap();
+    let e = dreambooth::dreambooth::identifier::eligible_tokens(&tok, 3).unwrap();
+    assert_eq!((e.vocab_size, e.n_base, e.merges), (49408, 512, 48894));
+    let sks = e
+        .tokens
+        .iter()
+        .find(|(_, w)| w == "sks")
+        .expect("sks is one token");
+    println!("eligible {} sks id {}", e.tokens.len(), sks.0);
+    assert!(e.tokens.iter().all(|(_, w)| w.len() <= 3));
+    assert!(
+        !e.tokens.iter().any(|(_, w)| w == "a"),
+        "byte tokens are not merges"
+    );
 }

@@ -5,3 +5,4 @@ pub mod generate;
 pub mod identifier;
 pub mod toy;
 pub mod train;
+pub mod demo;

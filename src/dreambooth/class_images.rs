@@ -10,6 +10,10 @@
 //!   wrong prior) with an error saying how to fix it, or with
 //!   [`ClassGenOptions::regenerate`] moves them to a `replaced-<time>/`
 //!   subfolder and makes new ones;
+//! - reuses, with a note, images of this model and prompt made with other
+//!   settings (sampler, steps, guidance, negative prompt, size, seed) — or with
+//!   `regenerate` moves those aside too, so the folder holds exactly what an
+//!   uninterrupted run with the current settings makes;
 //! - accepts images without an entry (the user's own photos of the class),
 //!   with a note;
 //! - generates the missing ones in batches, image `k` (file `class-0000k.png`)
@@ -47,7 +51,9 @@ pub struct ClassGenOptions {
     /// Width and height in pixels (the training resolution); `None`: the
     /// model's native size. User photos smaller than a quarter of it are an error.
     pub size: Option<usize>,
-    /// Move images made for another prompt or model aside instead of failing.
+    /// Move images made for another prompt or model, or with other settings,
+    /// aside (to `replaced-<time>/`) and generate new ones, instead of failing
+    /// (other prompt or model) or reusing them (other settings).
     pub regenerate: bool,
 }
 
@@ -130,6 +136,7 @@ impl ManifestEntry {
 
 /// `manifest.json`: file name → how the image was made.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Manifest {
     pub version: u32,
     pub images: BTreeMap<String, ManifestEntry>,
@@ -200,15 +207,24 @@ impl ClassImageCache {
         manifest.images.retain(|name, _| names.contains(name));
         let mut dirty = manifest.images.len() != before;
 
+        let size = opts.size.unwrap_or_else(|| model.default_size());
         let mut existing = Vec::new();
         let mut stale: Vec<(PathBuf, ManifestEntry)> = Vec::new();
+        let mut resettings: Vec<PathBuf> = Vec::new();
+        let mut other_settings: Vec<String> = Vec::new();
         let mut matching = 0;
         let mut users = Vec::new();
         for (path, name) in files.iter().zip(&names) {
             match manifest.images.get(name) {
                 Some(e) if e.model_hash == hash && e.prompt == prompt => {
-                    matching += 1;
-                    existing.push(path.clone());
+                    match settings_difference(e, name, opts, size) {
+                        Some(_) if opts.regenerate => resettings.push(path.clone()),
+                        diff => {
+                            other_settings.extend(diff);
+                            matching += 1;
+                            existing.push(path.clone());
+                        }
+                    }
                 }
                 Some(e) => stale.push((path.clone(), e.clone())),
                 None => {
@@ -217,26 +233,40 @@ impl ClassImageCache {
                 }
             }
         }
+        if !stale.is_empty() && !opts.regenerate {
+            return Err(stale_error(dir, &stale, prompt, &model_name, &hash));
+        }
+        if !other_settings.is_empty() {
+            out.notes.push(format!(
+                "{} class image(s) in {} were made with other settings than this run's ({}); \
+                 they are still this model's images of \"{prompt}\" and are reused \
+                 (--regenerate-class-images remakes them)",
+                other_settings.len(),
+                dir.display(),
+                other_settings[0]
+            ));
+        }
 
-        if !stale.is_empty() {
-            if !opts.regenerate {
-                return Err(stale_error(dir, &stale, prompt, &model_name, &hash));
-            }
+        let moving: Vec<&PathBuf> = stale.iter().map(|(p, _)| p).chain(&resettings).collect();
+        if !moving.is_empty() {
             let secs = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let aside = dir.join(format!("replaced-{secs}"));
             std::fs::create_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
-            for (path, _) in &stale {
+            for path in &moving {
                 let name = file_name(path);
                 std::fs::rename(path, aside.join(&name)).map_err(|e| Error::io(path, e))?;
                 manifest.images.remove(&name);
             }
             out.notes.push(format!(
-                "moved {} class image(s) made for another prompt or model to {}",
+                "moved {} class image(s) to {} ({} made for another prompt or model, {} with \
+                 other settings)",
+                moving.len(),
+                aside.display(),
                 stale.len(),
-                aside.display()
+                resettings.len()
             ));
             dirty = true;
         }
@@ -354,6 +384,47 @@ fn consecutive_batches(ks: &[u64], size: usize) -> Vec<Vec<u64>> {
         }
     }
     out
+}
+
+/// How an entry's generation settings differ from `opts` (sampler, steps,
+/// guidance, negative prompt, size, and the seed file `class-k` gets), if they do.
+fn settings_difference(
+    e: &ManifestEntry,
+    name: &str,
+    opts: &ClassGenOptions,
+    size: usize,
+) -> Option<String> {
+    let want_seed = name
+        .strip_prefix("class-")
+        .and_then(|n| n.strip_suffix(".png"))
+        .and_then(|k| k.parse::<u64>().ok())
+        .map(|k| opts.seed.wrapping_add(k));
+    if e.sampler != opts.sampler.name() {
+        Some(format!(
+            "sampler {}, not {}",
+            e.sampler,
+            opts.sampler.name()
+        ))
+    } else if e.steps != opts.steps {
+        Some(format!("{} steps, not {}", e.steps, opts.steps))
+    } else if e.guidance != opts.guidance {
+        Some(format!("guidance {}, not {}", e.guidance, opts.guidance))
+    } else if e.negative_prompt != opts.negative_prompt {
+        Some(format!(
+            "negative prompt \"{}\", not \"{}\"",
+            e.negative_prompt, opts.negative_prompt
+        ))
+    } else if (e.width, e.height) != (size, size) {
+        Some(format!("{}×{} px, not {size}×{size}", e.width, e.height))
+    } else if want_seed.is_some_and(|s| s != e.seed) {
+        Some(format!(
+            "seed {}, not {}",
+            e.seed,
+            want_seed.unwrap_or_default()
+        ))
+    } else {
+        None
+    }
 }
 
 /// The error for images made for another prompt or model: how many, for

@@ -81,8 +81,13 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
             return Err(image_err(
                 path,
                 format!(
-                    "a {other:?} image, which is not supported; convert it to JPEG or PNG \
-                     (supported: JPEG, PNG, WebP)"
+                    "a {} image, which is not supported; convert it to JPEG or PNG \
+                     (supported: JPEG, PNG, WebP)",
+                    other
+                        .extensions_str()
+                        .first()
+                        .map(|e| e.to_ascii_uppercase())
+                        .unwrap_or_else(|| format!("{other:?}"))
                 ),
             ));
         }
@@ -320,9 +325,13 @@ impl ImageFolder {
             }
         }
         if paths.is_empty() {
+            let first = warnings.iter().find(|w| w.starts_with("skipped ")).cloned();
             return Err(image_err(
                 dir,
-                format!("none of the {skipped} image(s) in this folder could be used"),
+                format!(
+                    "none of the {skipped} image(s) in this folder could be used (first: {})",
+                    first.unwrap_or_default().trim_start_matches("skipped ")
+                ),
             ));
         }
         Ok((paths, warnings))

@@ -27,6 +27,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::models::StableDiffusion;
+use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
 /// The template the prior is measured in.
@@ -92,13 +93,21 @@ impl IdentifierRanking {
     }
 }
 
-/// Ranks the identifier candidates of `model`'s vocabulary (see the module
-/// documentation).
-pub fn rank_identifiers(
-    model: &StableDiffusion,
-    opts: &IdentifierOptions,
-) -> Result<IdentifierRanking> {
-    let tok = &model.tokenizer;
+/// The tokens of a vocabulary that pass the filters (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct EligibleTokens {
+    /// (id, word without `</w>`), in id order.
+    pub tokens: Vec<(u32, String)>,
+    /// Ids below this are the byte alphabet; merge rank = id − n_base.
+    pub n_base: usize,
+    /// BPE merges in the vocabulary.
+    pub merges: usize,
+    pub vocab_size: usize,
+}
+
+/// Whole-word tokens of 1..=`max_chars` letters a–z that encode back to
+/// themselves alone.
+pub fn eligible_tokens(tok: &ClipTokenizer, max_chars: usize) -> Result<EligibleTokens> {
     let vocab_size = tok.vocab_size();
     let tokens: Vec<Option<String>> = (0..vocab_size as u32)
         .map(|id| tok.id_to_token(id))
@@ -118,16 +127,15 @@ pub fn rank_identifiers(
         .skip(n_base)
         .filter(|t| t.as_deref().is_some_and(|t| !is_special(t)))
         .count();
-
     let (bos, eos) = (tok.bos_id(), tok.eos_id());
-    let mut eligible: Vec<(u32, String)> = Vec::new();
+    let mut eligible = Vec::new();
     for (id, t) in tokens.iter().enumerate().skip(n_base) {
         let Some(t) = t else { continue };
         let Some(word) = t.strip_suffix("</w>") else {
             continue;
         };
         let n = word.chars().count();
-        if n == 0 || n > opts.max_chars || !word.chars().all(|c| c.is_ascii_lowercase()) {
+        if n == 0 || n > max_chars || !word.chars().all(|c| c.is_ascii_lowercase()) {
             continue;
         }
         if tok.encode(word) != [bos, id as u32, eos] {
@@ -135,6 +143,26 @@ pub fn rank_identifiers(
         }
         eligible.push((id as u32, word.to_string()));
     }
+    Ok(EligibleTokens {
+        tokens: eligible,
+        n_base,
+        merges,
+        vocab_size,
+    })
+}
+
+/// Ranks the identifier candidates of `model`'s vocabulary (see the module
+/// documentation).
+pub fn rank_identifiers(
+    model: &StableDiffusion,
+    opts: &IdentifierOptions,
+) -> Result<IdentifierRanking> {
+    let EligibleTokens {
+        tokens: mut eligible,
+        n_base,
+        merges,
+        vocab_size,
+    } = eligible_tokens(&model.tokenizer, opts.max_chars)?;
     if eligible.is_empty() {
         return Err(Error::msg(format!(
             "no token of this vocabulary is a whole word of 1 to {} letters",
@@ -143,7 +171,7 @@ pub fn rank_identifiers(
     }
     let n_eligible = eligible.len();
     // The rarest first (latest merge), then keep the pool and `sks`.
-    eligible.sort_by(|a, b| b.0.cmp(&a.0));
+    eligible.sort_by_key(|e| std::cmp::Reverse(e.0));
     let sks = eligible.iter().position(|(_, w)| w == "sks");
     let mut pool: Vec<(u32, String)> = eligible.iter().take(opts.pool.max(1)).cloned().collect();
     if let Some(i) = sks

@@ -145,7 +145,7 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
     cfg.validate()?;
     let res = resolution(cfg, model);
     let mult = model.size_multiple();
-    if res % mult != 0 {
+    if !res.is_multiple_of(mult) {
         return Err(Error::msg(format!(
             "--resolution {res} must be a multiple of {mult} for this model"
         )));
@@ -423,14 +423,14 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         }
         (ev.step)(&info);
 
-        if cfg.checkpointing_steps > 0 && step % cfg.checkpointing_steps == 0 && step < cfg.max_train_steps {
+        if cfg.checkpointing_steps > 0 && step.is_multiple_of(cfg.checkpointing_steps) && step < cfg.max_train_steps {
             let p = save_ckpt(step, &mut unet_opt, &mut te_opt)?;
             (ev.log)(&format!("checkpoint saved: {}", p.display()));
             last_ckpt = Some(p);
         }
         if let Some(prompt) = &cfg.validation_prompt
             && cfg.validation_steps > 0
-            && step % cfg.validation_steps == 0
+            && step.is_multiple_of(cfg.validation_steps)
             && step < cfg.max_train_steps
         {
             let p = validation(cfg, model, prompt, step, res)?;

@@ -261,8 +261,8 @@ impl UNetConfig {
                 "attention_type",
                 !matches!(self.attention_type.as_deref(), None | Some("default")),
             ),
-            ("conv_in_kernel", self.conv_in_kernel % 2 == 0),
-            ("conv_out_kernel", self.conv_out_kernel % 2 == 0),
+            ("conv_in_kernel", self.conv_in_kernel.is_multiple_of(2)),
+            ("conv_out_kernel", self.conv_out_kernel.is_multiple_of(2)),
         ];
         for (field, is_bad) in unsupported {
             if is_bad {

@@ -169,7 +169,6 @@ impl StableDiffusion {
     pub fn load_single_file(path: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
         let sf_opts = super::single_file::SingleFileOptions {
             prediction_type: opts.prediction_type,
-            ..Default::default()
         };
         let c = super::single_file::load_components(path, device, &sf_opts)?;
         let tokenizer = c.tokenizer(&clip_bpe_file()?)?;

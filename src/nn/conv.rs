@@ -1,7 +1,10 @@
 //! `nn.Conv2d` (groups = 1), NCHW.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
+use super::lora::Lora;
 use super::store::{Init, Vb};
 use crate::Result;
 
@@ -11,6 +14,8 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
+    /// A LoRA adapter added to the output ([`super::lora`]).
+    pub lora: Option<Arc<Lora>>,
 }
 
 impl Conv2d {
@@ -30,6 +35,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            lora: None,
         })
     }
 
@@ -49,6 +55,10 @@ impl Conv2d {
             super::im2col::conv2d_im2col(x, &self.weight, self.stride, self.padding)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        let y = match &self.lora {
+            Some(lora) => (y + lora.forward_conv(x, self.stride, self.padding)?)?,
+            None => y,
         };
         match &self.bias {
             Some(b) => super::fused::add_bias(&y, b, 1),

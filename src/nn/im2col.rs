@@ -189,7 +189,9 @@ pub fn conv2d_im2col(
     let cols = x.contiguous()?.apply_op1(Im2Col(geom))?;
     let w2 = weight.reshape((o, c * kh * kw))?;
     // (O, B·L) → (B, O, Ho, Wo), a strided view the next op copies once.
-    w2.matmul(&cols)?.reshape((o, b, ho, wo))?.transpose(0, 1)
+    super::lora::matmul(&w2, &cols)?
+        .reshape((o, b, ho, wo))?
+        .transpose(0, 1)
 }
 
 /// A 1×1 convolution (stride 1, no padding) as one GEMM over (C, B·H·W).
@@ -201,9 +203,7 @@ pub fn conv2d_1x1(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         .transpose(0, 1)?
         .contiguous()?
         .reshape((c, b * h * w))?;
-    weight
-        .reshape((o, c))?
-        .matmul(&xc)?
+    super::lora::matmul(&weight.reshape((o, c))?, &xc)?
         .reshape((o, b, h, w))?
         .transpose(0, 1)
 }

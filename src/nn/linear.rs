@@ -1,7 +1,10 @@
 //! `nn.Linear`: y = x Wᵀ + b over the last dimension.
 
+use std::sync::Arc;
+
 use candle_core::{D, Tensor};
 
+use super::lora::Lora;
 use super::store::{Init, Vb};
 use crate::Result;
 
@@ -9,6 +12,8 @@ use crate::Result;
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A LoRA adapter added to the output ([`super::lora`]).
+    pub lora: Option<Arc<Lora>>,
 }
 
 impl Linear {
@@ -20,7 +25,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     pub fn in_dim(&self) -> usize {
@@ -36,7 +45,10 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = super::lora::matmul(&x2, &self.weight.t()?)?;
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward_linear(&x2)?)?;
+        }
         if let Some(b) = &self.bias {
             y = super::fused::add_bias(&y, b, 1)?;
         }

@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod fused;
 pub mod im2col;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod store;
 pub mod upsample;
@@ -17,6 +18,7 @@ pub use attention::{causal_mask, scaled_dot_product_attention, softmax_last_dim}
 pub use conv::Conv2d;
 pub use embedding::{Embedding, timestep_embedding};
 pub use linear::Linear;
+pub use lora::Lora;
 pub use norm::{GroupNorm, LayerNorm};
 pub use store::{Init, Vb, read_safetensors, save_safetensors};
 pub use upsample::upsample_nearest_2x;

@@ -18,7 +18,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vb: &Vb, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(crate::Error::config(
                 vb.path(),
                 format!("{channels} channels are not divisible into {num_groups} groups"),

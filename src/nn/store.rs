@@ -42,7 +42,7 @@ enum Source {
         tensors: HashMap<String, Tensor>,
     },
     Random {
-        rng: Mutex<StdRng>,
+        rng: Box<Mutex<StdRng>>,
     },
 }
 
@@ -127,7 +127,7 @@ impl Vb {
     pub fn random(seed: u64, device: &Device, trainable: bool) -> Self {
         Self::new(
             Source::Random {
-                rng: Mutex::new(StdRng::seed_from_u64(seed)),
+                rng: Box::new(Mutex::new(StdRng::seed_from_u64(seed))),
             },
             device,
             trainable,

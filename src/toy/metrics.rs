@@ -29,7 +29,7 @@ use super::world::{
     self, Class, Color, Context, Scene, Subject, ToyRng, World, derive_seed, describe,
 };
 use crate::diffusion::SamplerKind;
-use crate::diffusion::pipeline::{GenerateOptions, Progress, generate};
+use crate::diffusion::pipeline::{GenerateOptions, Progress, generate, to_rgb8};
 use crate::models::StableDiffusion;
 use crate::{Error, Result};
 
@@ -203,16 +203,13 @@ fn generate_for(
         .flat_map(|(p, &k)| std::iter::repeat_n(p.to_string(), k))
         .collect();
     let opts = GenerateOptions {
+        prompts: all,
         guidance_scale: settings.guidance,
         steps: settings.steps,
         sampler: settings.sampler,
         seed: settings.seed,
         batch_size: settings.batch_size.max(1),
         ..GenerateOptions::new("", 0)
-    };
-    let opts = GenerateOptions {
-        prompts: all,
-        ..opts
     };
     let mut images = generate(model, &opts, progress)?
         .images
@@ -473,6 +470,17 @@ impl PromptFidelity {
         s
     }
 
+    /// One line: "context 95.0%, class 90.0%, color 85.0%, all 80.0%".
+    pub fn summary(&self) -> String {
+        format!(
+            "context {}, class {}, color {}, all {}",
+            self.context.percent(),
+            self.class.percent(),
+            self.color.percent(),
+            self.all.percent()
+        )
+    }
+
     /// The most frequent mistakes per attribute, one line each.
     pub fn confusion_summary(&self, k: usize) -> String {
         let mut s = String::new();
@@ -556,6 +564,109 @@ pub fn oracle_accuracy(n: usize, seed: u64) -> PromptFidelity {
         .map(|i| {
             let scene = World::sample(derive_seed(seed ^ 0x0AC1_E5EE, i));
             (PromptSpec::of_scene(&scene), world::render(&scene))
+        })
+        .collect();
+    PromptFidelity::from_images(pairs)
+}
+
+/// The same as [`oracle_accuracy`] on scenes passed through the model's VAE
+/// (encode, posterior mean, decode) at the model's native size: the ceiling a
+/// generator with this decoder can reach, and the oracle's accuracy on
+/// decoder-blurred images.
+pub fn vae_ceiling(model: &StableDiffusion, n: usize, seed: u64) -> Result<PromptFidelity> {
+    let size = model.default_size() as u32;
+    let mut pairs = Vec::with_capacity(n);
+    let scenes: Vec<Scene> = (0..n as u64)
+        .map(|i| World::sample(derive_seed(seed ^ 0x0AC1_E5EE, i)))
+        .collect();
+    for chunk in scenes.chunks(16) {
+        let mut data = Vec::new();
+        for scene in chunk {
+            let img = world::render(scene);
+            let img = if img.width() != size {
+                image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle)
+            } else {
+                img
+            };
+            data.extend(world::to_chw_f32(&img));
+        }
+        let s = size as usize;
+        let x = candle_core::Tensor::from_vec(data, (chunk.len(), 3, s, s), &model.device)?;
+        let z = model.vae.encode(&x)?.mode().detach();
+        let rec = model.vae.decode(&z)?.detach();
+        let rec = ((rec / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        for (scene, img) in chunk.iter().zip(to_rgb8(&rec)?) {
+            pairs.push((PromptSpec::of_scene(scene), img));
+        }
+    }
+    Ok(PromptFidelity::from_images(pairs))
+}
+
+/// A degraded copy of an image: separable Gaussian blur (σ in px; 0 for
+/// none), a random per-channel colour shift in `±shift` and Gaussian pixel
+/// noise (σ in 0..255 units), all from `seed`. The oracle's robustness test.
+pub fn degrade(img: &RgbImage, blur: f32, noise: f32, shift: f32, seed: u64) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut px: Vec<[f32; 3]> = img
+        .pixels()
+        .map(|p| [p.0[0] as f32, p.0[1] as f32, p.0[2] as f32])
+        .collect();
+    if blur > 0.0 {
+        let r = (3.0 * blur).ceil() as isize;
+        let k: Vec<f32> = (-r..=r)
+            .map(|i| (-((i * i) as f32) / (2.0 * blur * blur)).exp())
+            .collect();
+        let ks: f32 = k.iter().sum();
+        for horizontal in [true, false] {
+            let src = px.clone();
+            for y in 0..h as isize {
+                for x in 0..w as isize {
+                    let mut acc = [0f32; 3];
+                    for (t, wt) in (-r..=r).zip(&k) {
+                        let (xx, yy) = if horizontal {
+                            ((x + t).clamp(0, w as isize - 1), y)
+                        } else {
+                            (x, (y + t).clamp(0, h as isize - 1))
+                        };
+                        let p = src[yy as usize * w + xx as usize];
+                        for c in 0..3 {
+                            acc[c] += wt * p[c] / ks;
+                        }
+                    }
+                    px[y as usize * w + x as usize] = acc;
+                }
+            }
+        }
+    }
+    let mut rng = ToyRng::new(seed);
+    let offset = [0; 3].map(|_| rng.range(-shift, shift));
+    let mut out = RgbImage::new(w as u32, h as u32);
+    for (i, p) in px.iter().enumerate() {
+        let q = [0, 1, 2].map(|c| {
+            (p[c] + offset[c] + noise * rng.normal())
+                .round()
+                .clamp(0.0, 255.0) as u8
+        });
+        out.put_pixel((i % w) as u32, (i / w) as u32, Rgb(q));
+    }
+    out
+}
+
+/// [`oracle_accuracy`] on [`degrade`]d scenes.
+pub fn oracle_accuracy_degraded(
+    n: usize,
+    seed: u64,
+    blur: f32,
+    noise: f32,
+    shift: f32,
+) -> PromptFidelity {
+    let pairs: Vec<(PromptSpec, RgbImage)> = (0..n as u64)
+        .into_par_iter()
+        .map(|i| {
+            let s = derive_seed(seed ^ 0x0AC1_E5EE, i);
+            let scene = World::sample(s);
+            let img = degrade(&world::render(&scene), blur, noise, shift, s);
+            (PromptSpec::of_scene(&scene), img)
         })
         .collect();
     PromptFidelity::from_images(pairs)
@@ -656,7 +767,7 @@ pub struct SubjectEvalOptions {
     pub contexts: Vec<Context>,
     /// "a {color} sks ball" prompts.
     pub colors: Vec<Color>,
-    /// Images of the plain class prompt (PRES, class diversity).
+    /// Images of the plain class prompt (PRES, class diversity); 0: none.
     pub class_images: usize,
     /// The subject's real photos (CLIP-I/DINO analog reference); empty: 4
     /// rendered ones.
@@ -916,7 +1027,10 @@ pub fn subject_metrics(
     settings: &SampleSettings,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<SubjectMetrics> {
-    let prompts = subject_prompts(subject, identifier, class_noun, opts);
+    let mut prompts = subject_prompts(subject, identifier, class_noun, opts);
+    if opts.class_images == 0 {
+        prompts.retain(|p| p.role != PromptRole::Prior);
+    }
     let texts: Vec<&str> = prompts.iter().map(|p| p.spec.prompt.as_str()).collect();
     let counts: Vec<usize> = prompts
         .iter()

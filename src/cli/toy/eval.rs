@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use dreambooth::diffusion::SamplerKind;
 use dreambooth::models::{LoadOptions, StableDiffusion};
 use dreambooth::toy::metrics::{
-    SampleSettings, oracle_accuracy, oracle_subject_check, prompt_fidelity, world_prompts,
+    SampleSettings, oracle_accuracy, oracle_accuracy_degraded, oracle_subject_check,
+    prompt_fidelity, vae_ceiling, world_prompts,
 };
 
 /// Where the bundled tiny model lives, relative to the crate, the binary or the
@@ -45,6 +46,10 @@ pub struct EvalArgs {
     pub sampler: String,
     #[arg(long, default_value_t = SampleSettings::default().batch_size)]
     pub batch_size: usize,
+    /// Also score this many real scenes passed through the model's VAE (the
+    /// ceiling a generator with this decoder can reach); 0: skip.
+    #[arg(long, default_value_t = 64)]
+    pub ceiling: usize,
     /// Prompts shown in grid.png.
     #[arg(long, default_value_t = 16)]
     pub grid_prompts: usize,
@@ -115,6 +120,17 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     );
     print!("{}", result.table());
     print!("{}", result.confusion_summary(4));
+    let ceiling = if a.ceiling > 0 {
+        let c = vae_ceiling(&model, a.ceiling, a.seed)?;
+        println!(
+            "ceiling (oracle on {} real scenes through the VAE): {}",
+            c.images,
+            c.summary()
+        );
+        Some(c)
+    } else {
+        None
+    };
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let json = serde_json::json!({
@@ -123,6 +139,13 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         "prompt_sample": if a.all_prompts { serde_json::Value::Null } else { a.prompts.into() },
         "seconds": seconds,
         "result": result,
+        "vae_ceiling": ceiling.map(|c| serde_json::json!({
+            "images": c.images,
+            "context": c.context,
+            "class": c.class,
+            "color": c.color,
+            "all": c.all,
+        })),
     });
     let json_path = a.out.join("prompt_fidelity.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
@@ -147,6 +170,13 @@ pub fn run_oracle_check(a: OracleCheckArgs) -> anyhow::Result<()> {
     );
     print!("{}", acc.table());
     print!("{}", acc.confusion_summary(4));
+    for (blur, noise, shift) in [(0.7, 4.0, 10.0), (1.2, 8.0, 20.0)] {
+        let d = oracle_accuracy_degraded(a.n, a.seed, blur, noise, shift);
+        println!(
+            "degraded (blur σ {blur} px, noise σ {noise}, colour shift ±{shift}): {}",
+            d.summary()
+        );
+    }
     let per = (a.n / 4).clamp(8, 100);
     println!("\nsubjects ({per} photos and {per} plain objects of the class each):");
     println!(

@@ -1,0 +1,240 @@
+//! LoRA (Hu et al. 2021): a frozen layer plus a trainable low-rank update,
+//!
+//!     y = base(x) + scale · B(A(dropout(x))),   scale = alpha / r
+//!
+//! with A: (r, in) and B: (out, r) for a linear layer, and for a convolution
+//! A: (r, in, kh, kw) with the base layer's stride and padding and B a 1×1
+//! convolution (out, r, 1, 1) — peft's and kohya's layout. A [`Lora`] hangs
+//! off a [`Linear`](super::Linear) or [`Conv2d`](super::Conv2d) (their `lora`
+//! field); the model files are unchanged. Trainable adapters start as peft's:
+//! A kaiming-uniform (a = √5), B zero, so an untrained adapter changes nothing.
+//!
+//! The base weight stays a plain tensor. [`matmul`] (which `Linear` and the
+//! im2col convolution use) computes no gradient for an operand that takes no
+//! part in backprop: candle's own matmul backward computes both operands'
+//! gradients, so a frozen UNet would still pay for every weight gradient.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::Result;
+
+/// Dropout on the adapters' input, shared by the adapters of one training
+/// run. Masks are drawn from (seed, step, adapter id) alone, so a resumed run
+/// draws what an uninterrupted one would; outside [`begin_step`](Self::begin_step)
+/// / [`end_step`](Self::end_step) (validation, sampling) dropout is off.
+#[derive(Debug)]
+pub struct LoraDropout {
+    pub p: f64,
+    pub seed: u64,
+    step: AtomicU64,
+    active: AtomicBool,
+}
+
+impl LoraDropout {
+    pub fn new(p: f64, seed: u64) -> Arc<Self> {
+        Arc::new(Self {
+            p,
+            seed,
+            step: AtomicU64::new(0),
+            active: AtomicBool::new(false),
+        })
+    }
+
+    /// Turns dropout on for (micro-)step `step`.
+    pub fn begin_step(&self, step: u64) {
+        self.step.store(step, Ordering::SeqCst);
+        self.active.store(true, Ordering::SeqCst);
+    }
+
+    /// Turns dropout off (after the step's backward).
+    pub fn end_step(&self) {
+        self.active.store(false, Ordering::SeqCst);
+    }
+
+    fn mask_seed(&self, id: u64) -> Option<u64> {
+        if self.p <= 0.0 || !self.active.load(Ordering::SeqCst) {
+            return None;
+        }
+        let step = self.step.load(Ordering::SeqCst);
+        Some(splitmix(splitmix(self.seed ^ 0x10BA_D809) ^ step) ^ splitmix(id))
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One low-rank adapter. `down` is A, `up` is B (trainable adapters hold the
+/// tensors of their `Var`s, so an optimizer step is seen at once).
+#[derive(Debug)]
+pub struct Lora {
+    /// A: (r, in) or (r, in, kh, kw).
+    pub down: Tensor,
+    /// B: (out, r) or (out, r, 1, 1).
+    pub up: Tensor,
+    /// kohya's / peft's alpha: the update is scaled by alpha / r.
+    pub alpha: f64,
+    /// The user's strength (`--lora-scale`), 1 for training.
+    pub multiplier: f64,
+    pub dropout: Option<Arc<LoraDropout>>,
+    /// Distinguishes this adapter's dropout masks from the others'.
+    pub id: u64,
+}
+
+impl Lora {
+    /// An adapter of fixed (loaded) weights.
+    pub fn new(down: Tensor, up: Tensor, alpha: f64, multiplier: f64) -> Self {
+        Self {
+            down,
+            up,
+            alpha,
+            multiplier,
+            dropout: None,
+            id: 0,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.down.dim(0).unwrap_or(1).max(1)
+    }
+
+    /// alpha / r × multiplier: what B·A is multiplied by.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank() as f64 * self.multiplier
+    }
+
+    fn drop(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(seed) = self.dropout.as_ref().and_then(|d| d.mask_seed(self.id)) else {
+            return Ok(x.clone());
+        };
+        let p = self.dropout.as_ref().map(|d| d.p).unwrap_or(0.0);
+        let keep = 1.0 - p;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let inv = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < keep { inv } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.dims(), &candle_core::Device::Cpu)?
+            .to_device(x.device())?
+            .to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+
+    /// scale · B(A(x)) for a linear layer's input `x` (rows, in) → (rows, out).
+    pub fn forward_linear(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.drop(x)?;
+        let mut h = matmul(&x, &self.down.t()?)?;
+        let s = self.scale();
+        if s != 1.0 {
+            h = (h * s)?;
+        }
+        Ok(matmul(&h, &self.up.t()?)?)
+    }
+
+    /// scale · B(A(x)) for a convolution's input `x` (B, C, H, W), A applied
+    /// with the base layer's `stride` and `padding`.
+    pub fn forward_conv(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+        let x = self.drop(x)?;
+        let conv = |w: &Tensor, stride, padding| super::Conv2d {
+            weight: w.clone(),
+            bias: None,
+            stride,
+            padding,
+            lora: None,
+        };
+        let mut h = conv(&self.down, stride, padding).forward(&x)?;
+        let s = self.scale();
+        if s != 1.0 {
+            h = (h * s)?;
+        }
+        conv(&self.up, 1, 0).forward(&h)
+    }
+
+    /// The weight update scale · B·A in the base weight's shape: (out, in)
+    /// or (out, in, kh, kw). Folding it into the weight gives the same layer.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let r = self.rank();
+        let out = self.up.dim(0)?;
+        let down_dims = self.down.dims().to_vec();
+        let a = self.down.reshape((r, self.down.elem_count() / r))?;
+        let b = self.up.reshape((out, r))?;
+        let d = (b.matmul(&a)? * self.scale())?;
+        let mut shape = vec![out];
+        shape.extend_from_slice(&down_dims[1..]);
+        Ok(d.reshape(shape)?)
+    }
+}
+
+/// `a · b` for 2-D tensors. When exactly one operand takes part in backprop
+/// (a frozen weight times a tracked activation, or a trained weight times a
+/// constant input) the product is a custom op whose backward computes that
+/// operand's gradient only; otherwise it is candle's matmul. Same numbers.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (ta, tb) = (a.track_op(), b.track_op());
+    let fits = a.rank() == 2
+        && b.rank() == 2
+        && a.dim(1)? == b.dim(0)?
+        && a.dtype() == b.dtype()
+        && b.device().is_cpu()
+        && super::fused::use_fused(a);
+    if ta != tb && fits {
+        if ta {
+            a.apply_op1(FrozenMatmul {
+                other: b.clone(),
+                tracked_lhs: true,
+            })
+        } else {
+            b.apply_op1(FrozenMatmul {
+                other: a.clone(),
+                tracked_lhs: false,
+            })
+        }
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `x · other` (tracked_lhs) or `other · x`, differentiable in `x` only.
+struct FrozenMatmul {
+    other: Tensor,
+    tracked_lhs: bool,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (os, ol) = self.other.storage_and_layout();
+        let Storage::Cpu(oc) = &*os else {
+            candle_core::bail!("frozen-matmul: the other operand is not on the CPU")
+        };
+        let (lhs, ll, rhs, rl) = if self.tracked_lhs {
+            (s, l, oc, ol)
+        } else {
+            (oc, ol, s, l)
+        };
+        let (m, k) = ll.shape().dims2()?;
+        let (_, n) = rl.shape().dims2()?;
+        let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = if self.tracked_lhs {
+            matmul(grad, &self.other.t()?)?
+        } else {
+            matmul(&self.other.t()?, grad)?
+        };
+        Ok(Some(g))
+    }
+}
