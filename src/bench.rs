@@ -94,6 +94,8 @@ pub struct StepBenchOptions {
     /// Timed steps.
     pub steps: usize,
     pub seed: u64,
+    /// Train LoRA adapters on a frozen UNet instead of every weight.
+    pub lora: Option<crate::models::lora::LoraSpec>,
 }
 
 #[derive(Clone, Debug)]
@@ -160,10 +162,14 @@ pub fn bench_step(
     let cfg: UNetConfig = serde_json::from_value(opts.arch.config_json()?)
         .map_err(|e| Error::msg(format!("UNet config: {e}")))?;
     cfg.validate(Path::new(&opts.arch.name()))?;
-    let vb = Vb::random(opts.seed, device, true);
-    let unet = UNet2DConditionModel::new(&vb, &cfg)?;
+    let vb = Vb::random(opts.seed, device, opts.lora.is_none());
+    let mut unet = UNet2DConditionModel::new(&vb, &cfg)?;
+    let vars = match &opts.lora {
+        Some(spec) => crate::models::lora::attach_trainable_unet(&mut unet, spec, device)?,
+        None => vb.vars(),
+    };
     let mut opt = AdamW::new(
-        vb.vars(),
+        vars,
         AdamWConfig {
             lr: 1e-5,
             ..Default::default()

@@ -24,6 +24,8 @@ enum Command {
     Generate(cli::generate::Args),
     /// List candidate rare-token identifiers of a model's vocabulary (like `sks`).
     Identifier(cli::identifier::Args),
+    /// Fold LoRA files into a model and write it (diffusers folder or single file).
+    Merge(cli::merge::Args),
     /// Personalize a model on a few photos of a subject (DreamBooth).
     Train(Box<cli::train::Args>),
     /// The procedural toy world and the bundled tiny model.
@@ -38,6 +40,7 @@ fn main() {
         Command::Demo(a) => cli::demo::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Identifier(a) => cli::identifier::run(a),
+        Command::Merge(a) => cli::merge::run(a),
         Command::Train(a) => cli::train::run(*a),
         Command::Toy(a) => cli::toy::run(a),
     };

@@ -17,6 +17,11 @@ fn check(name: &str) {
     let context = candle_core::Var::from_tensor(&fx["context"]).unwrap();
     let out = unet.forward(&sample, &fx["timesteps"], &context).unwrap();
     assert_close(&format!("{name} unet out"), &out, &fx["out"], 1e-4);
+    // A latent whose sides do not divide by 2^levels (10×6).
+    let odd = unet
+        .forward(&fx["odd_sample"], &fx["timesteps"].narrow(0, 0, 1).unwrap(), &fx["context"].narrow(0, 0, 1).unwrap())
+        .unwrap();
+    assert_close(&format!("{name} unet out 10x6 latent"), &odd, &fx["odd_out"], 1e-4);
 
     let loss = (out * &fx["r"]).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();

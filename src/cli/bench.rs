@@ -38,9 +38,15 @@ pub struct StepArgs {
     pub res: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Train LoRA adapters only.
+    /// Train LoRA adapters only (the UNet frozen).
     #[arg(long)]
     pub lora: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA targets: attn, attn+ff, all-linear, optionally +conv.
+    #[arg(long, default_value = "attn")]
+    pub lora_targets: String,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     #[arg(long, default_value_t = 5)]
@@ -63,9 +69,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn step(a: StepArgs) -> anyhow::Result<()> {
-    if a.lora {
-        bail!("--lora: LoRA training is not implemented yet");
-    }
     let device = match a.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
         "cuda" => candle_core::Device::new_cuda(0).context("--device cuda")?,
@@ -82,6 +85,17 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         warmup: a.warmup,
         steps: a.steps,
         seed: a.seed,
+        lora: if a.lora {
+            Some(dreambooth::models::lora::LoraSpec {
+                rank: a.rank,
+                alpha: a.rank as f64,
+                targets: a.lora_targets.parse()?,
+                seed: a.seed,
+                ..Default::default()
+            })
+        } else {
+            None
+        },
     };
     let r = bench_step(&opts, &device, &mut |l| println!("{l}"))?;
     let m = &r.median;

@@ -61,6 +61,12 @@ pub struct Args {
     /// Images per UNet batch (default: all, at most 4).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// A LoRA file (peft/diffusers or kohya .safetensors) to apply; repeatable.
+    #[arg(long = "lora")]
+    pub lora: Vec<PathBuf>,
+    /// Strength of the LoRA(s): one value for all, or one per --lora (default 1).
+    #[arg(long = "lora-scale")]
+    pub lora_scale: Vec<f64>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -69,13 +75,19 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Cheap checks first: a typo should not wait for the model to load.
     let sampler: SamplerKind = args.sampler.parse()?;
+    let loras = dreambooth::models::lora::pair_scales(&args.lora, &args.lora_scale)?;
     let model_path = match &args.model {
         Some(p) => p.clone(),
         None => find_tiny_model()?,
     };
     let device = Device::cuda_if_available(0)?;
     // Library errors name the file at fault; no extra context needed.
-    let model = StableDiffusion::load(&model_path, &device, LoadOptions::default())?;
+    let mut model = StableDiffusion::load(&model_path, &device, LoadOptions::default())?;
+    // Folded into the weights: no per-step cost, and several files stack.
+    for (path, scale) in &loras {
+        let f = dreambooth::models::lora::merge_file(&mut model, path, *scale)?;
+        eprintln!("{}", dreambooth::models::lora::describe(&f, *scale));
+    }
 
     let latents = match &args.latents {
         Some(p) => Some(read_latents(p, &device)?),

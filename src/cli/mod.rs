@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod generate;
 pub mod identifier;
+pub mod merge;
 pub mod toy;
 pub mod train;
 pub mod demo;

@@ -11,6 +11,9 @@ use dreambooth::dreambooth::trainer::{Events, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(clap::Args, Default)]
+// Numeric values may be negative (`--prior-loss-weight -1`): rejected by the
+// range checks with a message naming the option, not parsed as a flag.
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// A TOML file with any of the options below (snake_case keys); flags override it.
     #[arg(long)]
@@ -120,6 +123,26 @@ pub struct Args {
     pub sample_steps: Option<usize>,
     #[arg(long)]
     pub sample_guidance: Option<f64>,
+    /// Train LoRA adapters instead of the model's weights (small files; the
+    /// base stays frozen). Wants a higher --learning-rate, e.g. 1e-4.
+    #[arg(long)]
+    pub lora: bool,
+    /// LoRA rank r (default 16).
+    #[arg(long = "rank", visible_alias = "lora-rank")]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / r (default: the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input (default 0).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// attn | attn+ff | all-linear, optionally +conv (e.g. attn+conv; default attn).
+    /// With --train-text-encoder its q/k/v/out_proj get adapters too.
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// peft (diffusers' pytorch_lora_weights.safetensors), kohya (lora_kohya.safetensors) or both.
+    #[arg(long)]
+    pub lora_format: Option<String>,
 }
 
 macro_rules! set {
@@ -152,12 +175,15 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         adam_weight_decay, adam_epsilon, max_grad_norm, gradient_accumulation_steps, offset_noise, seed,
         checkpointing_steps, checkpoints_total_limit, validation_steps, num_validation_images,
         sample_batch_size, class_sampler, class_steps, class_guidance, class_negative_prompt,
-        sample_steps, sample_guidance
+        sample_steps, sample_guidance, lora_rank, lora_dropout, lora_targets, lora_format
     );
-    set_opt!(cfg, args, model, class_prompt, class_dir, resolution, text_encoder_lr, snr_gamma, resume, validation_prompt);
+    set_opt!(
+        cfg, args, model, class_prompt, class_dir, resolution, text_encoder_lr, snr_gamma, resume, validation_prompt,
+        lora_alpha
+    );
     set_flag!(
         cfg, args, with_prior_preservation, center_crop, random_flip, train_text_encoder,
-        regenerate_class_images, skip_bad_images, save_single_file
+        regenerate_class_images, skip_bad_images, save_single_file, lora
     );
     if let Some(s) = &args.lr_scheduler {
         cfg.lr_scheduler = s.parse().map_err(|e: String| anyhow::anyhow!("invalid option: {e}"))?;
@@ -205,6 +231,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if outcome.interrupted {
         println!("stopped at step {}; resume with --resume latest", outcome.final_step);
         std::process::exit(130);
+    }
+    if let Some(f) = outcome.lora_files.first() {
+        println!(
+            "done: {} steps; LoRA weights in {}\ntry: dreambooth generate {}--lora {} --prompt \"{}\" --out samples",
+            outcome.final_step,
+            cfg.output_dir.display(),
+            cfg.model.as_deref().map(|p| format!("--model {} ", p.display())).unwrap_or_default(),
+            f.display(),
+            cfg.instance_prompt
+        );
     }
     if let Some(dir) = outcome.model_dir {
         println!(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::SamplerKind;
+use crate::models::lora::LoraSpec;
 use crate::optim::LrScheduleKind;
 use crate::{Error, Result};
 
@@ -62,6 +63,18 @@ pub struct TrainConfig {
     /// Sampling settings for validation images.
     pub sample_steps: usize,
     pub sample_guidance: f64,
+    /// Train LoRA adapters (the base model stays frozen) instead of the weights.
+    pub lora: bool,
+    /// LoRA rank r.
+    pub lora_rank: usize,
+    /// LoRA alpha: the update is scaled by alpha / r (default: the rank).
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input.
+    pub lora_dropout: f64,
+    /// Layers that get adapters: `attn`, `attn+ff` or `all-linear`, optionally `+conv`.
+    pub lora_targets: String,
+    /// The LoRA files written at the end: `peft`, `kohya` or `both`.
+    pub lora_format: String,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +124,12 @@ impl Default for TrainConfig {
             save_single_file: false,
             sample_steps: 25,
             sample_guidance: 7.5,
+            lora: false,
+            lora_rank: 16,
+            lora_alpha: None,
+            lora_dropout: 0.0,
+            lora_targets: "attn".into(),
+            lora_format: "both".into(),
         }
     }
 }
@@ -123,6 +142,35 @@ impl TrainConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The adapters to train with `--lora` (None without it).
+    pub fn lora_spec(&self) -> Result<Option<LoraSpec>> {
+        if !self.lora {
+            return Ok(None);
+        }
+        let spec = LoraSpec {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.parse()?,
+            text_encoder: self.train_text_encoder,
+            seed: self.seed,
+        };
+        spec.validate()?;
+        Ok(Some(spec))
+    }
+
+    /// `--lora-format`: whether to write the (peft, kohya) files.
+    pub fn lora_formats(&self) -> Result<(bool, bool)> {
+        match self.lora_format.as_str() {
+            "peft" | "diffusers" => Ok((true, false)),
+            "kohya" => Ok((false, true)),
+            "both" => Ok((true, true)),
+            f => Err(Error::msg(format!(
+                "invalid option: --lora-format `{f}` (use peft, kohya or both)"
+            ))),
+        }
     }
 
     /// Checks ranges and combinations; the error names the option.
@@ -177,6 +225,17 @@ impl TrainConfig {
             && (r == 0 || r % 8 != 0)
         {
             return bad(format!("--resolution {r} must be a positive multiple of 8"));
+        }
+        if self.lora {
+            self.lora_spec()?;
+            self.lora_formats()?;
+            if self.save_single_file {
+                return bad(
+                    "--save-single-file writes a full model; with --lora merge the adapters into \
+                     one with `dreambooth merge --model M --lora FILE --out model.safetensors`"
+                        .into(),
+                );
+            }
         }
         if self.class_sampler.parse::<SamplerKind>().is_err() {
             return bad(format!(

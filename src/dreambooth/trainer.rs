@@ -25,7 +25,7 @@ use super::data::{self, Crop, ImageFolder};
 use super::export;
 use super::loss::{denoising_loss, min_snr_weights};
 use crate::diffusion::{GenerateOptions, NoiseSchedule, SamplerKind, generate};
-use crate::models::{LoadOptions, StableDiffusion};
+use crate::models::{LoadOptions, StableDiffusion, lora};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_factor, grad_norm};
 use crate::util::randn;
 use crate::{Error, Result};
@@ -63,6 +63,8 @@ pub struct TrainOutcome {
     pub model_dir: Option<PathBuf>,
     pub single_file: Option<PathBuf>,
     pub last_checkpoint: Option<PathBuf>,
+    /// The LoRA files written (with `lora`; then there is no `model_dir`).
+    pub lora_files: Vec<PathBuf>,
 }
 
 /// A latent distribution cached per training view: z = mean + std · ε.
@@ -114,21 +116,27 @@ pub fn resolution(cfg: &TrainConfig, model: &StableDiffusion) -> usize {
     cfg.resolution.unwrap_or_else(|| model.default_size())
 }
 
-/// Loads the base model for training per `cfg`.
+/// Loads the base model for training per `cfg`: trainable weights, or with
+/// `lora` frozen weights and fresh trainable adapters.
 pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let path = match &cfg.model {
         Some(p) => p.clone(),
         None => crate::models::sd::default_model_dir()?,
     };
-    StableDiffusion::load(
+    let spec = cfg.lora_spec()?;
+    let mut model = StableDiffusion::load(
         &path,
         device,
         LoadOptions {
-            train_unet: true,
-            train_text_encoder: cfg.train_text_encoder,
+            train_unet: spec.is_none(),
+            train_text_encoder: cfg.train_text_encoder && spec.is_none(),
             ..Default::default()
         },
-    )
+    )?;
+    if let Some(spec) = &spec {
+        lora::attach_trainable(&mut model, spec)?;
+    }
+    Ok(model)
 }
 
 /// Runs `dreambooth train`: loads the model, trains, exports.
@@ -140,7 +148,8 @@ pub fn train(cfg: &TrainConfig, device: &Device, ev: &mut Events) -> Result<(Sta
 }
 
 /// Trains an already-loaded model in place (its UNet — and text encoder when
-/// `train_text_encoder` — must have been loaded trainable).
+/// `train_text_encoder` — must have been loaded trainable, or with `lora`
+/// carry trainable adapters: see [`load_model`]).
 pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) -> Result<TrainOutcome> {
     cfg.validate()?;
     let res = resolution(cfg, model);
@@ -243,15 +252,29 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         eps: cfg.adam_epsilon,
         weight_decay: cfg.adam_weight_decay,
     };
-    let unet_vars = model.unet_vb.vars();
-    let te_vars = if cfg.train_text_encoder {
-        model.text_encoder_vb.vars()
+    // With LoRA only the adapters train; their checkpoint groups are named
+    // apart so a full fine-tune's checkpoint is never resumed as a LoRA run.
+    let (unet_vars, te_vars, unet_group, te_group) = if cfg.lora {
+        let (te, unet): (BTreeMap<_, _>, BTreeMap<_, _>) = lora::trainable_vars(model)
+            .into_iter()
+            .partition(|(k, _)| k.starts_with("text_encoder."));
+        (unet, te, "unet_lora", "text_encoder_lora")
     } else {
-        BTreeMap::new()
+        let te = if cfg.train_text_encoder {
+            model.text_encoder_vb.vars()
+        } else {
+            BTreeMap::new()
+        };
+        (model.unet_vb.vars(), te, "unet", "text_encoder")
     };
     if unet_vars.is_empty() {
-        return Err(Error::msg("the UNet was not loaded trainable"));
+        return Err(Error::msg(if cfg.lora {
+            "the model has no trainable LoRA adapters (load it with trainer::load_model)"
+        } else {
+            "the UNet was not loaded trainable"
+        }));
     }
+    let dropout = lora::dropout_control(model);
     let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
     let mut unet_opt = AdamW::new(unet_vars.clone(), adam(cfg.learning_rate))?;
     let mut te_opt = AdamW::new(te_vars.clone(), adam(te_lr))?;
@@ -264,9 +287,20 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
     let (unet_sched, te_sched) = (schedule_of(cfg.learning_rate), schedule_of(te_lr));
     let noise_schedule = NoiseSchedule::new(&model.scheduler)?;
     let n_train_t = noise_schedule.num_train_timesteps();
+    if cfg.lora && cfg.learning_rate < 1e-5 {
+        (ev.log)(&format!(
+            "note: --learning-rate {} is a full fine-tune's; LoRA usually wants about 1e-4",
+            cfg.learning_rate
+        ));
+    }
     (ev.log)(&format!(
-        "training {} UNet parameters{}",
+        "training {} UNet {}parameters{}",
         unet_opt.num_params(),
+        if cfg.lora {
+            format!("LoRA (rank {}, targets {}) ", cfg.lora_rank, cfg.lora_targets)
+        } else {
+            String::new()
+        },
         if cfg.train_text_encoder {
             format!(" and {} text-encoder parameters", te_opt.num_params())
         } else {
@@ -280,13 +314,13 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
     if let Some(which) = &cfg.resume {
         let dir = checkpoint::resolve(&ckpt_root, which)?;
         let mut groups = vec![Group {
-            name: "unet",
+            name: unet_group,
             vars: &unet_vars,
             opt: &mut unet_opt,
         }];
         if cfg.train_text_encoder {
             groups.push(Group {
-                name: "text_encoder",
+                name: te_group,
                 vars: &te_vars,
                 opt: &mut te_opt,
             });
@@ -311,16 +345,16 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         .map_err(|e| Error::io(&log_path, e))?;
 
     let save_ckpt = |step: u64, unet_opt: &mut AdamW, te_opt: &mut AdamW| -> Result<PathBuf> {
-        let mut steps = BTreeMap::from([("unet".to_string(), unet_opt.step)]);
+        let mut steps = BTreeMap::from([(unet_group.to_string(), unet_opt.step)]);
         let mut groups = vec![Group {
-            name: "unet",
+            name: unet_group,
             vars: &unet_vars,
             opt: unet_opt,
         }];
         if cfg.train_text_encoder {
-            steps.insert("text_encoder".into(), te_opt.step);
+            steps.insert(te_group.into(), te_opt.step);
             groups.push(Group {
-                name: "text_encoder",
+                name: te_group,
                 vars: &te_vars,
                 opt: te_opt,
             });
@@ -343,7 +377,11 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut l_inst, mut l_prior, mut l_total) = (0f64, 0f64, 0f64);
         for micro in 0..accum {
-            let mut rng = step_rng(cfg.seed, step * accum as u64 + micro as u64);
+            let micro_step = step * accum as u64 + micro as u64;
+            let mut rng = step_rng(cfg.seed, micro_step);
+            if let Some(d) = &dropout {
+                d.begin_step(micro_step);
+            }
             let inst_idx: Vec<u32> = (0..bs).map(|_| rng.random_range(0..instance.len() as u32)).collect();
             let mut latents = instance.sample(&inst_idx, &mut rng, model)?;
             let mut ctx_parts = Vec::new();
@@ -392,6 +430,9 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
             l_inst += loss_inst.to_scalar::<f32>()? as f64 / accum as f64;
             l_total += loss.to_scalar::<f32>()? as f64 / accum as f64;
             let grads = (loss / accum as f64)?.backward()?;
+            if let Some(d) = &dropout {
+                d.end_step();
+            }
             AdamW::accumulate(&mut acc, unet_opt.collect(&grads))?;
             if cfg.train_text_encoder {
                 AdamW::accumulate(&mut acc, te_opt.collect(&grads).into_iter().map(|(k, g)| (format!("te:{k}"), g)).collect())?;
@@ -455,11 +496,33 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
             model_dir: None,
             single_file: None,
             last_checkpoint: last_ckpt,
+            lora_files: Vec::new(),
         });
     }
     if let Some(prompt) = &cfg.validation_prompt {
         let p = validation(cfg, model, prompt, step, res)?;
         (ev.log)(&format!("validation images: {}", p.display()));
+    }
+    if cfg.lora {
+        let (peft, kohya) = cfg.lora_formats()?;
+        let mut files = Vec::new();
+        if peft {
+            files.push(lora::export_peft(model, &out.join(lora::PEFT_FILE))?);
+        }
+        if kohya {
+            files.push(lora::export_kohya(model, &out.join(lora::KOHYA_FILE), lora::KohyaNames::Diffusers)?);
+        }
+        for f in &files {
+            (ev.log)(&format!("LoRA weights: {}", f.display()));
+        }
+        return Ok(TrainOutcome {
+            final_step: step,
+            interrupted: false,
+            model_dir: None,
+            single_file: None,
+            last_checkpoint: last_ckpt,
+            lora_files: files,
+        });
     }
     let model_dir = out.join("model");
     export::save_diffusers(model, &model_dir)?;
@@ -477,6 +540,7 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         model_dir: Some(model_dir),
         single_file,
         last_checkpoint: last_ckpt,
+        lora_files: Vec::new(),
     })
 }
 

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod clip_text;
 pub mod config;
 pub mod load;
+pub mod lora;
 pub mod resnet;
 pub mod sd;
 pub mod single_file;

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::Result;
-use crate::nn::{Conv2d, GroupNorm, Linear, Vb, silu, upsample_nearest_2x};
+use crate::nn::{Conv2d, GroupNorm, Linear, Vb, silu, upsample_nearest, upsample_nearest_2x};
 
 #[derive(Clone, Debug)]
 pub struct ResnetBlock2D {
@@ -116,5 +116,10 @@ impl Upsample2D {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.conv.forward(&upsample_nearest_2x(x)?)
+    }
+
+    /// Upsamples to `(h, w)` (the matching skip connection's size) instead of 2×.
+    pub fn forward_to(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        self.conv.forward(&upsample_nearest(x, size.0, size.1)?)
     }
 }

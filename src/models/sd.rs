@@ -264,8 +264,10 @@ impl StableDiffusion {
     /// Width and height must be multiples of this: the VAE's factor times the
     /// UNet's total downsampling (at least 8, as diffusers asks).
     pub fn size_multiple(&self) -> usize {
-        let levels = self.unet.config.block_out_channels.len();
-        (self.vae_scale_factor() << levels.saturating_sub(1)).max(8)
+        // The UNet upsamples to each skip connection's size (as diffusers'
+        // `upsample_size`), so any multiple of the VAE factor works; sizes
+        // stay multiples of 8 as in diffusers' pipelines.
+        self.vae_scale_factor().max(8)
     }
 
     /// The image side the model was trained at: UNet `sample_size` × VAE factor.

@@ -207,7 +207,15 @@ impl UpBlock {
             }
         }
         if let Some(u) = &self.upsampler {
-            h = u.forward(&h)?;
+            // Upsample to the next skip's size: 2× when the latent divides by
+            // 2^levels, otherwise diffusers' `upsample_size` behaviour.
+            h = match skips.last() {
+                Some(next) => {
+                    let (_, _, sh, sw) = next.dims4()?;
+                    u.forward_to(&h, (sh, sw))?
+                }
+                None => u.forward(&h)?,
+            };
         }
         Ok(h)
     }

@@ -21,4 +21,4 @@ pub use linear::Linear;
 pub use lora::Lora;
 pub use norm::{GroupNorm, LayerNorm};
 pub use store::{Init, Vb, read_safetensors, save_safetensors};
-pub use upsample::upsample_nearest_2x;
+pub use upsample::{upsample_nearest, upsample_nearest_2x};

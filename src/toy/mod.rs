@@ -4,6 +4,7 @@
 //! scores subject fidelity and diversity ([`oracle`]).
 
 pub mod metrics;
+pub mod ablation;
 pub mod demo;
 pub mod oracle;
 pub mod pretrain;

@@ -62,14 +62,14 @@ impl Default for PretrainOptions {
             vae_steps: 1500,
             vae_batch: 8,
             vae_lr: 2e-3,
-            num_scenes: 20000,
+            num_scenes: 12000,
             unet_steps: 6000,
             batch: 32,
             lr: 1e-3,
             caption_dropout: 0.1,
             log_every: 50,
-            vae_minutes: 12.0,
-            unet_minutes: 45.0,
+            vae_minutes: 18.0,
+            unet_minutes: 36.0,
         }
     }
 }

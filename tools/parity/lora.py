@@ -18,9 +18,10 @@ q/k/v/out_proj, every A and B random and nonzero, saved with diffusers'
 `parity/sd1_lora_io.safetensors` holds a fixed input, the UNet's output
 without the LoRA, with it (scale 1 and scale 0.5 via `cross_attention_kwargs`),
 the text encoder's output with it, and gradients of sum(out * R) with respect
-to a few adapters' A and B.
+to a few adapters' A and B. The references are computed in float64 from the
+float32 weights (PyTorch's own float32 gradients are ~1e-4 from them here).
 """
-import json, os
+import copy, json, os
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -56,9 +57,10 @@ def main():
     context = torch.randn(2, 77, unet.config.cross_attention_dim)
     ids = torch.tensor([[49406 % te.config.vocab_size, 5, 17, 300, 12, 1] + [1] * 71])
     ids = ids.clamp(max=te.config.vocab_size - 1)
+    d64 = lambda m: copy.deepcopy(m).double()
     with torch.no_grad():
-        out_base = unet(sample, timesteps, encoder_hidden_states=context).sample
-        te_base = te(ids)[0]
+        out_base = d64(unet)(sample.double(), timesteps.double(), encoder_hidden_states=context.double()).sample
+        te_base = d64(te)(ids)[0]
 
     ucfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     tcfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
@@ -68,16 +70,17 @@ def main():
         for m in (unet, te):
             for n, p in m.named_parameters():
                 if "lora_" in n:
-                    p.copy_(torch.randn_like(p) * 0.3)
+                    p.copy_(torch.randn_like(p) * 0.2)
 
-    out = unet(sample, timesteps, encoder_hidden_states=context).sample
+    u64, t64 = d64(unet), d64(te)
+    x64 = dict(sample=sample.double(), timestep=timesteps.double(), encoder_hidden_states=context.double())
+    out = u64(**x64).sample
     r = torch.randn_like(out)
     (out * r).sum().backward()
-    params = dict(unet.named_parameters())
+    params = dict(u64.named_parameters())
     with torch.no_grad():
-        out_half = unet(sample, timesteps, encoder_hidden_states=context,
-                        cross_attention_kwargs={"scale": 0.5}).sample
-        te_out = te(ids)[0]
+        out_half = u64(**x64, cross_attention_kwargs={"scale": 0.5}).sample
+        te_out = t64(ids)[0]
 
     unet_sd = get_peft_model_state_dict(unet)
     te_sd = get_peft_model_state_dict(te)
@@ -106,7 +109,7 @@ def main():
     for g in GRADS:
         for ab in ("A", "B"):
             tensors[f"grad.unet.{g}.lora_{ab}.weight"] = params[f"{g}.lora_{ab}.default.weight"].grad
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     save_file(tensors, os.path.join(d, "sd1_lora_io.safetensors"),
               metadata={"rank": str(R), "alpha": str(ALPHA)})
     print("unet out change by the LoRA:", float((out.detach() - out_base).norm() / out_base.norm()),

@@ -53,6 +53,11 @@ def run(name):
         for p in u16.parameters():
             p.copy_(p.half().float())
         tensors["out_f16w"] = u16(sample.detach(), timesteps, encoder_hidden_states=context.detach()).sample
+    # A latent not divisible by 2^levels (10×6): diffusers upsamples to skip sizes.
+    with torch.no_grad():
+        odd = torch.randn(1, 4, 10, 6)
+        tensors["odd_sample"] = odd
+        tensors["odd_out"] = unet(odd, timesteps[:1], encoder_hidden_states=context.detach()[:1]).sample
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     os.makedirs(os.path.join(FIX, "parity"), exist_ok=True)
     save_file(tensors, os.path.join(FIX, "parity", f"{name}_unet.safetensors"),

@@ -53,7 +53,7 @@ pub struct EvalArgs {
     /// Prompts shown in grid.png.
     #[arg(long, default_value_t = 16)]
     pub grid_prompts: usize,
-    /// Output folder: prompt_fidelity.json and grid.png.
+    /// Output folder: prompt_fidelity.json, grid.png (and ceiling.png).
     #[arg(long, default_value = "toy-eval")]
     pub out: PathBuf,
 }
@@ -139,7 +139,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         "prompt_sample": if a.all_prompts { serde_json::Value::Null } else { a.prompts.into() },
         "seconds": seconds,
         "result": result,
-        "vae_ceiling": ceiling.map(|c| serde_json::json!({
+        "vae_ceiling": ceiling.as_ref().map(|c| serde_json::json!({
             "images": c.images,
             "context": c.context,
             "class": c.class,
@@ -150,6 +150,12 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let json_path = a.out.join("prompt_fidelity.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
+    if let Some(c) = &ceiling {
+        let path = a.out.join("ceiling.png");
+        c.grid(a.grid_prompts, 2)
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let grid_path = a.out.join("grid.png");
     result
         .grid(a.grid_prompts, 2)

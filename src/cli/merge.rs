@@ -1,0 +1,42 @@
+//! `dreambooth merge`: fold LoRA files into a model and write it out.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use dreambooth::dreambooth::export;
+use dreambooth::models::lora::{describe, merge_file, pair_scales};
+use dreambooth::models::{LoadOptions, StableDiffusion};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The base model: a diffusers folder or a single-file .safetensors.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A LoRA file (peft/diffusers or kohya); repeatable.
+    #[arg(long = "lora", required = true)]
+    pub lora: Vec<PathBuf>,
+    /// Strength: one value for all, or one per --lora (default 1).
+    #[arg(long = "lora-scale")]
+    pub lora_scale: Vec<f64>,
+    /// A folder (diffusers layout), or a `.safetensors` file (original single-file layout).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let loras = pair_scales(&args.lora, &args.lora_scale)?;
+    let device = Device::Cpu;
+    let mut model = StableDiffusion::load(&args.model, &device, LoadOptions::default())?;
+    for (path, scale) in &loras {
+        let f = merge_file(&mut model, path, *scale)?;
+        println!("merged {}", describe(&f, *scale));
+    }
+    if args.out.extension().is_some_and(|e| e == "safetensors") {
+        export::save_single(&model, &args.out, DType::F32)?;
+        println!("wrote single-file checkpoint {}", args.out.display());
+    } else {
+        export::save_diffusers(&model, &args.out)?;
+        println!("wrote diffusers folder {}", args.out.display());
+    }
+    Ok(())
+}
