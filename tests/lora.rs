@@ -35,8 +35,14 @@ fn peft_file() -> PathBuf {
 }
 
 /// UNet output and text-encoder output at the fixture's inputs.
-fn outputs(sd: &StableDiffusion, fx: &std::collections::HashMap<String, Tensor>) -> (Tensor, Tensor) {
-    let u = sd.unet.forward(&fx["sample"], &fx["timesteps"], &fx["context"]).unwrap();
+fn outputs(
+    sd: &StableDiffusion,
+    fx: &std::collections::HashMap<String, Tensor>,
+) -> (Tensor, Tensor) {
+    let u = sd
+        .unet
+        .forward(&fx["sample"], &fx["timesteps"], &fx["context"])
+        .unwrap();
     let ids = fx["ids"].to_dtype(DType::U32).unwrap();
     let t = sd.text_encoder.forward(&ids).unwrap();
     (u, t)
@@ -66,29 +72,57 @@ fn peft_file_gives_diffusers_output() {
     assert_eq!(f.format, LoraFormat::Peft);
     // UNet: 11 transformer blocks (4 down, 1 mid, 6 up) × 2 attentions × 4; TE: 3 layers × 4.
     assert_eq!(f.counts(), (11 * 2 * 4, 3 * 4));
-    assert!(f.adapters.iter().all(|a| a.alpha == 8.0), "alpha from lora_adapter_metadata");
+    assert!(
+        f.adapters.iter().all(|a| a.alpha == 8.0),
+        "alpha from lora_adapter_metadata"
+    );
     let (u, t) = outputs(&sd, &fx);
     assert_close("unet with peft LoRA (runtime)", &u, &fx["out"], 1e-4);
-    assert_close("text encoder with peft LoRA (runtime)", &t, &fx["te_out"], 1e-4);
+    assert_close(
+        "text encoder with peft LoRA (runtime)",
+        &t,
+        &fx["te_out"],
+        1e-4,
+    );
 
     lora::detach_all(&mut sd);
     lora::attach_file(&mut sd, &peft_file(), 0.5).unwrap();
     let (u, _) = outputs(&sd, &fx);
-    assert_close("unet with peft LoRA at scale 0.5", &u, &fx["out_half"], 1e-4);
+    assert_close(
+        "unet with peft LoRA at scale 0.5",
+        &u,
+        &fx["out_half"],
+        1e-4,
+    );
 
     // The same weights under diffusers' older names, alpha folded into B.
     let mut sd = tiny("tiny-sd1");
-    lora::attach_file(&mut sd, &fixtures().join("parity/sd1_lora_diffusers.safetensors"), 1.0).unwrap();
+    lora::attach_file(
+        &mut sd,
+        &fixtures().join("parity/sd1_lora_diffusers.safetensors"),
+        1.0,
+    )
+    .unwrap();
     let (u, t) = outputs(&sd, &fx);
     assert_close("unet with diffusers-named LoRA", &u, &fx["out"], 1e-4);
-    assert_close("text encoder with diffusers-named LoRA", &t, &fx["te_out"], 1e-4);
+    assert_close(
+        "text encoder with diffusers-named LoRA",
+        &t,
+        &fx["te_out"],
+        1e-4,
+    );
 
     // Folded into the weights.
     let mut sd = tiny("tiny-sd1");
     lora::merge_file(&mut sd, &peft_file(), 1.0).unwrap();
     let (u, t) = outputs(&sd, &fx);
     assert_close("unet with peft LoRA merged", &u, &fx["out"], 1e-4);
-    assert_close("text encoder with peft LoRA merged", &t, &fx["te_out"], 1e-4);
+    assert_close(
+        "text encoder with peft LoRA merged",
+        &t,
+        &fx["te_out"],
+        1e-4,
+    );
 }
 
 /// Gradients of sum(out · R) w.r.t. the adapters' A and B equal peft's.
@@ -105,15 +139,29 @@ fn adapter_gradients_match_peft() {
     let file = read_safetensors(&peft_file(), &Device::Cpu).unwrap();
     assert_eq!(vars.len(), 11 * 2 * 4 * 2);
     for (k, v) in &vars {
-        v.set(file.get(k).unwrap_or_else(|| panic!("{k} not in the peft file"))).unwrap();
+        v.set(
+            file.get(k)
+                .unwrap_or_else(|| panic!("{k} not in the peft file")),
+        )
+        .unwrap();
     }
-    let out = sd.unet.forward(&fx["sample"], &fx["timesteps"], &fx["context"]).unwrap();
+    let out = sd
+        .unet
+        .forward(&fx["sample"], &fx["timesteps"], &fx["context"])
+        .unwrap();
     assert_close("unet with trainable adapters", &out, &fx["out"], 1e-4);
-    let grads = (out * &fx["r"]).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (out * &fx["r"])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let mut n = 0;
     for (k, g) in fx.iter().filter(|(k, _)| k.starts_with("grad.")) {
         let key = &k["grad.".len()..];
-        let ours = grads.get(&vars[key]).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let ours = grads
+            .get(&vars[key])
+            .unwrap_or_else(|| panic!("no gradient for {key}"));
         assert_close(&format!("grad {key}"), ours, g, 1e-4);
         n += 1;
     }
@@ -139,16 +187,35 @@ fn untrained_adapters_change_nothing() {
     let vars = lora::attach_trainable(&mut sd, &spec).unwrap();
     assert!(vars.keys().any(|k| k.contains("resnets.0.conv1.lora_A")));
     assert!(vars.keys().any(|k| k.contains("time_emb_proj.lora_B")));
-    assert!(vars.keys().any(|k| k.contains("proj_in.lora_A")), "SD1's 1×1 conv proj_in under +conv");
-    assert!(vars.keys().any(|k| k.starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")));
+    assert!(
+        vars.keys().any(|k| k.contains("proj_in.lora_A")),
+        "SD1's 1×1 conv proj_in under +conv"
+    );
+    assert!(
+        vars.keys()
+            .any(|k| k.starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj"))
+    );
     let (u, t) = outputs(&sd, &fx);
-    assert_eq!(rel_err(&u, &base_u), 0.0, "an untrained (B = 0) adapter must change nothing");
+    assert_eq!(
+        rel_err(&u, &base_u),
+        0.0,
+        "an untrained (B = 0) adapter must change nothing"
+    );
     assert_eq!(rel_err(&t, &base_t), 0.0);
     // A's init is peft's kaiming-uniform(a=√5): |A| ≤ 1/√fan_in.
     let a = &vars["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"];
     let bound = 1.0 / (a.dim(1).unwrap() as f32).sqrt();
-    let max = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(max <= bound && max > 0.5 * bound, "max |A| {max} vs bound {bound}");
+    let max = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        max <= bound && max > 0.5 * bound,
+        "max |A| {max} vs bound {bound}"
+    );
 }
 
 /// peft → kohya (diffusers and LDM names) → the same model.
@@ -233,11 +300,15 @@ fn merge_equals_runtime_adapter() {
     let (mu, mt) = outputs(&merged, &fx);
     assert_close("merged vs runtime unet", &mu, &ru, 1e-5);
     assert_close("merged vs runtime text encoder", &mt, &rt, 1e-5);
-    assert!(rel_err(&ru, &trained_u) > 1e-3, "scale 0.7 must differ from scale 1");
+    assert!(
+        rel_err(&ru, &trained_u) > 1e-3,
+        "scale 0.7 must differ from scale 1"
+    );
 
     // Written as a diffusers folder and reloaded.
     dreambooth::dreambooth::export::save_diffusers(&merged, &dir.join("model")).unwrap();
-    let reloaded = StableDiffusion::load(&dir.join("model"), &Device::Cpu, LoadOptions::default()).unwrap();
+    let reloaded =
+        StableDiffusion::load(&dir.join("model"), &Device::Cpu, LoadOptions::default()).unwrap();
     let (lu, lt) = outputs(&reloaded, &fx);
     assert_close("reloaded merged unet", &lu, &ru, 1e-5);
     assert_close("reloaded merged text encoder", &lt, &rt, 1e-5);
@@ -254,7 +325,10 @@ fn merge_equals_runtime_adapter() {
 fn wrong_shapes_and_unknown_keys_are_errors() {
     let dir = tmp("errors");
     let sd = tiny("tiny-sd1");
-    let good: BTreeMap<String, Tensor> = read_safetensors(&peft_file(), &Device::Cpu).unwrap().into_iter().collect();
+    let good: BTreeMap<String, Tensor> = read_safetensors(&peft_file(), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
     let write = |name: &str, t: &BTreeMap<String, Tensor>| -> PathBuf {
         let p = dir.join(name);
         save_safetensors(t, &p, None).unwrap();
@@ -264,16 +338,28 @@ fn wrong_shapes_and_unknown_keys_are_errors() {
     // A of the wrong width: the key and both shapes are named.
     let key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight";
     let mut bad = good.clone();
-    bad.insert(key.into(), Tensor::zeros((4, 7), DType::F32, &Device::Cpu).unwrap());
+    bad.insert(
+        key.into(),
+        Tensor::zeros((4, 7), DType::F32, &Device::Cpu).unwrap(),
+    );
     let e = err_text(lora::read_lora(&sd, &write("shape.safetensors", &bad)));
-    assert!(e.contains(key) && e.contains("[4, 7]") && e.contains("[4, 32]"), "{e}");
+    assert!(
+        e.contains(key) && e.contains("[4, 7]") && e.contains("[4, 32]"),
+        "{e}"
+    );
 
     // B of the wrong rank.
     let key = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_B.weight";
     let mut bad = good.clone();
-    bad.insert(key.into(), Tensor::zeros((32, 5), DType::F32, &Device::Cpu).unwrap());
+    bad.insert(
+        key.into(),
+        Tensor::zeros((32, 5), DType::F32, &Device::Cpu).unwrap(),
+    );
     let e = err_text(lora::read_lora(&sd, &write("rank.safetensors", &bad)));
-    assert!(e.contains(key) && e.contains("[32, 5]") && e.contains("[32, 4]"), "{e}");
+    assert!(
+        e.contains(key) && e.contains("[32, 5]") && e.contains("[32, 4]"),
+        "{e}"
+    );
 
     // Keys of no known family, or naming no layer.
     for key in [
@@ -283,7 +369,10 @@ fn wrong_shapes_and_unknown_keys_are_errors() {
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
     ] {
         let mut bad = good.clone();
-        bad.insert(key.into(), Tensor::zeros((4, 16), DType::F32, &Device::Cpu).unwrap());
+        bad.insert(
+            key.into(),
+            Tensor::zeros((4, 16), DType::F32, &Device::Cpu).unwrap(),
+        );
         let e = err_text(lora::read_lora(&sd, &write("unknown.safetensors", &bad)));
         assert!(e.contains(key), "error for {key} does not name it: {e}");
         println!("{e}");
@@ -302,14 +391,21 @@ fn wrong_shapes_and_unknown_keys_are_errors() {
 fn frozen_matmul_matches_candle() {
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
     let dev = Device::Cpu;
-    let x = candle_core::Var::from_tensor(&dreambooth::util::randn(&mut rng, &[5, 7], &dev).unwrap()).unwrap();
+    let x =
+        candle_core::Var::from_tensor(&dreambooth::util::randn(&mut rng, &[5, 7], &dev).unwrap())
+            .unwrap();
     let w = dreambooth::util::randn(&mut rng, &[6, 7], &dev).unwrap();
     let r = dreambooth::util::randn(&mut rng, &[5, 6], &dev).unwrap();
     let ours = dreambooth::nn::lora::matmul(x.as_tensor(), &w.t().unwrap()).unwrap();
     let theirs = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
     assert_eq!(rel_err(&ours, &theirs), 0.0);
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert_eq!(rel_err(g1.get(&x).unwrap(), g2.get(&x).unwrap()), 0.0);
     // Frozen on the right: only the left operand (a weight) is tracked.
     let wv = candle_core::Var::from_tensor(&w).unwrap();
@@ -352,7 +448,13 @@ fn lora_config(instance: &Path, out: &Path) -> TrainConfig {
     }
 }
 
-fn run(cfg: &TrainConfig, stop_at: Option<u64>) -> (StableDiffusion, dreambooth::dreambooth::trainer::TrainOutcome) {
+fn run(
+    cfg: &TrainConfig,
+    stop_at: Option<u64>,
+) -> (
+    StableDiffusion,
+    dreambooth::dreambooth::trainer::TrainOutcome,
+) {
     let stop = AtomicBool::new(false);
     let mut log = |_: &str| {};
     let mut on_step = |s: &dreambooth::dreambooth::trainer::StepInfo| {
@@ -377,7 +479,9 @@ fn lora_training_run() {
     let inst = dir.join("instance");
     std::fs::create_dir_all(&inst).unwrap();
     for i in 0..2u8 {
-        let img = image::RgbImage::from_fn(40, 40, |x, y| image::Rgb([(x * 6) as u8 ^ i * 90, (y * 6) as u8, 128]));
+        let img = image::RgbImage::from_fn(40, 40, |x, y| {
+            image::Rgb([(x * 6) as u8 ^ (i * 90), (y * 6) as u8, 128])
+        });
         img.save(inst.join(format!("p{i}.png"))).unwrap();
     }
     let cfg = lora_config(&inst, &dir.join("full"));
@@ -401,7 +505,10 @@ fn lora_training_run() {
         ]
     );
     let ck = read_safetensors(&ckpt.join("unet_lora.safetensors"), &Device::Cpu).unwrap();
-    assert!(ck.keys().all(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")));
+    assert!(
+        ck.keys()
+            .all(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+    );
 
     // The base weights did not move; the adapters did.
     let base = tiny("tiny-sd1");
@@ -411,7 +518,16 @@ fn lora_training_run() {
     }
     let vars = lora::trainable_vars(&sd);
     let b = &vars["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"];
-    assert!(b.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert!(
+        b.as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
 
     // Resume from step 2 → the same adapters at step 4.
     let cfg2 = TrainConfig {
@@ -427,7 +543,11 @@ fn lora_training_run() {
     let (sd3, _) = run(&cfg3, None);
     let v3 = lora::trainable_vars(&sd3);
     for (k, v) in &vars {
-        assert_eq!(rel_err(v3[k].as_tensor(), v.as_tensor()), 0.0, "{k} differs after resume");
+        assert_eq!(
+            rel_err(v3[k].as_tensor(), v.as_tensor()),
+            0.0,
+            "{k} differs after resume"
+        );
     }
 
     // Both exports load and give the trained model's output.
@@ -438,7 +558,12 @@ fn lora_training_run() {
         lora::attach_file(&mut m, f, 1.0).unwrap();
         let (u, t) = outputs(&m, &fx);
         assert_close(&format!("unet via {}", f.display()), &u, &want, 1e-5);
-        assert_close(&format!("text encoder via {}", f.display()), &t, &want_t, 1e-5);
+        assert_close(
+            &format!("text encoder via {}", f.display()),
+            &t,
+            &want_t,
+            1e-5,
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -467,7 +592,12 @@ fn export_for_diffusers_check() {
         let vars = lora::attach_trainable(&mut sd, &spec).unwrap();
         randomize(&vars, 2);
         lora::export_peft(&sd, &dir.join(format!("{name}_peft.safetensors"))).unwrap();
-        lora::export_kohya(&sd, &dir.join(format!("{name}_kohya.safetensors")), KohyaNames::Diffusers).unwrap();
+        lora::export_kohya(
+            &sd,
+            &dir.join(format!("{name}_kohya.safetensors")),
+            KohyaNames::Diffusers,
+        )
+        .unwrap();
         let (u, t) = outputs(&sd, &fx);
         let mut io = BTreeMap::new();
         for k in ["sample", "timesteps", "context", "ids"] {
@@ -487,7 +617,10 @@ fn sd2_round_trips() {
     let fx = load("parity/sd2_unet.safetensors");
     let ids = Tensor::new(&[[5u32, 17, 300, 12, 1, 1]], &Device::Cpu).unwrap();
     let run = |sd: &StableDiffusion| {
-        let u = sd.unet.forward(&fx["sample"], &fx["timesteps"], &fx["context"]).unwrap();
+        let u = sd
+            .unet
+            .forward(&fx["sample"], &fx["timesteps"], &fx["context"])
+            .unwrap();
         (u, sd.text_encoder.forward(&ids).unwrap())
     };
     let mut sd = tiny("tiny-sd2");
@@ -499,7 +632,10 @@ fn sd2_round_trips() {
         ..Default::default()
     };
     let vars = lora::attach_trainable(&mut sd, &spec).unwrap();
-    assert!(vars.keys().any(|k| k.ends_with("attentions.0.proj_in.lora_A.weight")));
+    assert!(
+        vars.keys()
+            .any(|k| k.ends_with("attentions.0.proj_in.lora_A.weight"))
+    );
     randomize(&vars, 4);
     let (ref_u, ref_t) = run(&sd);
     let files = [
@@ -507,14 +643,22 @@ fn sd2_round_trips() {
         lora::export_kohya(&sd, &dir.join("k.safetensors"), KohyaNames::Diffusers).unwrap(),
         lora::export_kohya(&sd, &dir.join("l.safetensors"), KohyaNames::Ldm).unwrap(),
     ];
-    assert_eq!(lora::read_metadata(&files[1]).unwrap()["ss_base_model_version"], "sd_v2");
+    assert_eq!(
+        lora::read_metadata(&files[1]).unwrap()["ss_base_model_version"],
+        "sd_v2"
+    );
     for f in &files {
         let mut m = tiny("tiny-sd2");
         let lf = lora::attach_file(&mut m, f, 1.0).unwrap();
         assert_eq!(lf.adapters.len() * 2, vars.len());
         let (u, t) = run(&m);
         assert_close(&format!("sd2 unet via {}", f.display()), &u, &ref_u, 1e-5);
-        assert_close(&format!("sd2 text encoder via {}", f.display()), &t, &ref_t, 1e-5);
+        assert_close(
+            &format!("sd2 text encoder via {}", f.display()),
+            &t,
+            &ref_t,
+            1e-5,
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

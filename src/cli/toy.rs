@@ -17,8 +17,65 @@ pub struct Args {
 pub enum ToyCommand {
     /// Train the tiny text-to-image model from scratch on the procedural world.
     Pretrain(PretrainArgs),
+    /// Generate prompts of the world and measure context/class/colour accuracy with the oracle.
     Eval(eval::EvalArgs),
+    /// The oracle's own accuracy on freshly rendered scenes.
     OracleCheck(eval::OracleCheckArgs),
+    /// Train each toy subject with/without prior preservation and without the
+    /// class noun; print the paper-style table.
+    Ablation(AblationArgs),
+}
+
+#[derive(clap::Args)]
+pub struct AblationArgs {
+    /// Base model (default: the bundled tiny model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Comma-separated subjects (default: all).
+    #[arg(long)]
+    pub subjects: Option<String>,
+    #[arg(long, default_value_t = dreambooth::toy::demo::DemoOptions::default().steps)]
+    pub steps: u64,
+    #[arg(long, default_value_t = dreambooth::toy::demo::DemoOptions::default().learning_rate)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = dreambooth::toy::demo::DemoOptions::default().num_class_images)]
+    pub num_class_images: usize,
+    #[arg(long, default_value_t = 8)]
+    pub images_per_prompt: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Working folder (photos, class images, runs).
+    #[arg(long, default_value = "ablation-out")]
+    pub out: PathBuf,
+}
+
+fn run_ablation(a: AblationArgs) -> anyhow::Result<()> {
+    use dreambooth::toy::{ablation, demo, world::Subject};
+    let subjects: Vec<Subject> = match &a.subjects {
+        Some(list) => list
+            .split(',')
+            .map(|s| demo::parse_subject(s.trim()))
+            .collect::<Result<_, _>>()?,
+        None => Subject::ALL.to_vec(),
+    };
+    let opts = demo::DemoOptions {
+        steps: a.steps,
+        learning_rate: a.learning_rate,
+        num_class_images: a.num_class_images,
+        images_per_prompt: a.images_per_prompt,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let rows = ablation::run_ablation(a.model, &subjects, &opts, &a.out, &mut |l| println!("{l}"))?;
+    let table = ablation::markdown(&rows);
+    println!("\n{table}");
+    let json = serde_json::to_string_pretty(&rows)?;
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("ablation.md"), &table)?;
+    std::fs::write(a.out.join("ablation.json"), json)?;
+    println!("({:.1} min; table in {})", t0.elapsed().as_secs_f64() / 60.0, a.out.join("ablation.md").display());
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -52,6 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         ToyCommand::Eval(a) => eval::run_eval(a),
         ToyCommand::OracleCheck(a) => eval::run_oracle_check(a),
+        ToyCommand::Ablation(a) => run_ablation(a),
         ToyCommand::Pretrain(a) => {
             let opts = PretrainOptions {
                 out: a.out,

@@ -10,8 +10,8 @@
 //! **peft / diffusers** (`pytorch_lora_weights.safetensors`, what
 //! `pipe.load_lora_weights` reads): `unet.<path>.lora_A.weight` (A) and
 //! `.lora_B.weight` (B), `text_encoder.<path>.…`. The scale is
-//! `lora_alpha / r` from the `lora_adapter_metadata` header when present, else
-//! 1. Read also: the older diffusers names `.lora.down.weight` /
+//! `lora_alpha / r` from the `lora_adapter_metadata` header when present, and
+//! one otherwise. Read also: the older diffusers names `.lora.down.weight` /
 //! `.lora.up.weight`, `.lora_linear_layer.down/up.weight`,
 //! `.processor.to_q_lora.down.weight`, the text encoder with or without
 //! `text_model.`. Written with alpha / r folded into B, so every loader
@@ -403,7 +403,11 @@ pub fn modules_mut(sd: &mut StableDiffusion) -> Vec<Module<LayerMut<'_>>> {
 pub fn attached(sd: &StableDiffusion) -> Vec<(Component, String, Arc<Lora>)> {
     modules(sd)
         .into_iter()
-        .filter_map(|m| m.layer.lora().map(|l| (m.component, m.path.clone(), l.clone())))
+        .filter_map(|m| {
+            m.layer
+                .lora()
+                .map(|l| (m.component, m.path.clone(), l.clone()))
+        })
         .collect()
 }
 
@@ -422,7 +426,10 @@ pub fn detach_all(sd: &mut StableDiffusion) {
 /// encoder when `spec.text_encoder`) and returns their `Var`s, keyed
 /// `unet.<module path>.lora_A.weight` / `.lora_B.weight` (and
 /// `text_encoder.…`). The base weights are untouched: load the model frozen.
-pub fn attach_trainable(sd: &mut StableDiffusion, spec: &LoraSpec) -> Result<BTreeMap<String, Var>> {
+pub fn attach_trainable(
+    sd: &mut StableDiffusion,
+    spec: &LoraSpec,
+) -> Result<BTreeMap<String, Var>> {
     let device = sd.device.clone();
     let mut mods = unet_modules_mut(&mut sd.unet);
     if spec.text_encoder {
@@ -440,7 +447,11 @@ pub fn attach_trainable_unet(
     attach_new(unet_modules_mut(unet), spec, device)
 }
 
-fn attach_new(mods: Vec<Module<LayerMut<'_>>>, spec: &LoraSpec, device: &Device) -> Result<BTreeMap<String, Var>> {
+fn attach_new(
+    mods: Vec<Module<LayerMut<'_>>>,
+    spec: &LoraSpec,
+    device: &Device,
+) -> Result<BTreeMap<String, Var>> {
     spec.validate()?;
     let vb = Vb::random(spec.seed ^ 0x10_4A_u64, device, true);
     let dropout = (spec.dropout > 0.0).then(|| LoraDropout::new(spec.dropout, spec.seed));
@@ -465,7 +476,12 @@ fn attach_new(mods: Vec<Module<LayerMut<'_>>>, spec: &LoraSpec, device: &Device)
         let (down_shape, up_shape) = match dims.as_slice() {
             [o, i] => (vec![r, *i], vec![*o, r]),
             [o, i, kh, kw] => (vec![r, *i, *kh, *kw], vec![*o, r, 1, 1]),
-            d => return Err(Error::msg(format!("{}: unexpected weight shape {d:?}", m.path))),
+            d => {
+                return Err(Error::msg(format!(
+                    "{}: unexpected weight shape {d:?}",
+                    m.path
+                )));
+            }
         };
         let fan_in: usize = down_shape[1..].iter().product();
         let mvb = vb.pp(m.component.prefix()).pp(&m.path);
@@ -509,7 +525,9 @@ pub fn trainable_vars(sd: &StableDiffusion) -> BTreeMap<String, Var> {
 
 /// The dropout switch shared by a model's trainable adapters, if they use dropout.
 pub fn dropout_control(sd: &StableDiffusion) -> Option<Arc<LoraDropout>> {
-    attached(sd).into_iter().find_map(|(_, _, l)| l.dropout.clone())
+    attached(sd)
+        .into_iter()
+        .find_map(|(_, _, l)| l.dropout.clone())
 }
 
 // ---------------------------------------------------------------------------
@@ -557,7 +575,11 @@ pub struct LoraFile {
 impl LoraFile {
     /// How many adapters target the UNet and the text encoder.
     pub fn counts(&self) -> (usize, usize) {
-        let u = self.adapters.iter().filter(|a| a.component == Component::Unet).count();
+        let u = self
+            .adapters
+            .iter()
+            .filter(|a| a.component == Component::Unet)
+            .count();
         (u, self.adapters.len() - u)
     }
 }
@@ -704,19 +726,26 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
 /// alpha from diffusers' `lora_adapter_metadata` (peft's LoraConfig per
 /// component): `alpha_pattern`, else `lora_alpha`; rsLoRA's alpha/√r as an
 /// equivalent alpha/r.
-fn peft_alpha(meta: &Option<serde_json::Value>, c: Component, module: &str, r: usize) -> Option<f64> {
+fn peft_alpha(
+    meta: &Option<serde_json::Value>,
+    c: Component,
+    module: &str,
+    r: usize,
+) -> Option<f64> {
     let v = meta.as_ref()?;
     let p = c.prefix();
     let get = |k: &str| v.get(format!("{p}.{k}"));
     let short = module.strip_prefix("text_model.").unwrap_or(module);
-    let pattern = get("alpha_pattern").and_then(|a| a.as_object()).and_then(|o| {
-        o.iter().find_map(|(k, a)| {
-            let hit = [module, short]
-                .iter()
-                .any(|m| *m == k || m.ends_with(&format!(".{k}")));
-            if hit { a.as_f64() } else { None }
-        })
-    });
+    let pattern = get("alpha_pattern")
+        .and_then(|a| a.as_object())
+        .and_then(|o| {
+            o.iter().find_map(|(k, a)| {
+                let hit = [module, short]
+                    .iter()
+                    .any(|m| *m == k || m.ends_with(&format!(".{k}")));
+                if hit { a.as_f64() } else { None }
+            })
+        });
     let alpha = pattern.or_else(|| get("lora_alpha")?.as_f64())?;
     if get("use_rslora").and_then(|b| b.as_bool()) == Some(true) {
         Some(alpha * (r as f64).sqrt())
@@ -748,12 +777,14 @@ pub fn read_lora(sd: &StableDiffusion, path: &Path) -> Result<LoraFile> {
     keys.sort();
     for key in keys {
         let t = &tensors[key];
-        let (stem, role) = split_key(key).map_err(|why| cfg_err(format!("tensor `{key}` is {why}")))?;
+        let (stem, role) =
+            split_key(key).map_err(|why| cfg_err(format!("tensor `{key}` is {why}")))?;
         let is_kohya = stem.starts_with("lora_unet_") || stem.starts_with("lora_te");
         let Some(&idx) = names.get(&stem) else {
             let hint = if stem.starts_with("lora_te1_") || stem.starts_with("lora_te2_") {
                 " (an SDXL LoRA? only Stable Diffusion 1.x and 2.x are supported)"
-            } else if !is_kohya && !stem.starts_with("unet.") && !stem.starts_with("text_encoder.") {
+            } else if !is_kohya && !stem.starts_with("unet.") && !stem.starts_with("text_encoder.")
+            {
                 " (peft/diffusers keys start with `unet.` or `text_encoder.`, kohya keys with `lora_unet_` or `lora_te_`)"
             } else {
                 " (a LoRA made for another architecture?)"
@@ -772,7 +803,10 @@ pub fn read_lora(sd: &StableDiffusion, path: &Path) -> Result<LoraFile> {
             Role::Down => e.down = Some((key.clone(), t.clone())),
             Role::Up => e.up = Some((key.clone(), t.clone())),
             Role::Alpha => {
-                let v = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+                let v = t
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1::<f64>()?;
                 match v.as_slice() {
                     [a] => e.alpha = Some(*a),
                     _ => {
@@ -804,7 +838,9 @@ pub fn read_lora(sd: &StableDiffusion, path: &Path) -> Result<LoraFile> {
         let (down_key, down) = match (p.down, &p.up) {
             (Some(d), _) => d,
             (None, Some((k, _))) => {
-                return Err(cfg_err(format!("tensor `{k}` has no matching down/A tensor")));
+                return Err(cfg_err(format!(
+                    "tensor `{k}` has no matching down/A tensor"
+                )));
             }
             (None, None) => {
                 return Err(cfg_err(format!(
@@ -814,13 +850,20 @@ pub fn read_lora(sd: &StableDiffusion, path: &Path) -> Result<LoraFile> {
             }
         };
         let Some((up_key, up)) = p.up else {
-            return Err(cfg_err(format!("tensor `{down_key}` has no matching up/B tensor")));
+            return Err(cfg_err(format!(
+                "tensor `{down_key}` has no matching up/B tensor"
+            )));
         };
         let r = down.dim(0)?;
         let (exp_down, exp_up) = match tgt.dims.as_slice() {
             [o, i] => (vec![r, *i], vec![*o, r]),
             [o, i, kh, kw] => (vec![r, *i, *kh, *kw], vec![*o, r, 1, 1]),
-            d => return Err(cfg_err(format!("{}: unexpected weight shape {d:?}", tgt.path))),
+            d => {
+                return Err(cfg_err(format!(
+                    "{}: unexpected weight shape {d:?}",
+                    tgt.path
+                )));
+            }
         };
         let fit = |t: Tensor, key: String, expected: Vec<usize>| -> Result<Tensor> {
             // A 1×1 conv and a linear layer hold the same numbers.
@@ -884,7 +927,10 @@ pub fn attach_file(sd: &mut StableDiffusion, path: &Path, multiplier: f64) -> Re
             if m.layer.lora().is_some() {
                 return Err(Error::config(
                     path,
-                    format!("`{}` already has a LoRA adapter (merge the first one instead)", m.path),
+                    format!(
+                        "`{}` already has a LoRA adapter (merge the first one instead)",
+                        m.path
+                    ),
                 ));
             }
             m.layer.set_lora(Some(Arc::new(Lora::new(
@@ -930,7 +976,10 @@ fn merge_deltas(sd: &mut StableDiffusion, deltas: Vec<(Component, String, Tensor
     let mut te_t = None;
     for (c, module, delta) in deltas {
         let (map, key) = match c {
-            Component::Unet => (unet_t.get_or_insert_with(|| sd.unet_vb.tensors()), format!("{module}.weight")),
+            Component::Unet => (
+                unet_t.get_or_insert_with(|| sd.unet_vb.tensors()),
+                format!("{module}.weight"),
+            ),
             Component::TextEncoder => {
                 let rel = module.strip_prefix("text_model.").unwrap_or(&module);
                 let key = if te_root.is_empty() {
@@ -938,12 +987,15 @@ fn merge_deltas(sd: &mut StableDiffusion, deltas: Vec<(Component, String, Tensor
                 } else {
                     format!("{te_root}.{rel}.weight")
                 };
-                (te_t.get_or_insert_with(|| sd.text_encoder_vb.tensors()), key)
+                (
+                    te_t.get_or_insert_with(|| sd.text_encoder_vb.tensors()),
+                    key,
+                )
             }
         };
-        let w = map
-            .get(&key)
-            .ok_or_else(|| Error::msg(format!("merging a LoRA: the model has no weight `{key}`")))?;
+        let w = map.get(&key).ok_or_else(|| {
+            Error::msg(format!("merging a LoRA: the model has no weight `{key}`"))
+        })?;
         let merged = (w.to_dtype(delta.dtype())? + &delta)?.to_dtype(w.dtype())?;
         map.insert(key, merged);
     }
@@ -996,7 +1048,11 @@ pub fn export_peft(sd: &StableDiffusion, path: &Path) -> Result<PathBuf> {
     for (c, module, l) in &adapters {
         let k = format!("{}.{module}", c.prefix());
         let s = l.scale();
-        let up = if s == 1.0 { l.up.detach() } else { (l.up.detach() * s)? };
+        let up = if s == 1.0 {
+            l.up.detach()
+        } else {
+            (l.up.detach() * s)?
+        };
         tensors.insert(format!("{k}.lora_A.weight"), l.down.detach());
         tensors.insert(format!("{k}.lora_B.weight"), up);
     }
@@ -1026,10 +1082,17 @@ pub fn base_model_version(sd: &StableDiffusion) -> &'static str {
 }
 
 /// The kohya name of a layer: `lora_unet_…` / `lora_te_…`.
-pub fn kohya_name(sd: &StableDiffusion, c: Component, module: &str, names: KohyaNames) -> Result<String> {
+pub fn kohya_name(
+    sd: &StableDiffusion,
+    c: Component,
+    module: &str,
+    names: KohyaNames,
+) -> Result<String> {
     Ok(match (c, names) {
         (Component::TextEncoder, _) => format!("lora_te_{}", module.replace('.', "_")),
-        (Component::Unet, KohyaNames::Diffusers) => format!("lora_unet_{}", module.replace('.', "_")),
+        (Component::Unet, KohyaNames::Diffusers) => {
+            format!("lora_unet_{}", module.replace('.', "_"))
+        }
         (Component::Unet, KohyaNames::Ldm) => {
             let (ldm, _) = unet_keys::key_map(&sd.unet.config)
                 .to_ldm(module)
@@ -1069,8 +1132,14 @@ pub fn export_kohya(sd: &StableDiffusion, path: &Path, names: KohyaNames) -> Res
         ("ss_network_module".to_string(), "networks.lora".to_string()),
         ("ss_network_dim".to_string(), dim.to_string()),
         ("ss_network_alpha".to_string(), format_alpha(alpha)),
-        ("ss_base_model_version".to_string(), base_model_version(sd).to_string()),
-        ("ss_v2".to_string(), if v2 { "True" } else { "False" }.to_string()),
+        (
+            "ss_base_model_version".to_string(),
+            base_model_version(sd).to_string(),
+        ),
+        (
+            "ss_v2".to_string(),
+            if v2 { "True" } else { "False" }.to_string(),
+        ),
         (
             "ss_v_parameterization".to_string(),
             if sd.prediction_type() == crate::diffusion::PredictionType::VPrediction {
@@ -1098,7 +1167,11 @@ fn format_alpha(a: f64) -> String {
     }
 }
 
-fn write(tensors: &BTreeMap<String, Tensor>, path: &Path, meta: HashMap<String, String>) -> Result<PathBuf> {
+fn write(
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+    meta: HashMap<String, String>,
+) -> Result<PathBuf> {
     if let Some(d) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
@@ -1121,7 +1194,11 @@ pub fn pair_scales(files: &[PathBuf], scales: &[f64]) -> Result<Vec<(PathBuf, f6
     if files.is_empty() && !scales.is_empty() {
         return Err(Error::msg("--lora-scale without --lora"));
     }
-    files.iter().enumerate().map(|(i, f)| Ok((f.clone(), s(i)?))).collect()
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Ok((f.clone(), s(i)?)))
+        .collect()
 }
 
 /// One line about an applied file: format, layers, scale.
