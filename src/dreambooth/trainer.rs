@@ -3,7 +3,9 @@
 //! and, with prior preservation, an equal batch of the frozen model's own class
 //! images under the class prompt ("a photo of dog"):
 //!
-//!     loss = ‖ε̂(z_t, c) − ε‖² + λ · ‖ε̂(z'_t', c_pr) − ε'‖²
+//! ```text
+//! loss = ‖ε̂(z_t, c) − ε‖² + λ · ‖ε̂(z'_t', c_pr) − ε'‖²
+//! ```
 //!
 //! with independent timesteps and noise per sample. Latents of the photos (and
 //! the text embeddings, when the text encoder is frozen) are computed once.

@@ -1,6 +1,8 @@
 //! LoRA (Hu et al. 2021): a frozen layer plus a trainable low-rank update,
 //!
-//!     y = base(x) + scale · B(A(dropout(x))),   scale = alpha / r
+//! ```text
+//! y = base(x) + scale · B(A(dropout(x))),   scale = alpha / r
+//! ```
 //!
 //! with A: (r, in) and B: (out, r) for a linear layer, and for a convolution
 //! A: (r, in, kh, kw) with the base layer's stride and padding and B a 1×1
