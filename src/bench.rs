@@ -153,7 +153,7 @@ pub fn bench_step(
     log: &mut dyn FnMut(&str),
 ) -> Result<StepBenchReport> {
     let f = opts.arch.vae_factor();
-    if opts.res % f != 0 || opts.res == 0 {
+    if !opts.res.is_multiple_of(f) || opts.res == 0 {
         return Err(Error::msg(format!(
             "--res {} is not a positive multiple of {f}",
             opts.res

@@ -8,7 +8,11 @@ mod cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "dreambooth", version, about = "DreamBooth for Stable Diffusion, in Rust")]
+#[command(
+    name = "dreambooth",
+    version,
+    about = "DreamBooth for Stable Diffusion, in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -16,13 +16,16 @@ fn edited_unet(tag: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> P
     let dir = std::env::temp_dir().join(format!("db-load-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let mut w: BTreeMap<String, Tensor> =
-        dreambooth::nn::read_safetensors(&src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .collect();
+    let mut w: BTreeMap<String, Tensor> = dreambooth::nn::read_safetensors(
+        &src.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
     edit(&mut w);
-    dreambooth::nn::save_safetensors(&w, &dir.join("diffusion_pytorch_model.safetensors"), None).unwrap();
+    dreambooth::nn::save_safetensors(&w, &dir.join("diffusion_pytorch_model.safetensors"), None)
+        .unwrap();
     dir
 }
 
@@ -42,7 +45,10 @@ fn missing_key_is_named() {
         w.remove(key);
     });
     let e = load_err(&dir);
-    assert!(e.contains(key) && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    assert!(
+        e.contains(key) && e.contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
     assert!(e.contains("missing"), "{e}");
 }
 
@@ -50,26 +56,45 @@ fn missing_key_is_named() {
 fn wrong_shape_names_both_shapes() {
     let key = "conv_in.weight";
     let dir = edited_unet("shape", |w| {
-        w.insert(key.into(), Tensor::zeros((16, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap());
+        w.insert(
+            key.into(),
+            Tensor::zeros((16, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&dir);
-    assert!(e.contains(key) && e.contains("[16, 4, 1, 1]") && e.contains("[16, 4, 3, 3]"), "{e}");
+    assert!(
+        e.contains(key) && e.contains("[16, 4, 1, 1]") && e.contains("[16, 4, 3, 3]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unexpected_key_is_reported() {
     let dir = edited_unet("extra", |w| {
-        w.insert("mystery.weight".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
+        w.insert(
+            "mystery.weight".into(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&dir);
-    assert!(e.contains("mystery.weight") && e.contains("unexpected"), "{e}");
+    assert!(
+        e.contains("mystery.weight") && e.contains("unexpected"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_weights_file_is_named() {
     let dir = std::env::temp_dir().join(format!("db-load-nofile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(fixtures().join("tiny-sd1/unet/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-sd1/unet/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("no weights found") && e.contains("db-load-nofile"), "{e}");
+    assert!(
+        e.contains("no weights found") && e.contains("db-load-nofile"),
+        "{e}"
+    );
 }

@@ -19,20 +19,46 @@ fn check(name: &str) {
     assert_close(&format!("{name} unet out"), &out, &fx["out"], 1e-4);
     // A latent whose sides do not divide by 2^levels (10×6).
     let odd = unet
-        .forward(&fx["odd_sample"], &fx["timesteps"].narrow(0, 0, 1).unwrap(), &fx["context"].narrow(0, 0, 1).unwrap())
+        .forward(
+            &fx["odd_sample"],
+            &fx["timesteps"].narrow(0, 0, 1).unwrap(),
+            &fx["context"].narrow(0, 0, 1).unwrap(),
+        )
         .unwrap();
-    assert_close(&format!("{name} unet out 10x6 latent"), &odd, &fx["odd_out"], 1e-4);
+    assert_close(
+        &format!("{name} unet out 10x6 latent"),
+        &odd,
+        &fx["odd_out"],
+        1e-4,
+    );
 
     let loss = (out * &fx["r"]).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    assert_close(&format!("{name} grad sample"), grads.get(&sample).unwrap(), &fx["grad.sample"], 1e-4);
-    assert_close(&format!("{name} grad context"), grads.get(&context).unwrap(), &fx["grad.context"], 1e-4);
+    assert_close(
+        &format!("{name} grad sample"),
+        grads.get(&sample).unwrap(),
+        &fx["grad.sample"],
+        1e-4,
+    );
+    assert_close(
+        &format!("{name} grad context"),
+        grads.get(&context).unwrap(),
+        &fx["grad.context"],
+        1e-4,
+    );
     let vars = vb.vars();
     let mut n = 0;
-    for (k, v) in fx.iter().filter(|(k, _)| k.starts_with("grad.") && *k != "grad.sample" && *k != "grad.context") {
+    for (k, v) in fx
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad.") && *k != "grad.sample" && *k != "grad.context")
+    {
         let key = &k["grad.".len()..];
-        let var = vars.get(key).unwrap_or_else(|| panic!("no parameter {key}"));
-        let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let var = vars
+            .get(key)
+            .unwrap_or_else(|| panic!("no parameter {key}"));
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {key}"));
         assert_close(&format!("{name} grad {key}"), g, v, 1e-4);
         n += 1;
     }
@@ -42,11 +68,21 @@ fn check(name: &str) {
     let mut missing = Vec::new();
     for (k, var) in &vars {
         match grads.get(var) {
-            Some(g) if g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0 => {}
+            Some(g)
+                if g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0 => {}
             _ => missing.push(k.clone()),
         }
     }
-    assert!(missing.is_empty(), "{name}: parameters without gradient: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "{name}: parameters without gradient: {missing:?}"
+    );
 }
 
 #[test]
@@ -73,11 +109,20 @@ fn unet_loads_f16_checkpoint() {
         &Device::Cpu,
     )
     .unwrap();
-    let half: BTreeMap<String, Tensor> =
-        weights.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap())).collect();
-    dreambooth::nn::save_safetensors(&half, &tmp.join("diffusion_pytorch_model.safetensors"), None).unwrap();
+    let half: BTreeMap<String, Tensor> = weights
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    dreambooth::nn::save_safetensors(
+        &half,
+        &tmp.join("diffusion_pytorch_model.safetensors"),
+        None,
+    )
+    .unwrap();
     let (unet, _) = UNet2DConditionModel::load(&tmp, &Device::Cpu, false).unwrap();
-    let out = unet.forward(&fx["sample"], &fx["timesteps"], &fx["context"]).unwrap();
+    let out = unet
+        .forward(&fx["sample"], &fx["timesteps"], &fx["context"])
+        .unwrap();
     assert_close("sd1 unet f16 weights", &out, &fx["out_f16w"], 1e-4);
     std::fs::remove_dir_all(&tmp).ok();
 }

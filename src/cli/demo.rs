@@ -53,7 +53,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     println!(
         "\nreport: {} ({:.0}s in all)",
-        std::fs::canonicalize(&r.report).unwrap_or(r.report.clone()).display(),
+        std::fs::canonicalize(&r.report)
+            .unwrap_or(r.report.clone())
+            .display(),
         r.seconds
     );
     Ok(())

@@ -1,9 +1,9 @@
 //! One module per subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
 pub mod bench;
+pub mod demo;
 pub mod generate;
 pub mod identifier;
 pub mod merge;
 pub mod toy;
 pub mod train;
-pub mod demo;

@@ -74,7 +74,11 @@ fn run_ablation(a: AblationArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("ablation.md"), &table)?;
     std::fs::write(a.out.join("ablation.json"), json)?;
-    println!("({:.1} min; table in {})", t0.elapsed().as_secs_f64() / 60.0, a.out.join("ablation.md").display());
+    println!(
+        "({:.1} min; table in {})",
+        t0.elapsed().as_secs_f64() / 60.0,
+        a.out.join("ablation.md").display()
+    );
     Ok(())
 }
 
@@ -126,7 +130,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             let t0 = std::time::Instant::now();
             pretrain(&opts, &mut |line| println!("{line}"))?;
-            println!("pretraining took {:.1} min", t0.elapsed().as_secs_f64() / 60.0);
+            println!(
+                "pretraining took {:.1} min",
+                t0.elapsed().as_secs_f64() / 60.0
+            );
             Ok(())
         }
     }

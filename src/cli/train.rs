@@ -170,23 +170,70 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         None => TrainConfig::default(),
     };
     set!(
-        cfg, args, instance_dir, instance_prompt, num_class_images, prior_loss_weight, output_dir,
-        train_batch_size, max_train_steps, learning_rate, lr_warmup_steps, adam_beta1, adam_beta2,
-        adam_weight_decay, adam_epsilon, max_grad_norm, gradient_accumulation_steps, offset_noise, seed,
-        checkpointing_steps, checkpoints_total_limit, validation_steps, num_validation_images,
-        sample_batch_size, class_sampler, class_steps, class_guidance, class_negative_prompt,
-        sample_steps, sample_guidance, lora_rank, lora_dropout, lora_targets, lora_format
+        cfg,
+        args,
+        instance_dir,
+        instance_prompt,
+        num_class_images,
+        prior_loss_weight,
+        output_dir,
+        train_batch_size,
+        max_train_steps,
+        learning_rate,
+        lr_warmup_steps,
+        adam_beta1,
+        adam_beta2,
+        adam_weight_decay,
+        adam_epsilon,
+        max_grad_norm,
+        gradient_accumulation_steps,
+        offset_noise,
+        seed,
+        checkpointing_steps,
+        checkpoints_total_limit,
+        validation_steps,
+        num_validation_images,
+        sample_batch_size,
+        class_sampler,
+        class_steps,
+        class_guidance,
+        class_negative_prompt,
+        sample_steps,
+        sample_guidance,
+        lora_rank,
+        lora_dropout,
+        lora_targets,
+        lora_format
     );
     set_opt!(
-        cfg, args, model, class_prompt, class_dir, resolution, text_encoder_lr, snr_gamma, resume, validation_prompt,
+        cfg,
+        args,
+        model,
+        class_prompt,
+        class_dir,
+        resolution,
+        text_encoder_lr,
+        snr_gamma,
+        resume,
+        validation_prompt,
         lora_alpha
     );
     set_flag!(
-        cfg, args, with_prior_preservation, center_crop, random_flip, train_text_encoder,
-        regenerate_class_images, skip_bad_images, save_single_file, lora
+        cfg,
+        args,
+        with_prior_preservation,
+        center_crop,
+        random_flip,
+        train_text_encoder,
+        regenerate_class_images,
+        skip_bad_images,
+        save_single_file,
+        lora
     );
     if let Some(s) = &args.lr_scheduler {
-        cfg.lr_scheduler = s.parse().map_err(|e: String| anyhow::anyhow!("invalid option: {e}"))?;
+        cfg.lr_scheduler = s
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("invalid option: {e}"))?;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -203,7 +250,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 eprintln!("\nsecond interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to abort)");
+            eprintln!(
+                "\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to abort)"
+            );
         });
     }
     let bar = ProgressBar::new(cfg.max_train_steps);
@@ -218,8 +267,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut log = |line: &str| bar.suspend(|| println!("{line}"));
     let mut on_step = |s: &dreambooth::dreambooth::trainer::StepInfo| {
         bar.set_position(s.step);
-        let prior = s.loss_prior.map(|p| format!(" prior {p:.4}")).unwrap_or_default();
-        bar.set_message(format!("loss {:.4} (inst {:.4}{prior}) lr {:.2e}", s.loss, s.loss_instance, s.lr));
+        let prior = s
+            .loss_prior
+            .map(|p| format!(" prior {p:.4}"))
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "loss {:.4} (inst {:.4}{prior}) lr {:.2e}",
+            s.loss, s.loss_instance, s.lr
+        ));
     };
     let mut ev = Events {
         log: &mut log,
@@ -229,7 +284,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (_, outcome) = train(&cfg, &device, &mut ev).context("training failed")?;
     bar.finish_and_clear();
     if outcome.interrupted {
-        println!("stopped at step {}; resume with --resume latest", outcome.final_step);
+        println!(
+            "stopped at step {}; resume with --resume latest",
+            outcome.final_step
+        );
         std::process::exit(130);
     }
     if let Some(f) = outcome.lora_files.first() {
@@ -237,7 +295,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "done: {} steps; LoRA weights in {}\ntry: dreambooth generate {}--lora {} --prompt \"{}\" --out samples",
             outcome.final_step,
             cfg.output_dir.display(),
-            cfg.model.as_deref().map(|p| format!("--model {} ", p.display())).unwrap_or_default(),
+            cfg.model
+                .as_deref()
+                .map(|p| format!("--model {} ", p.display()))
+                .unwrap_or_default(),
             f.display(),
             cfg.instance_prompt
         );

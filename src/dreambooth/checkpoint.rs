@@ -35,19 +35,35 @@ pub fn checkpoint_name(step: u64) -> String {
 }
 
 /// Writes `root/checkpoint-<step>/` and keeps only the newest `keep`.
-pub fn save(root: &Path, state: &CheckpointState, groups: &[Group], keep: usize) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    state: &CheckpointState,
+    groups: &[Group],
+    keep: usize,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let final_dir = root.join(checkpoint_name(state.step));
-    let tmp = root.join(format!(".tmp-{}-{}", checkpoint_name(state.step), std::process::id()));
+    let tmp = root.join(format!(
+        ".tmp-{}-{}",
+        checkpoint_name(state.step),
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     for g in groups {
-        let weights: BTreeMap<String, Tensor> =
-            g.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        let weights: BTreeMap<String, Tensor> = g
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
         save_safetensors(&weights, &tmp.join(format!("{}.safetensors", g.name)), None)?;
-        save_safetensors(&g.opt.state(), &tmp.join(format!("{}.optimizer.safetensors", g.name)), None)?;
+        save_safetensors(
+            &g.opt.state(),
+            &tmp.join(format!("{}.optimizer.safetensors", g.name)),
+            None,
+        )?;
     }
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
     crate::util::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
@@ -67,7 +83,9 @@ pub fn list(root: &Path) -> Vec<PathBuf> {
                 .map(|e| e.path())
                 .filter(|p| {
                     p.is_dir()
-                        && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("checkpoint-"))
+                        && p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("checkpoint-"))
                         && p.join("state.json").is_file()
                 })
                 .collect()
@@ -92,7 +110,10 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
 pub fn resolve(root: &Path, which: &str) -> Result<PathBuf> {
     if which == "latest" {
         return list(root).pop().ok_or_else(|| {
-            Error::msg(format!("--resume latest: no checkpoint found in {}", root.display()))
+            Error::msg(format!(
+                "--resume latest: no checkpoint found in {}",
+                root.display()
+            ))
         });
     }
     let p = PathBuf::from(which);
@@ -128,8 +149,13 @@ pub fn load(dir: &Path, groups: &mut [Group], device: &Device) -> Result<Checkpo
             var.set(t)?;
         }
         let opath = dir.join(format!("{}.optimizer.safetensors", g.name));
-        let ostate: BTreeMap<String, Tensor> = read_safetensors(&opath, device)?.into_iter().collect();
-        let steps = state.optimizer_steps.get(g.name).copied().unwrap_or(state.step);
+        let ostate: BTreeMap<String, Tensor> =
+            read_safetensors(&opath, device)?.into_iter().collect();
+        let steps = state
+            .optimizer_steps
+            .get(g.name)
+            .copied()
+            .unwrap_or(state.step);
         g.opt
             .load_state(&ostate, steps)
             .map_err(|e| Error::config(&opath, e.to_string()))?;

@@ -180,11 +180,16 @@ impl TrainConfig {
             return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());
         }
         if self.instance_dir.as_os_str().is_empty() {
-            return bad("--instance-dir is required (a folder of 3-5 photos of the subject)".into());
+            return bad(
+                "--instance-dir is required (a folder of 3-5 photos of the subject)".into(),
+            );
         }
         if self.with_prior_preservation {
             if self.class_prompt.as_deref().unwrap_or("").trim().is_empty() {
-                return bad("--with-prior-preservation needs --class-prompt (e.g. \"a photo of dog\")".into());
+                return bad(
+                    "--with-prior-preservation needs --class-prompt (e.g. \"a photo of dog\")"
+                        .into(),
+                );
             }
             if self.num_class_images == 0 {
                 return bad("--num-class-images must be at least 1 with prior preservation".into());
@@ -192,7 +197,10 @@ impl TrainConfig {
         }
         for (name, v) in [
             ("--learning-rate", self.learning_rate),
-            ("--text-encoder-lr", self.text_encoder_lr.unwrap_or(self.learning_rate)),
+            (
+                "--text-encoder-lr",
+                self.text_encoder_lr.unwrap_or(self.learning_rate),
+            ),
         ] {
             if !(v > 0.0 && v < 1.0) {
                 return bad(format!("{name} {v} is out of range (0, 1)"));
@@ -205,7 +213,10 @@ impl TrainConfig {
             return bad("--adam-weight-decay must be ≥ 0 and --adam-epsilon > 0".into());
         }
         if self.prior_loss_weight < 0.0 {
-            return bad(format!("--prior-loss-weight {} must be ≥ 0", self.prior_loss_weight));
+            return bad(format!(
+                "--prior-loss-weight {} must be ≥ 0",
+                self.prior_loss_weight
+            ));
         }
         if self.train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return bad("--train-batch-size and --gradient-accumulation-steps must be ≥ 1".into());
@@ -219,7 +230,10 @@ impl TrainConfig {
             return bad(format!("--snr-gamma {g} must be > 0"));
         }
         if self.offset_noise < 0.0 || self.offset_noise > 1.0 {
-            return bad(format!("--offset-noise {} must lie in [0, 1]", self.offset_noise));
+            return bad(format!(
+                "--offset-noise {} must lie in [0, 1]",
+                self.offset_noise
+            ));
         }
         if let Some(r) = self.resolution
             && (r == 0 || r % 8 != 0)

@@ -7,8 +7,8 @@ use candle_core::DType;
 use serde_json::json;
 
 use crate::models::single_file::{
-    Family, SaveConfigs, save_single_file, scheduler_config_json, text_config_json, unet_config_json,
-    vae_config_json,
+    Family, SaveConfigs, save_single_file, scheduler_config_json, text_config_json,
+    unet_config_json, vae_config_json,
 };
 use crate::models::{ModelFormat, StableDiffusion};
 use crate::nn::save_safetensors;
@@ -25,7 +25,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let e = e.map_err(|e| Error::io(from, e))?;
         if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).map_err(|err| Error::io(e.path(), err))?;
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .map_err(|err| Error::io(e.path(), err))?;
         }
     }
     Ok(())
@@ -46,9 +47,15 @@ fn own_tokenizer_files(model: &StableDiffusion) -> Option<(String, String)> {
 /// Writes `model` (with its current, possibly trained, weights) as a diffusers
 /// folder at `out`, atomically: built in a temporary folder, then renamed.
 pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -56,13 +63,19 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
     let src = &model.source;
     let from_folder = model.format == ModelFormat::Diffusers;
 
-    write_json(&tmp.join("unet").join("config.json"), &unet_config_json(&model.unet.config))?;
+    write_json(
+        &tmp.join("unet").join("config.json"),
+        &unet_config_json(&model.unet.config),
+    )?;
     save_safetensors(
         &model.unet_vb.tensors(),
         &tmp.join("unet").join("diffusion_pytorch_model.safetensors"),
         None,
     )?;
-    write_json(&tmp.join("vae").join("config.json"), &vae_config_json(model.vae.config()))?;
+    write_json(
+        &tmp.join("vae").join("config.json"),
+        &vae_config_json(model.vae.config()),
+    )?;
     save_safetensors(
         &model.vae_vb.tensors(),
         &tmp.join("vae").join("diffusion_pytorch_model.safetensors"),
@@ -70,7 +83,8 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
     )?;
     let mut te_cfg = text_config_json(model.text_encoder.config());
     if let Some(obj) = te_cfg.as_object_mut() {
-        obj.entry("architectures").or_insert(json!(["CLIPTextModel"]));
+        obj.entry("architectures")
+            .or_insert(json!(["CLIPTextModel"]));
         obj.entry("model_type").or_insert(json!("clip_text_model"));
     }
     write_json(&tmp.join("text_encoder").join("config.json"), &te_cfg)?;
@@ -131,7 +145,10 @@ fn write_clip_tokenizer(model: &StableDiffusion, dir: &Path) -> Result<()> {
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    write_atomic(&dir.join("vocab.json"), serde_json::Value::Object(vocab).to_string().as_bytes())?;
+    write_atomic(
+        &dir.join("vocab.json"),
+        serde_json::Value::Object(vocab).to_string().as_bytes(),
+    )?;
     let mut text = String::from("#version: 0.2\n");
     for (a, b) in &merges {
         text.push_str(&format!("{a} {b}\n"));

@@ -1,11 +1,11 @@
 //! The DreamBooth method: data, class-image cache, loss, training loop,
 //! checkpoints and export.
 
-pub mod loss;
-pub mod data;
 pub mod checkpoint;
-pub mod config;
-pub mod export;
 pub mod class_images;
-pub mod trainer;
+pub mod config;
+pub mod data;
+pub mod export;
 pub mod identifier;
+pub mod loss;
+pub mod trainer;

@@ -142,7 +142,11 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
 }
 
 /// Runs `dreambooth train`: loads the model, trains, exports.
-pub fn train(cfg: &TrainConfig, device: &Device, ev: &mut Events) -> Result<(StableDiffusion, TrainOutcome)> {
+pub fn train(
+    cfg: &TrainConfig,
+    device: &Device,
+    ev: &mut Events,
+) -> Result<(StableDiffusion, TrainOutcome)> {
     cfg.validate()?;
     let model = load_model(cfg, device)?;
     let outcome = train_model(cfg, &model, ev)?;
@@ -152,7 +156,11 @@ pub fn train(cfg: &TrainConfig, device: &Device, ev: &mut Events) -> Result<(Sta
 /// Trains an already-loaded model in place (its UNet — and text encoder when
 /// `train_text_encoder` — must have been loaded trainable, or with `lora`
 /// carry trainable adapters: see [`load_model`]).
-pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) -> Result<TrainOutcome> {
+pub fn train_model(
+    cfg: &TrainConfig,
+    model: &StableDiffusion,
+    ev: &mut Events,
+) -> Result<TrainOutcome> {
     cfg.validate()?;
     let res = resolution(cfg, model);
     let mult = model.size_multiple();
@@ -165,14 +173,19 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
     // Instance photos → cached latent distributions, one per training view.
-    let (paths, warnings) = ImageFolder::scan_for_resolution(&cfg.instance_dir, res, cfg.skip_bad_images)?;
+    let (paths, warnings) =
+        ImageFolder::scan_for_resolution(&cfg.instance_dir, res, cfg.skip_bad_images)?;
     for w in warnings {
         (ev.log)(&format!("warning: {w}"));
     }
     let mut views = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let img = data::load_image(p)?;
-        let flips: &[bool] = if cfg.random_flip { &[false, true] } else { &[false] };
+        let flips: &[bool] = if cfg.random_flip {
+            &[false, true]
+        } else {
+            &[false]
+        };
         if cfg.center_crop {
             for &f in flips {
                 views.push(data::prepare(&img, res, Crop::Center, f));
@@ -180,7 +193,12 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         } else {
             for k in 0..RANDOM_CROPS {
                 let seed = crate::toy::world::derive_seed(cfg.seed ^ i as u64, k);
-                views.push(data::prepare(&img, res, Crop::Random(seed), cfg.random_flip && k % 2 == 1));
+                views.push(data::prepare(
+                    &img,
+                    res,
+                    Crop::Random(seed),
+                    cfg.random_flip && k % 2 == 1,
+                ));
             }
         }
     }
@@ -195,7 +213,10 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
     // Class images for prior preservation: reuse, generate the missing, encode.
     let class_prompt = cfg.class_prompt.clone().unwrap_or_default();
     let class_bank = if cfg.with_prior_preservation {
-        let dir = cfg.class_dir.clone().unwrap_or_else(|| out.join("class_images"));
+        let dir = cfg
+            .class_dir
+            .clone()
+            .unwrap_or_else(|| out.join("class_images"));
         let sampler: SamplerKind = cfg.class_sampler.parse()?;
         let gen_opts = ClassGenOptions {
             sampler,
@@ -209,11 +230,18 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         };
         let t0 = Instant::now();
         let mut last = 0;
-        let imgs = ClassImageCache::prepare(model, &dir, &class_prompt, cfg.num_class_images, &gen_opts, &mut |p| {
-            if p.done != last || p.step == 1 {
-                last = p.done;
-            }
-        })?;
+        let imgs = ClassImageCache::prepare(
+            model,
+            &dir,
+            &class_prompt,
+            cfg.num_class_images,
+            &gen_opts,
+            &mut |p| {
+                if p.done != last || p.step == 1 {
+                    last = p.done;
+                }
+            },
+        )?;
         for n in &imgs.notes {
             (ev.log)(n);
         }
@@ -299,7 +327,10 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         "training {} UNet {}parameters{}",
         unet_opt.num_params(),
         if cfg.lora {
-            format!("LoRA (rank {}, targets {}) ", cfg.lora_rank, cfg.lora_targets)
+            format!(
+                "LoRA (rank {}, targets {}) ",
+                cfg.lora_rank, cfg.lora_targets
+            )
         } else {
             String::new()
         },
@@ -384,11 +415,15 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
             if let Some(d) = &dropout {
                 d.begin_step(micro_step);
             }
-            let inst_idx: Vec<u32> = (0..bs).map(|_| rng.random_range(0..instance.len() as u32)).collect();
+            let inst_idx: Vec<u32> = (0..bs)
+                .map(|_| rng.random_range(0..instance.len() as u32))
+                .collect();
             let mut latents = instance.sample(&inst_idx, &mut rng, model)?;
             let mut ctx_parts = Vec::new();
             let n_class = if let Some(cb) = &class_bank {
-                let idx: Vec<u32> = (0..bs).map(|_| rng.random_range(0..cb.len() as u32)).collect();
+                let idx: Vec<u32> = (0..bs)
+                    .map(|_| rng.random_range(0..cb.len() as u32))
+                    .collect();
                 latents = Tensor::cat(&[&latents, &cb.sample(&idx, &mut rng, model)?], 0)?;
                 bs
             } else {
@@ -418,7 +453,14 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
                 let off = randn(&mut rng, &[b, c, 1, 1], &model.device)?;
                 noise = noise.broadcast_add(&(off * cfg.offset_noise)?)?;
             }
-            let mut per = denoising_loss(&model.unet, &noise_schedule, &latents, &context, &timesteps, &noise)?;
+            let mut per = denoising_loss(
+                &model.unet,
+                &noise_schedule,
+                &latents,
+                &context,
+                &timesteps,
+                &noise,
+            )?;
             if let Some(g) = cfg.snr_gamma {
                 per = (per * min_snr_weights(&noise_schedule, &timesteps, g, &model.device)?)?;
             }
@@ -437,17 +479,27 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
             }
             AdamW::accumulate(&mut acc, unet_opt.collect(&grads))?;
             if cfg.train_text_encoder {
-                AdamW::accumulate(&mut acc, te_opt.collect(&grads).into_iter().map(|(k, g)| (format!("te:{k}"), g)).collect())?;
+                AdamW::accumulate(
+                    &mut acc,
+                    te_opt
+                        .collect(&grads)
+                        .into_iter()
+                        .map(|(k, g)| (format!("te:{k}"), g))
+                        .collect(),
+                )?;
             }
         }
         let norm = grad_norm(acc.values())?;
         let scale = clip_factor(norm, cfg.max_grad_norm);
         let lr = unet_sched.lr(step);
-        let (te_acc, unet_acc): (BTreeMap<_, _>, BTreeMap<_, _>) = acc.into_iter().partition(|(k, _)| k.starts_with("te:"));
+        let (te_acc, unet_acc): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            acc.into_iter().partition(|(k, _)| k.starts_with("te:"));
         unet_opt.step_map(&unet_acc, lr, scale)?;
         if cfg.train_text_encoder {
-            let te_acc: BTreeMap<String, Tensor> =
-                te_acc.into_iter().map(|(k, g)| (k["te:".len()..].to_string(), g)).collect();
+            let te_acc: BTreeMap<String, Tensor> = te_acc
+                .into_iter()
+                .map(|(k, g)| (k["te:".len()..].to_string(), g))
+                .collect();
             te_opt.step_map(&te_acc, te_sched.lr(step), scale)?;
         }
         step += 1;
@@ -466,7 +518,10 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
         }
         (ev.step)(&info);
 
-        if cfg.checkpointing_steps > 0 && step.is_multiple_of(cfg.checkpointing_steps) && step < cfg.max_train_steps {
+        if cfg.checkpointing_steps > 0
+            && step.is_multiple_of(cfg.checkpointing_steps)
+            && step < cfg.max_train_steps
+        {
             let p = save_ckpt(step, &mut unet_opt, &mut te_opt)?;
             (ev.log)(&format!("checkpoint saved: {}", p.display()));
             last_ckpt = Some(p);
@@ -512,7 +567,11 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
             files.push(lora::export_peft(model, &out.join(lora::PEFT_FILE))?);
         }
         if kohya {
-            files.push(lora::export_kohya(model, &out.join(lora::KOHYA_FILE), lora::KohyaNames::Diffusers)?);
+            files.push(lora::export_kohya(
+                model,
+                &out.join(lora::KOHYA_FILE),
+                lora::KohyaNames::Diffusers,
+            )?);
         }
         for f in &files {
             (ev.log)(&format!("LoRA weights: {}", f.display()));
@@ -528,9 +587,16 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
     }
     let model_dir = out.join("model");
     export::save_diffusers(model, &model_dir)?;
-    (ev.log)(&format!("trained model (diffusers folder): {}", model_dir.display()));
+    (ev.log)(&format!(
+        "trained model (diffusers folder): {}",
+        model_dir.display()
+    ));
     let single_file = if cfg.save_single_file {
-        let p = export::save_single(model, &out.join("model.safetensors"), candle_core::DType::F32)?;
+        let p = export::save_single(
+            model,
+            &out.join("model.safetensors"),
+            candle_core::DType::F32,
+        )?;
         (ev.log)(&format!("single-file checkpoint: {}", p.display()));
         Some(p)
     } else {
@@ -548,7 +614,13 @@ pub fn train_model(cfg: &TrainConfig, model: &StableDiffusion, ev: &mut Events) 
 
 /// Generates `num_validation_images` for `prompt` with the current weights and
 /// saves them as a grid under `output_dir/validation/`.
-fn validation(cfg: &TrainConfig, model: &StableDiffusion, prompt: &str, step: u64, res: usize) -> Result<PathBuf> {
+fn validation(
+    cfg: &TrainConfig,
+    model: &StableDiffusion,
+    prompt: &str,
+    step: u64,
+    res: usize,
+) -> Result<PathBuf> {
     let mut opts = GenerateOptions::new(prompt, cfg.num_validation_images.max(1));
     opts.steps = cfg.sample_steps;
     opts.guidance_scale = cfg.sample_guidance;
@@ -559,7 +631,10 @@ fn validation(cfg: &TrainConfig, model: &StableDiffusion, prompt: &str, step: u6
     let g = generate(model, &opts, &mut |_| {})?;
     let images: Vec<_> = g.images.into_iter().map(|i| i.image).collect();
     let grid = crate::image_io::grid(&images, Some(images.len().min(4)))?;
-    let path = cfg.output_dir.join("validation").join(format!("step-{step:06}.png"));
+    let path = cfg
+        .output_dir
+        .join("validation")
+        .join(format!("step-{step:06}.png"));
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }

@@ -35,14 +35,24 @@ fn d_true() -> bool {
     true
 }
 fn d_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -215,12 +225,16 @@ impl UNetConfig {
         }
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return bad(format!("unsupported down block type `{t}` (supported: CrossAttnDownBlock2D, DownBlock2D)"));
+                return bad(format!(
+                    "unsupported down block type `{t}` (supported: CrossAttnDownBlock2D, DownBlock2D)"
+                ));
             }
         }
         for t in &self.up_block_types {
             if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
-                return bad(format!("unsupported up block type `{t}` (supported: CrossAttnUpBlock2D, UpBlock2D)"));
+                return bad(format!(
+                    "unsupported up block type `{t}` (supported: CrossAttnUpBlock2D, UpBlock2D)"
+                ));
             }
         }
         match self.mid_block_type.as_deref() {
@@ -229,15 +243,25 @@ impl UNetConfig {
         }
         for (name, v) in [
             ("heads", self.heads().len()),
-            ("transformer_layers_per_block", self.transformer_layers().len()),
+            (
+                "transformer_layers_per_block",
+                self.transformer_layers().len(),
+            ),
         ] {
             if v != n {
                 return bad(format!("{name} has {v} entries, expected {n}"));
             }
         }
-        for (i, (&c, &h)) in self.block_out_channels.iter().zip(self.heads().iter()).enumerate() {
+        for (i, (&c, &h)) in self
+            .block_out_channels
+            .iter()
+            .zip(self.heads().iter())
+            .enumerate()
+        {
             if h == 0 || c % h != 0 {
-                return bad(format!("block {i}: {c} channels do not split into {h} attention heads"));
+                return bad(format!(
+                    "block {i}: {c} channels do not split into {h} attention heads"
+                ));
             }
         }
         let unsupported = [
@@ -246,12 +270,24 @@ impl UNetConfig {
             ("num_class_embeds", self.num_class_embeds.is_some()),
             ("addition_embed_type", self.addition_embed_type.is_some()),
             ("dual_cross_attention", self.dual_cross_attention),
-            ("only_cross_attention", self.only_cross_attention.as_bool().unwrap_or(false)
-                || self.only_cross_attention.is_array()),
-            ("resnet_time_scale_shift", self.resnet_time_scale_shift != "default"),
+            (
+                "only_cross_attention",
+                self.only_cross_attention.as_bool().unwrap_or(false)
+                    || self.only_cross_attention.is_array(),
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift != "default",
+            ),
             ("resnet_skip_time_act", self.resnet_skip_time_act),
-            ("time_embedding_type", self.time_embedding_type != "positional"),
-            ("time_embedding_act_fn", self.time_embedding_act_fn.is_some()),
+            (
+                "time_embedding_type",
+                self.time_embedding_type != "positional",
+            ),
+            (
+                "time_embedding_act_fn",
+                self.time_embedding_act_fn.is_some(),
+            ),
             ("timestep_post_act", self.timestep_post_act.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
@@ -266,7 +302,9 @@ impl UNetConfig {
         ];
         for (field, is_bad) in unsupported {
             if is_bad {
-                return bad(format!("unsupported value for `{field}` (this crate builds SD 1.x/2.x UNets)"));
+                return bad(format!(
+                    "unsupported value for `{field}` (this crate builds SD 1.x/2.x UNets)"
+                ));
             }
         }
         Ok(())

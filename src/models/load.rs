@@ -23,7 +23,8 @@ pub fn weights_file(dir: &Path) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    if dir.join("diffusion_pytorch_model.bin").is_file() || dir.join("pytorch_model.bin").is_file() {
+    if dir.join("diffusion_pytorch_model.bin").is_file() || dir.join("pytorch_model.bin").is_file()
+    {
         return Err(Error::config(
             dir,
             "only PyTorch .bin weights found; convert them to .safetensors (pickle files are not loaded)",

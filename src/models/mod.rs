@@ -14,5 +14,5 @@ pub mod unet_blocks;
 pub mod vae;
 
 pub use config::UNetConfig;
-pub use unet::UNet2DConditionModel;
 pub use sd::{LoadOptions, ModelFormat, StableDiffusion};
+pub use unet::UNet2DConditionModel;

@@ -443,7 +443,10 @@ pub fn default_model_dir() -> Result<PathBuf> {
         candidates.push(dir.join("tiny-model"));
     }
     candidates.push(PathBuf::from(TINY_MODEL));
-    if let Some(p) = candidates.iter().find(|p| p.join("model_index.json").is_file()) {
+    if let Some(p) = candidates
+        .iter()
+        .find(|p| p.join("model_index.json").is_file())
+    {
         return Ok(p.clone());
     }
     let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();

@@ -41,7 +41,13 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(vb: &Vb, dim: usize, heads: usize, dim_head: usize, cross_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: &Vb,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_dim: usize,
+    ) -> Result<Self> {
         let attn = |name: &str, cross: Option<usize>| {
             Attention::new(
                 &vb.pp(name),
@@ -68,7 +74,10 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
     }
 }

@@ -59,7 +59,14 @@ impl UNet2DConditionModel {
             output_scale_factor: config.resnet_out_scale_factor,
         };
         let k_in = config.conv_in_kernel;
-        let conv_in = Conv2d::new(&vb.pp("conv_in"), config.in_channels, boc[0], k_in, 1, k_in / 2)?;
+        let conv_in = Conv2d::new(
+            &vb.pp("conv_in"),
+            config.in_channels,
+            boc[0],
+            k_in,
+            1,
+            k_in / 2,
+        )?;
         let time_embedding = TimestepEmbedding::new(&vb.pp("time_embedding"), boc[0], temb)?;
 
         let mut down_blocks = Vec::with_capacity(n);
@@ -131,8 +138,20 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::new(&vb.pp("conv_norm_out"), config.groups(), boc[0], config.norm_eps)?,
-            conv_out: Conv2d::new(&vb.pp("conv_out"), boc[0], config.out_channels, k_out, 1, k_out / 2)?,
+            conv_norm_out: GroupNorm::new(
+                &vb.pp("conv_norm_out"),
+                config.groups(),
+                boc[0],
+                config.norm_eps,
+            )?,
+            conv_out: Conv2d::new(
+                &vb.pp("conv_out"),
+                boc[0],
+                config.out_channels,
+                k_out,
+                1,
+                k_out / 2,
+            )?,
         })
     }
 

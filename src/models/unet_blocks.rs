@@ -33,7 +33,13 @@ impl BlockCommon {
         )
     }
 
-    fn transformer(&self, vb: &Vb, ch: usize, heads: usize, layers: usize) -> Result<Transformer2DModel> {
+    fn transformer(
+        &self,
+        vb: &Vb,
+        ch: usize,
+        heads: usize,
+        layers: usize,
+    ) -> Result<Transformer2DModel> {
         Transformer2DModel::new(
             vb,
             &TransformerConfig {
@@ -81,7 +87,12 @@ impl DownBlock {
             let c_in = if i == 0 { in_ch } else { out_ch };
             resnets.push(common.resnet(&vb.pp("resnets").pp(i), c_in, out_ch)?);
             if let Some(a) = attn {
-                attentions.push(common.transformer(&vb.pp("attentions").pp(i), out_ch, a.heads, a.layers)?);
+                attentions.push(common.transformer(
+                    &vb.pp("attentions").pp(i),
+                    out_ch,
+                    a.heads,
+                    a.layers,
+                )?);
             }
         }
         let downsampler = if add_downsample {
@@ -102,7 +113,12 @@ impl DownBlock {
     }
 
     /// Returns the block output and the skip connections it contributes.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut skips = Vec::new();
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -133,7 +149,12 @@ impl MidBlock {
                 common.resnet(&vb.pp("resnets").pp(0), ch, ch)?,
                 common.resnet(&vb.pp("resnets").pp(1), ch, ch)?,
             ],
-            attentions: vec![common.transformer(&vb.pp("attentions").pp(0), ch, attn.heads, attn.layers)?],
+            attentions: vec![common.transformer(
+                &vb.pp("attentions").pp(0),
+                ch,
+                attn.heads,
+                attn.layers,
+            )?],
         })
     }
 
@@ -172,7 +193,12 @@ impl UpBlock {
             let c_in = if i == 0 { prev_out } else { out_ch };
             resnets.push(common.resnet(&vb.pp("resnets").pp(i), c_in + skip, out_ch)?);
             if let Some(a) = attn {
-                attentions.push(common.transformer(&vb.pp("attentions").pp(i), out_ch, a.heads, a.layers)?);
+                attentions.push(common.transformer(
+                    &vb.pp("attentions").pp(i),
+                    out_ch,
+                    a.heads,
+                    a.layers,
+                )?);
             }
         }
         let upsampler = if add_upsample {

@@ -245,7 +245,7 @@ impl CustomOp3 for GroupNormOp {
         let dims = l1.dims();
         let c = dims[1];
         let g = self.groups;
-        if c % g != 0 || w.len() != c || b.len() != c {
+        if !c.is_multiple_of(g) || w.len() != c || b.len() != c {
             candle_core::bail!(
                 "group_norm: {c} channels, {g} groups, weight {} bias {}",
                 w.len(),
@@ -613,7 +613,7 @@ impl CustomOp1 for GegluOp {
         let h = slice(s, l, "geglu")?;
         let dims = l.dims();
         let d2 = *dims.last().unwrap_or(&0);
-        if d2 % 2 != 0 {
+        if !d2.is_multiple_of(2) {
             candle_core::bail!("geglu: last dimension {d2} is odd");
         }
         let d = d2 / 2;

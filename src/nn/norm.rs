@@ -33,7 +33,14 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::fused::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, false)
+        super::fused::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.num_groups,
+            self.eps,
+            false,
+        )
     }
 
     /// silu(group_norm(x)) in one pass (the ResNet blocks' pattern).

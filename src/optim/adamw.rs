@@ -60,7 +60,10 @@ impl AdamW {
     }
 
     pub fn num_params(&self) -> usize {
-        self.slots.values().map(|s| s.var.as_tensor().elem_count()).sum()
+        self.slots
+            .values()
+            .map(|s| s.var.as_tensor().elem_count())
+            .sum()
     }
 
     pub fn vars(&self) -> impl Iterator<Item = (&String, &Var)> {
@@ -68,7 +71,10 @@ impl AdamW {
     }
 
     /// Gradients of this group's parameters present in `grads`, by name.
-    pub fn grads<'a>(&'a self, grads: &'a GradStore) -> impl Iterator<Item = (&'a String, &'a Tensor)> {
+    pub fn grads<'a>(
+        &'a self,
+        grads: &'a GradStore,
+    ) -> impl Iterator<Item = (&'a String, &'a Tensor)> {
         self.slots
             .iter()
             .filter_map(|(k, s)| grads.get(s.var.as_tensor()).map(|g| (k, g)))
@@ -76,11 +82,16 @@ impl AdamW {
 
     /// The gradients of this group's parameters, detached, by name.
     pub fn collect(&self, grads: &GradStore) -> BTreeMap<String, Tensor> {
-        self.grads(grads).map(|(k, g)| (k.clone(), g.detach())).collect()
+        self.grads(grads)
+            .map(|(k, g)| (k.clone(), g.detach()))
+            .collect()
     }
 
     /// Adds `grads` into `acc` (gradient accumulation).
-    pub fn accumulate(acc: &mut BTreeMap<String, Tensor>, grads: BTreeMap<String, Tensor>) -> Result<()> {
+    pub fn accumulate(
+        acc: &mut BTreeMap<String, Tensor>,
+        grads: BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         for (k, g) in grads {
             let sum = match acc.remove(&k) {
                 Some(a) => (a + g)?,
@@ -99,7 +110,12 @@ impl AdamW {
 
     /// One update with learning rate `lr` from gradients by name; `grad_scale`
     /// multiplies every gradient first (gradient-norm clipping, accumulation averaging).
-    pub fn step_map(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step_map(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -111,7 +127,11 @@ impl AdamW {
             let Some(g) = grads.get(key) else {
                 continue;
             };
-            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g.clone() };
+            let g = if grad_scale != 1.0 {
+                (g * grad_scale)?
+            } else {
+                g.clone()
+            };
             let p = slot.var.as_tensor();
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -154,7 +174,11 @@ impl AdamW {
 pub fn grad_norm<'a>(grads: impl Iterator<Item = &'a Tensor>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }

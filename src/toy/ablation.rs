@@ -25,7 +25,11 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::PriorPreservation, Variant::NoPrior, Variant::NoClassNoun];
+    pub const ALL: [Variant; 3] = [
+        Variant::PriorPreservation,
+        Variant::NoPrior,
+        Variant::NoClassNoun,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -58,7 +62,11 @@ fn images(model: &StableDiffusion, prompt: &str, opts: &DemoOptions) -> Result<V
     g.sampler = SamplerKind::Ddim;
     g.seed = opts.seed + 1000;
     g.batch_size = opts.images_per_prompt;
-    Ok(generate(model, &g, &mut |_| {})?.images.into_iter().map(|i| i.image).collect())
+    Ok(generate(model, &g, &mut |_| {})?
+        .images
+        .into_iter()
+        .map(|i| i.image)
+        .collect())
 }
 
 /// Scores a model on a subject's evaluation prompts.
@@ -109,7 +117,10 @@ pub fn run_variant(
     )?;
     let photos_dir = work.join(format!("photos-{}", subject.name()));
     std::fs::create_dir_all(&photos_dir).map_err(|e| Error::io(&photos_dir, e))?;
-    for (i, (_, im)) in world::subject_photos(subject, opts.num_photos, opts.seed).iter().enumerate() {
+    for (i, (_, im)) in world::subject_photos(subject, opts.num_photos, opts.seed)
+        .iter()
+        .enumerate()
+    {
         let p = photos_dir.join(format!("photo-{i}.png"));
         im.save(&p).map_err(|e| Error::Image {
             path: p.clone(),
@@ -188,7 +199,15 @@ pub fn run_ablation(
         rows.push(r);
         for v in Variant::ALL {
             let r = run_variant(&model_dir, s, v, opts, work, log)?;
-            log(&format!("{} {}: fidelity {:.2} prompt {:.2} PRES {:.2} DIV {:.3}", s.name(), v.name(), r.subject_fidelity, r.prompt_fidelity, r.pres, r.div));
+            log(&format!(
+                "{} {}: fidelity {:.2} prompt {:.2} PRES {:.2} DIV {:.3}",
+                s.name(),
+                v.name(),
+                r.subject_fidelity,
+                r.prompt_fidelity,
+                r.pres,
+                r.div
+            ));
             rows.push(r);
         }
     }

@@ -182,7 +182,11 @@ fn gen_images(model: &StableDiffusion, prompt: &str, opts: &DemoOptions) -> Resu
     g.sampler = SamplerKind::Ddim;
     g.seed = opts.seed + 1000;
     g.batch_size = opts.images_per_prompt;
-    Ok(generate(model, &g, &mut |_| {})?.images.into_iter().map(|i| i.image).collect())
+    Ok(generate(model, &g, &mut |_| {})?
+        .images
+        .into_iter()
+        .map(|i| i.image)
+        .collect())
 }
 
 /// Runs the demo; `log` receives progress lines.
@@ -231,7 +235,11 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
     for p in &prompts {
         before.push(gen_images(&model, &p.prompt, opts)?);
     }
-    log(&format!("generated 'before' images for {} prompts ({:.0}s)", prompts.len(), t0.elapsed().as_secs_f64()));
+    log(&format!(
+        "generated 'before' images for {} prompts ({:.0}s)",
+        prompts.len(),
+        t0.elapsed().as_secs_f64()
+    ));
 
     let cfg = TrainConfig {
         model: Some(model_dir.clone()),
@@ -282,7 +290,11 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
         stop: &stop,
     };
     train_model(&cfg, &model, &mut ev)?;
-    log(&format!("trained {} steps in {:.0}s", opts.steps, t_train.elapsed().as_secs_f64()));
+    log(&format!(
+        "trained {} steps in {:.0}s",
+        opts.steps,
+        t_train.elapsed().as_secs_f64()
+    ));
 
     let mut results = Vec::new();
     for (p, b) in prompts.into_iter().zip(before) {
@@ -295,15 +307,22 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
             after: a,
         });
     }
-    let class_imgs: Vec<RgbImage> = crate::dreambooth::data::ImageFolder::list(&out.join("class_images"))
-        .map(|(paths, _)| paths)
-        .unwrap_or_default()
-        .iter()
-        .take(8)
-        .filter_map(|p| image::open(p).ok().map(|i| i.to_rgb8()))
-        .collect();
+    let class_imgs: Vec<RgbImage> =
+        crate::dreambooth::data::ImageFolder::list(&out.join("class_images"))
+            .map(|(paths, _)| paths)
+            .unwrap_or_default()
+            .iter()
+            .take(8)
+            .filter_map(|p| image::open(p).ok().map(|i| i.to_rgb8()))
+            .collect();
     let report = out.join("report.html");
-    let html = render_html(opts, &photos, &class_imgs, &results, t0.elapsed().as_secs_f64());
+    let html = render_html(
+        opts,
+        &photos,
+        &class_imgs,
+        &results,
+        t0.elapsed().as_secs_f64(),
+    );
     crate::util::write_atomic(&report, html.as_bytes())?;
     Ok(DemoReport {
         report,
@@ -329,7 +348,8 @@ fn strip(images: &[RgbImage]) -> String {
 }
 
 fn pct(v: Option<f64>) -> String {
-    v.map(|x| format!("{:.0}%", 100.0 * x)).unwrap_or_else(|| "–".into())
+    v.map(|x| format!("{:.0}%", 100.0 * x))
+        .unwrap_or_else(|| "–".into())
 }
 
 fn render_html(
@@ -413,51 +433,81 @@ pub fn summary(results: &[PromptResult]) -> Vec<(String, f64, f64)> {
             return None;
         }
         let n = v.len() as f64;
-        Some((v.iter().map(|x| x.0).sum::<f64>() / n, v.iter().map(|x| x.1).sum::<f64>() / n))
+        Some((
+            v.iter().map(|x| x.0).sum::<f64>() / n,
+            v.iter().map(|x| x.1).sum::<f64>() / n,
+        ))
     };
     let mut rows = Vec::new();
     if let Some((b, a)) = mean(&|r| {
-        r.prompt
-            .subject
-            .then_some((r.before_scores.subject_likeness, r.after_scores.subject_likeness))
+        r.prompt.subject.then_some((
+            r.before_scores.subject_likeness,
+            r.after_scores.subject_likeness,
+        ))
     }) {
         rows.push(("subject fidelity (identifier prompts)".to_string(), b, a));
     }
-    if let Some((b, a)) = mean(&|r| r.after_scores.context_acc.map(|a| (r.before_scores.context_acc.unwrap_or(0.0), a))) {
+    if let Some((b, a)) = mean(&|r| {
+        r.after_scores
+            .context_acc
+            .map(|a| (r.before_scores.context_acc.unwrap_or(0.0), a))
+    }) {
         rows.push(("context follows prompt".to_string(), b, a));
     }
-    if let Some((b, a)) = mean(&|r| r.after_scores.color_acc.map(|a| (r.before_scores.color_acc.unwrap_or(0.0), a))) {
+    if let Some((b, a)) = mean(&|r| {
+        r.after_scores
+            .color_acc
+            .map(|a| (r.before_scores.color_acc.unwrap_or(0.0), a))
+    }) {
         rows.push(("colour follows prompt".to_string(), b, a));
     }
     if let Some((b, a)) = mean(&|r| {
-        (!r.prompt.subject).then_some((r.before_scores.subject_likeness, r.after_scores.subject_likeness))
+        (!r.prompt.subject).then_some((
+            r.before_scores.subject_likeness,
+            r.after_scores.subject_likeness,
+        ))
     }) {
-        rows.push(("PRES: class prompt looks like the subject".to_string(), b, a));
+        rows.push((
+            "PRES: class prompt looks like the subject".to_string(),
+            b,
+            a,
+        ));
     }
-    if let Some((b, a)) = mean(&|r| (!r.prompt.subject).then_some((r.before_scores.diversity, r.after_scores.diversity))) {
+    if let Some((b, a)) = mean(&|r| {
+        (!r.prompt.subject).then_some((r.before_scores.diversity, r.after_scores.diversity))
+    }) {
         rows.push(("DIV: diversity of class-prompt images".to_string(), b, a));
     }
     rows
 }
 
 fn summary_html(results: &[PromptResult]) -> String {
-    let mut h = String::from("<h2>Summary</h2><table><tr><th>metric</th><th>before</th><th>after</th></tr>");
+    let mut h = String::from(
+        "<h2>Summary</h2><table><tr><th>metric</th><th>before</th><th>after</th></tr>",
+    );
     for (name, b, a) in summary(results) {
-        let _ = write!(h, "<tr><td>{name}</td><td class=num>{b:.2}</td><td class=num>{a:.2}</td></tr>");
+        let _ = write!(
+            h,
+            "<tr><td>{name}</td><td class=num>{b:.2}</td><td class=num>{a:.2}</td></tr>"
+        );
     }
     h.push_str("</table>");
     h
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The subject named on the command line.
 pub fn parse_subject(name: &str) -> Result<Subject> {
     Subject::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = Subject::ALL.iter().map(|s| s.name()).collect();
-        Error::msg(format!("unknown subject `{name}` (choose one of {})", names.join(", ")))
+        Error::msg(format!(
+            "unknown subject `{name}` (choose one of {})",
+            names.join(", ")
+        ))
     })
 }
-

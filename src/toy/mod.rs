@@ -3,9 +3,9 @@
 //! oracle that reads any 64×64 image back into context, class and colour and
 //! scores subject fidelity and diversity ([`oracle`]).
 
-pub mod metrics;
 pub mod ablation;
 pub mod demo;
+pub mod metrics;
 pub mod oracle;
 pub mod pretrain;
 pub mod vocab;
