@@ -7,15 +7,13 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
-use image::RgbImage;
 
-use super::demo::{DemoOptions, EvalPrompt, eval_prompts, score};
+use super::demo::{DemoOptions, EvalPrompt, eval_prompts, gen_images, score, write_photos};
 use super::world::{self, Subject};
-use crate::diffusion::{GenerateOptions, SamplerKind, generate};
+use crate::Result;
 use crate::dreambooth::config::TrainConfig;
 use crate::dreambooth::trainer::{Events, train_model};
 use crate::models::{LoadOptions, StableDiffusion};
-use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -55,20 +53,6 @@ pub struct AblationRow {
     pub div: f64,
 }
 
-fn images(model: &StableDiffusion, prompt: &str, opts: &DemoOptions) -> Result<Vec<RgbImage>> {
-    let mut g = GenerateOptions::new(prompt, opts.images_per_prompt);
-    g.steps = opts.sample_steps;
-    g.guidance_scale = opts.guidance;
-    g.sampler = SamplerKind::Ddim;
-    g.seed = opts.seed + 1000;
-    g.batch_size = opts.images_per_prompt;
-    Ok(generate(model, &g, &mut |_| {})?
-        .images
-        .into_iter()
-        .map(|i| i.image)
-        .collect())
-}
-
 /// Scores a model on a subject's evaluation prompts.
 pub fn evaluate(
     model: &StableDiffusion,
@@ -79,7 +63,7 @@ pub fn evaluate(
     let (mut sf, mut n_sf, mut pf, mut n_pf) = (0f64, 0f64, 0f64, 0f64);
     let mut row = AblationRow::default();
     for p in prompts {
-        let imgs = images(model, &p.prompt, opts)?;
+        let imgs = gen_images(model, &p.prompt, opts)?;
         let s = score(&imgs, p, subject);
         if p.subject {
             sf += s.subject_likeness;
@@ -116,17 +100,7 @@ pub fn run_variant(
         },
     )?;
     let photos_dir = work.join(format!("photos-{}", subject.name()));
-    std::fs::create_dir_all(&photos_dir).map_err(|e| Error::io(&photos_dir, e))?;
-    for (i, (_, im)) in world::subject_photos(subject, opts.num_photos, opts.seed)
-        .iter()
-        .enumerate()
-    {
-        let p = photos_dir.join(format!("photo-{i}.png"));
-        im.save(&p).map_err(|e| Error::Image {
-            path: p.clone(),
-            msg: e.to_string(),
-        })?;
-    }
+    write_photos(&photos_dir, subject, opts.num_photos, opts.seed)?;
     let class = subject.class();
     let id = opts.identifier.as_str();
     let with_noun = variant != Variant::NoClassNoun;

@@ -175,7 +175,12 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-fn gen_images(model: &StableDiffusion, prompt: &str, opts: &DemoOptions) -> Result<Vec<RgbImage>> {
+/// `opts.images_per_prompt` images of `prompt` (DDIM, the demo's seeds).
+pub fn gen_images(
+    model: &StableDiffusion,
+    prompt: &str,
+    opts: &DemoOptions,
+) -> Result<Vec<RgbImage>> {
     let mut g = GenerateOptions::new(prompt, opts.images_per_prompt);
     g.steps = opts.sample_steps;
     g.guidance_scale = opts.guidance;
@@ -187,6 +192,28 @@ fn gen_images(model: &StableDiffusion, prompt: &str, opts: &DemoOptions) -> Resu
         .into_iter()
         .map(|i| i.image)
         .collect())
+}
+
+/// Renders `n` photos of `subject` into `dir` (photo-0.png, ...) and returns them.
+pub fn write_photos(
+    dir: &std::path::Path,
+    subject: Subject,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<RgbImage>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let photos: Vec<RgbImage> = world::subject_photos(subject, n, seed)
+        .into_iter()
+        .map(|(_, im)| im)
+        .collect();
+    for (i, im) in photos.iter().enumerate() {
+        let p = dir.join(format!("photo-{i}.png"));
+        im.save(&p).map_err(|e| Error::Image {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+    }
+    Ok(photos)
 }
 
 /// Runs the demo; `log` receives progress lines.
@@ -208,18 +235,7 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
     let res = model.default_size();
     let out = &opts.out;
     let photos_dir = out.join("photos");
-    std::fs::create_dir_all(&photos_dir).map_err(|e| Error::io(&photos_dir, e))?;
-    let photos: Vec<RgbImage> = world::subject_photos(opts.subject, opts.num_photos, opts.seed)
-        .into_iter()
-        .map(|(_, im)| im)
-        .collect();
-    for (i, im) in photos.iter().enumerate() {
-        let p = photos_dir.join(format!("photo-{i}.png"));
-        im.save(&p).map_err(|e| Error::Image {
-            path: p.clone(),
-            msg: e.to_string(),
-        })?;
-    }
+    let photos = write_photos(&photos_dir, opts.subject, opts.num_photos, opts.seed)?;
     let class = opts.subject.class();
     let instance_prompt = world::describe(true, Some(&opts.identifier), None, class, None);
     let class_prompt = world::describe(true, None, None, class, None);
