@@ -9,6 +9,7 @@ pub mod bench;
 pub mod diffusion;
 pub mod dreambooth;
 pub mod error;
+pub mod eval;
 pub mod image_io;
 pub mod models;
 pub mod nn;

@@ -2,7 +2,9 @@
 
 pub mod attention;
 pub mod clip_text;
+pub mod clip_vision;
 pub mod config;
+pub mod dino;
 pub mod load;
 pub mod lora;
 pub mod resnet;
