@@ -48,7 +48,7 @@ impl Default for DemoOptions {
             identifier: "sks".into(),
             num_photos: 5,
             steps: 400,
-            learning_rate: 3e-4,
+            learning_rate: 5e-5,
             num_class_images: 40,
             prior_preservation: true,
             images_per_prompt: 4,
