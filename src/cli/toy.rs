@@ -107,6 +107,9 @@ pub struct PretrainArgs {
     /// Wall-clock budget of the UNet + text-encoder stage, minutes.
     #[arg(long, default_value_t = PretrainOptions::default().unet_minutes)]
     pub unet_minutes: f64,
+    /// Continue training a model this command wrote (keeps its VAE).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -126,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 log_every: a.log_every,
                 vae_minutes: a.vae_minutes,
                 unet_minutes: a.unet_minutes,
+                init_from: a.init_from,
                 ..Default::default()
             };
             let t0 = std::time::Instant::now();

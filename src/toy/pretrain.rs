@@ -25,7 +25,7 @@ use crate::models::UNet2DConditionModel;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::config::UNetConfig;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::nn::{Vb, save_safetensors};
+use crate::nn::{Vb, read_safetensors, save_safetensors};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, LrScheduleKind, clip_factor, grad_norm};
 use crate::tokenizer::ClipTokenizer;
 use crate::util::{randn, write_atomic};
@@ -52,6 +52,10 @@ pub struct PretrainOptions {
     /// to the steps that fit) when its minutes run out.
     pub vae_minutes: f64,
     pub unet_minutes: f64,
+    /// Continue from a model this command wrote: its VAE is kept (stage 1 is
+    /// skipped, its latent scaling factor reused) and its UNet and text
+    /// encoder are trained further.
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for PretrainOptions {
@@ -70,6 +74,7 @@ impl Default for PretrainOptions {
             log_every: 50,
             vae_minutes: 18.0,
             unet_minutes: 36.0,
+            init_from: None,
         }
     }
 }
@@ -311,8 +316,27 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
     let mut vae_json = vae_config();
     let vae_cfg: VaeConfig =
         serde_json::from_value(vae_json.clone()).map_err(|e| Error::msg(e.to_string()))?;
-    let vae_vb = train_vae(opts, &vae_cfg, &device, log)?;
-    let vae_weights = vars_tensors(&vae_vb);
+    let (vae_weights, init_scaling) = match &opts.init_from {
+        Some(dir) => {
+            let w = read_safetensors(
+                &dir.join("vae").join("diffusion_pytorch_model.safetensors"),
+                &device,
+            )?;
+            let cfg = VaeConfig::from_file(&dir.join("vae").join("config.json"))?;
+            log(&format!(
+                "continuing from {}: VAE kept, UNet and text encoder trained further",
+                dir.display()
+            ));
+            (
+                w.into_iter().collect::<BTreeMap<_, _>>(),
+                Some(cfg.scaling_factor),
+            )
+        }
+        None => (
+            vars_tensors(&train_vae(opts, &vae_cfg, &device, log)?),
+            None,
+        ),
+    };
     let frozen = Vb::from_tensors(
         Path::new("<vae>"),
         vae_weights.clone().into_iter().collect(),
@@ -336,12 +360,12 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
         stds.push(post.std()?.detach());
         captions.extend(part.iter().map(|s| s.caption.clone()));
     }
-    let means = Tensor::cat(&means, 0)?;
-    let stds = Tensor::cat(&stds, 0)?;
+    let means = Tensor::cat(&means, 0)?.contiguous()?;
+    let stds = Tensor::cat(&stds, 0)?.contiguous()?;
     let flat = means.flatten_all()?;
     let var =
         flat.sqr()?.mean_all()?.to_scalar::<f32>()? - flat.mean_all()?.to_scalar::<f32>()?.powi(2);
-    let scaling = 1.0 / (var.max(1e-8) as f64).sqrt();
+    let scaling = init_scaling.unwrap_or(1.0 / (var.max(1e-8) as f64).sqrt());
     vae_json["scaling_factor"] = json!(scaling);
     write_json(&out.join("vae").join("config.json"), &vae_json)?;
     save_safetensors(
@@ -361,10 +385,28 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
     let te_cfg: ClipTextConfig =
         serde_json::from_value(text_encoder_config(tok.vocab_size(), &tok))
             .map_err(|e| Error::msg(e.to_string()))?;
-    let unet_vb = Vb::random(opts.seed ^ 0x0E7, &device, true);
+    let (unet_vb, te_vb) = match &opts.init_from {
+        Some(dir) => (
+            Vb::from_file(
+                &dir.join("unet").join("diffusion_pytorch_model.safetensors"),
+                &device,
+                true,
+            )?,
+            Vb::from_file(
+                &dir.join("text_encoder").join("model.safetensors"),
+                &device,
+                true,
+            )?,
+        ),
+        None => (
+            Vb::random(opts.seed ^ 0x0E7, &device, true),
+            Vb::random(opts.seed ^ 0x7E, &device, true),
+        ),
+    };
     let unet = UNet2DConditionModel::new(&unet_vb, &unet_cfg)?;
-    let te_vb = Vb::random(opts.seed ^ 0x7E, &device, true);
     let te = ClipTextModel::new(&te_vb, &te_cfg)?;
+    unet_vb.finish()?;
+    te_vb.finish()?;
     let mut vars = BTreeMap::new();
     for (k, v) in unet_vb.vars() {
         vars.insert(format!("unet.{k}"), v);
