@@ -2,6 +2,10 @@
 //! versions: values, gradients of every input, and a finite-difference check
 //! of each gradient along a random direction.
 
+mod common;
+
+use common::rel_err;
+
 use candle_core::{DType, Device, Tensor, Var};
 use dreambooth::nn::fused::{self, plain};
 
@@ -14,28 +18,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-    let b = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// Σ f(inputs) · r, in f64.
