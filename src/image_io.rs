@@ -4,6 +4,10 @@
 //! negative prompt, seed, steps, sampler, guidance, model, size) as PNG `tEXt`
 //! chunks (`iTXt` where a value is not Latin-1), one per field, so the image
 //! alone reproduces itself and the evaluation reads its prompt back.
+//!
+//! [`decode_jpeg`] decodes JPEG photos bit for bit as Pillow does (libjpeg-turbo's
+//! code, built from source by `mozjpeg-sys`), so the evaluation encoders see the
+//! pixels transformers' image processors see.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -221,6 +225,246 @@ pub fn grid(images: &[RgbImage], cols: Option<usize>) -> Result<RgbImage> {
         image::imageops::replace(&mut out, img, x, y);
     }
     Ok(out)
+}
+
+/// The largest decoded image (in bytes) [`decode_jpeg`] allocates, as the `image`
+/// crate's default limit: a corrupt or hostile header cannot claim gigabytes.
+const MAX_DECODED_BYTES: usize = 512 << 20;
+
+/// Decodes a JPEG as Pillow (`Image.open(f).convert("RGB")`) does, bit for bit:
+/// libjpeg-turbo's decoder (from mozjpeg's sources) with its defaults, the
+/// accurate integer IDCT (`JDCT_ISLOW`) and fancy (triangle-filter) chroma
+/// upsampling, then Pillow's conversions — grayscale replicated to RGB, CMYK
+/// taken with Adobe's inverted polarity and converted with Pillow's `cmyk2rgb`.
+/// The EXIF orientation is then applied (Pillow leaves that to
+/// `ImageOps.exif_transpose`), so the image is upright as a viewer shows it.
+///
+/// `path` names the file in errors. A corrupt file or one whose data ends early
+/// is an error (Pillow's "image file is truncated"); libjpeg's warnings about
+/// recoverable damage (extraneous bytes, say) are ignored, as Pillow ignores them.
+pub fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    let bad = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let jpeg::Decoded {
+        width,
+        height,
+        cmyk,
+        mut pixels,
+        exif,
+    } = jpeg::decode(bytes).map_err(bad)?;
+    if cmyk {
+        pixels = cmyk_inverted_to_rgb(&pixels);
+    }
+    let img = RgbImage::from_raw(width, height, pixels)
+        .ok_or_else(|| bad("JPEG decoder returned a buffer of the wrong size".into()))?;
+    let orientation = exif
+        .as_deref()
+        .and_then(image::metadata::Orientation::from_exif_chunk);
+    Ok(match orientation {
+        None | Some(image::metadata::Orientation::NoTransforms) => img,
+        Some(o) => {
+            let mut img = image::DynamicImage::ImageRgb8(img);
+            img.apply_orientation(o);
+            img.into_rgb8()
+        }
+    })
+}
+
+/// libjpeg's CMYK output (Adobe polarity, 0 = full ink) → RGB as Pillow gets it:
+/// unpacked as `CMYK;I` (inverted), then `cmyk2rgb` in Convert.c.
+fn cmyk_inverted_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: i32, b: i32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let mut out = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for p in cmyk.chunks_exact(4) {
+        let nk = p[3] as i32; // 255 − k, with k = 255 − raw
+        for &raw in &p[..3] {
+            let c = 255 - raw as i32;
+            out.push((nk - muldiv255(c, nk)).clamp(0, 255) as u8);
+        }
+    }
+    out
+}
+
+/// The libjpeg side of [`decode_jpeg`]. libjpeg reports a fatal error by calling
+/// `error_exit`, which must not return: ours unwinds (`resume_unwind`, so no
+/// panic message is printed) through the C code — built with `-fexceptions` by
+/// `mozjpeg-sys`' `unwinding` feature, and declared `C-unwind` — to the
+/// `catch_unwind` in [`decode`], which turns it into an `Err`.
+mod jpeg {
+    use std::os::raw::c_int;
+    use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+
+    use mozjpeg_sys as sys;
+
+    use super::MAX_DECODED_BYTES;
+
+    /// A decoded image: RGB, or CMYK (4 bytes a pixel) as libjpeg returns it.
+    pub struct Decoded {
+        pub width: u32,
+        pub height: u32,
+        pub cmyk: bool,
+        pub pixels: Vec<u8>,
+        /// The first APP1 `Exif` segment's TIFF data.
+        pub exif: Option<Vec<u8>>,
+    }
+
+    /// The payload of the unwinding that stands for a libjpeg error.
+    struct Failure(String);
+
+    /// libjpeg's text for its current message (`format_message`).
+    unsafe fn message(cinfo: &mut sys::jpeg_common_struct) -> String {
+        // libjpeg writes up to JMSG_LENGTH_MAX (200) bytes; mozjpeg-sys declares
+        // the buffer as `&[u8; 80]`, so call it through the type C has.
+        type FormatMessage = unsafe extern "C-unwind" fn(&mut sys::jpeg_common_struct, *mut u8);
+        let mut buf = [0u8; 200];
+        // SAFETY: `err` was set by `decode` and outlives `cinfo`; the function
+        // pointer types differ only in how the buffer pointer is spelled.
+        unsafe {
+            if let Some(f) = (*cinfo.err).format_message {
+                let f = std::mem::transmute::<
+                    unsafe extern "C-unwind" fn(&mut sys::jpeg_common_struct, &[u8; 80]),
+                    FormatMessage,
+                >(f);
+                f(cinfo, buf.as_mut_ptr());
+            }
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    }
+
+    unsafe extern "C-unwind" fn error_exit(cinfo: &mut sys::jpeg_common_struct) {
+        // SAFETY: called by libjpeg with its own live `cinfo`.
+        let msg = unsafe { message(cinfo) };
+        // libjpeg reports a frame header of 0 rows as a DNL marker it does not
+        // support; say what the file actually holds.
+        let msg = if msg.starts_with("Empty JPEG image") {
+            format!("the frame header gives a zero width or height ({msg})")
+        } else {
+            msg
+        };
+        resume_unwind(Box::new(Failure(format!("corrupt JPEG file: {msg}"))));
+    }
+
+    /// Warnings (level −1) and traces: ignored, but for the end of the data
+    /// before the image is complete, which is an error as in Pillow.
+    unsafe extern "C-unwind" fn emit_message(cinfo: &mut sys::jpeg_common_struct, level: c_int) {
+        // SAFETY: `err` was set by `decode` and outlives `cinfo`.
+        let code = unsafe { (*cinfo.err).msg_code };
+        if level < 0 && code == sys::JWRN_JPEG_EOF as c_int {
+            resume_unwind(Box::new(Failure(
+                "truncated JPEG: the file ends before the image data does \
+                 (an interrupted download or copy?); replace or remove it"
+                    .into(),
+            )));
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+        // SAFETY: plain C structs, for which all-zero is the state libjpeg's
+        // `jpeg_std_error` / `jpeg_create_decompress` expect to start from.
+        let mut err: sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        let mut cinfo: sys::jpeg_decompress_struct = unsafe { std::mem::zeroed() };
+        // SAFETY: `err` lives until the end of this function, after
+        // `jpeg_destroy_decompress`, and is reached only through `cinfo`.
+        unsafe {
+            let e = sys::jpeg_std_error(&mut err);
+            e.error_exit = Some(error_exit);
+            e.emit_message = Some(emit_message);
+            cinfo.common.err = e;
+        }
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the libjpeg calls in their documented order on one
+            // `cinfo`; `bytes` outlives the decoding; every scanline pointer
+            // points into `pixels` with room for a full row.
+            unsafe { read(&mut cinfo, bytes) }
+        }));
+        // SAFETY: valid in any state `cinfo` can be left in, also after an
+        // error in the middle of decoding (or before its creation finished).
+        unsafe { sys::jpeg_destroy_decompress(&mut cinfo) };
+        match run {
+            Ok(decoded) => decoded,
+            Err(payload) => Err(match payload.downcast::<Failure>() {
+                Ok(f) => f.0,
+                Err(other) => resume_unwind(other),
+            }),
+        }
+    }
+
+    unsafe fn read(
+        cinfo: &mut sys::jpeg_decompress_struct,
+        bytes: &[u8],
+    ) -> Result<Decoded, String> {
+        unsafe {
+            sys::jpeg_create_decompress(cinfo);
+            sys::jpeg_save_markers(cinfo, 0xE1, 0xFFFF);
+            sys::jpeg_mem_src(cinfo, bytes.as_ptr(), bytes.len() as _);
+            sys::jpeg_read_header(cinfo, 1);
+            // Pillow: 1 component → "L", 3 → "RGB" (libjpeg's conversion from
+            // whatever it takes the file's colour space to be), 4 → "CMYK".
+            let cmyk = cinfo.num_components == 4;
+            cinfo.out_color_space = if cmyk {
+                sys::J_COLOR_SPACE::JCS_CMYK
+            } else {
+                sys::J_COLOR_SPACE::JCS_RGB
+            };
+            cinfo.dct_method = sys::J_DCT_METHOD::JDCT_ISLOW;
+            cinfo.do_fancy_upsampling = 1;
+            let (w, h) = (cinfo.image_width as usize, cinfo.image_height as usize);
+            let channels = if cmyk { 4 } else { 3 };
+            if w.saturating_mul(h).saturating_mul(channels) > MAX_DECODED_BYTES {
+                return Err(format!(
+                    "a {w}×{h} px JPEG is too large to decode (over {} MiB)",
+                    MAX_DECODED_BYTES >> 20
+                ));
+            }
+            sys::jpeg_start_decompress(cinfo);
+            let (w, h) = (cinfo.output_width as usize, cinfo.output_height as usize);
+            if cinfo.output_components as usize != channels {
+                return Err(format!(
+                    "corrupt JPEG file: unexpected {} output components",
+                    cinfo.output_components
+                ));
+            }
+            let stride = w * channels;
+            let mut pixels = vec![0u8; stride * h];
+            let mut rows: Vec<*mut u8> = pixels
+                .chunks_exact_mut(stride)
+                .map(|r| r.as_mut_ptr())
+                .collect();
+            while (cinfo.output_scanline as usize) < h {
+                let at = cinfo.output_scanline as usize;
+                let n = sys::jpeg_read_scanlines(cinfo, rows[at..].as_mut_ptr(), (h - at) as _);
+                if n == 0 {
+                    return Err("corrupt JPEG file: the decoder made no progress".into());
+                }
+            }
+            let mut exif = None;
+            let mut m = cinfo.marker_list;
+            while !m.is_null() {
+                let marker = &*m;
+                if marker.marker == 0xE1 && exif.is_none() && !marker.data.is_null() {
+                    let data = std::slice::from_raw_parts(marker.data, marker.data_length as usize);
+                    if let Some(tiff) = data.strip_prefix(b"Exif\0\0") {
+                        exif = Some(tiff.to_vec());
+                    }
+                }
+                m = marker.next;
+            }
+            sys::jpeg_finish_decompress(cinfo);
+            Ok(Decoded {
+                width: w as u32,
+                height: h as u32,
+                cmyk,
+                pixels,
+                exif,
+            })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ enum Command {
     Bench(cli::bench::Args),
     /// Run DreamBooth end to end on the bundled tiny model and write report.html.
     Demo(cli::demo::Args),
+    /// Score generated images the DreamBooth paper's way (DINO, CLIP-I, CLIP-T, PRES, DIV).
+    Eval(cli::eval::Args),
     /// Generate images from a prompt with a Stable Diffusion model.
     Generate(cli::generate::Args),
     /// List candidate rare-token identifiers of a model's vocabulary (like `sks`).
@@ -42,6 +44,7 @@ fn main() {
     let result = match args.command {
         Command::Bench(a) => cli::bench::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Identifier(a) => cli::identifier::run(a),
         Command::Merge(a) => cli::merge::run(a),

@@ -49,3 +49,37 @@ pub fn randn(
         .collect();
     Ok(candle_core::Tensor::from_vec(data, shape, device)?)
 }
+
+/// The image as a `data:image/png;base64,…` URI, for self-contained HTML reports.
+pub fn png_data_uri(img: &image::RgbImage) -> String {
+    use base64::Engine;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    // Encoding an in-memory RGB image as PNG cannot fail short of allocation.
+    let _ = img.write_to(&mut buf, image::ImageFormat::Png);
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
+    )
+}
+
+/// `img` scaled down (aspect kept) so its longer side is at most `max_side`.
+pub fn thumbnail(img: &image::RgbImage, max_side: u32) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    if w.max(h) <= max_side {
+        return img.clone();
+    }
+    let s = max_side as f64 / w.max(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * s).round() as u32).max(1),
+        ((h as f64 * s).round() as u32).max(1),
+    );
+    image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle)
+}
+
+/// `s` with HTML's special characters escaped.
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -19,6 +19,8 @@ pub struct Args {
 pub enum BenchCommand {
     /// Time forward + MSE + backward + AdamW of a UNet training step.
     Step(StepArgs),
+    /// The DreamBooth paper's protocol on its dataset: train, generate, score (Table 1).
+    Paper(Box<super::paper::Args>),
 }
 
 #[derive(clap::Args)]
@@ -65,6 +67,7 @@ pub struct StepArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Step(a) => step(a),
+        BenchCommand::Paper(a) => super::paper::run(*a),
     }
 }
 

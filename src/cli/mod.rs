@@ -2,8 +2,10 @@
 
 pub mod bench;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod identifier;
 pub mod merge;
+pub mod paper;
 pub mod toy;
 pub mod train;

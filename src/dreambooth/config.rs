@@ -60,6 +60,10 @@ pub struct TrainConfig {
     pub regenerate_class_images: bool,
     pub skip_bad_images: bool,
     pub save_single_file: bool,
+    /// Export the trained model at the end (a diffusers folder; LoRA files
+    /// are always written). Off for runs that only evaluate the weights in
+    /// memory, such as `bench paper`.
+    pub save_model: bool,
     /// Sampling settings for validation images.
     pub sample_steps: usize,
     pub sample_guidance: f64,
@@ -122,6 +126,7 @@ impl Default for TrainConfig {
             regenerate_class_images: false,
             skip_bad_images: false,
             save_single_file: false,
+            save_model: true,
             sample_steps: 25,
             sample_guidance: 7.5,
             lora: false,

@@ -100,6 +100,11 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
              (an interrupted download or copy?); replace or remove it",
         ));
     }
+    if format == Some(ImageFormat::Jpeg) {
+        // Pillow's decoder (libjpeg-turbo) bit for bit, EXIF orientation applied:
+        // the evaluation encoders see the pixels transformers' processors see.
+        return crate::image_io::decode_jpeg(bytes, path);
+    }
     let corrupt = |e: image::ImageError| image_err(path, format!("corrupt {name} file: {e}"));
     let reader = ImageReader::with_format(Cursor::new(bytes), format.expect("known"));
     let mut decoder = reader.into_decoder().map_err(corrupt)?;

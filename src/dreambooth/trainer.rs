@@ -585,6 +585,16 @@ pub fn train_model(
             lora_files: files,
         });
     }
+    if !cfg.save_model {
+        return Ok(TrainOutcome {
+            final_step: step,
+            interrupted: false,
+            model_dir: None,
+            single_file: None,
+            last_checkpoint: last_ckpt,
+            lora_files: Vec::new(),
+        });
+    }
     let model_dir = out.join("model");
     export::save_diffusers(model, &model_dir)?;
     (ev.log)(&format!(

@@ -1,6 +1,9 @@
 //! The image processors of the evaluation encoders, as transformers' PIL backend
-//! runs them: resize (Pillow's resampling, reproduced bit for bit), center
-//! crop, rescale by 1/255, normalize with the model's mean and std.
+//! runs them: resize (Pillow's resampling, reproduced bit for bit, including
+//! Pillow 13's choice of which pass runs first), center crop, rescale by 1/255,
+//! normalize with the model's mean and std. Given the pixels Pillow decodes
+//! (JPEG photos through [`crate::image_io::decode_jpeg`]), the output equals
+//! transformers' exactly (tests/encoders.rs, on photos of the DreamBooth dataset).
 //!
 //! [`ImageProcessor::clip`] is `CLIPImageProcessor` (shortest edge 224, bicubic,
 //! center crop 224, OpenAI's mean/std); [`ImageProcessor::dino`] is
@@ -230,8 +233,60 @@ fn clip8(ss: i64) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// `Image.resize((width, height), filter)` of an RGB image, bit-identical to
-/// Pillow: a horizontal pass, then a vertical one, each rounding to 8 bits.
+/// Whether Pillow runs the vertical pass first: when the height shrinks by more
+/// than twice as many pixels as the width does, `in_h − out_h > 0 &&
+/// in_h − out_h > 2·(in_w − out_w)` (`ImagingResampleInner` in Pillow 13's
+/// Resample.c, to make the second pass cheaper; Pillow 12 always went horizontal
+/// first). The order matters: each pass rounds to 8 bits.
+pub fn pil_vertical_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
+    let dy = in_h as i64 - out_h as i64;
+    let dx = in_w as i64 - out_w as i64;
+    dy > 0 && dy > dx * 2
+}
+
+/// One 8-bit pass along the rows (`_ImagingResampleHorizontal_8bpc`):
+/// (h, w) → (h, out_w).
+fn horizontal(src: &[u8], w: usize, h: usize, out_w: usize, filter: Filter) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let kx = coeffs(w, out_w, filter);
+    let mut out = vec![0u8; h * out_w * 3];
+    for y in 0..h {
+        let row = &src[y * w * 3..(y + 1) * w * 3];
+        for (x, (xmin, k)) in kx.iter().enumerate() {
+            for c in 0..3 {
+                let mut ss = half;
+                for (j, &wt) in k.iter().enumerate() {
+                    ss += row[(xmin + j) * 3 + c] as i64 * wt as i64;
+                }
+                out[(y * out_w + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+/// One 8-bit pass along the columns (`_ImagingResampleVertical_8bpc`):
+/// (h, w) → (out_h, w).
+fn vertical(src: &[u8], w: usize, h: usize, out_h: usize, filter: Filter) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let ky = coeffs(h, out_h, filter);
+    let mut out = vec![0u8; out_h * w * 3];
+    for (y, (ymin, k)) in ky.iter().enumerate() {
+        for x in 0..w * 3 {
+            let mut ss = half;
+            for (j, &wt) in k.iter().enumerate() {
+                ss += src[(ymin + j) * w * 3 + x] as i64 * wt as i64;
+            }
+            out[y * w * 3 + x] = clip8(ss);
+        }
+    }
+    out
+}
+
+/// `Image.resize((width, height), filter)` of an RGB image (no `box`, no
+/// `reducing_gap`: how transformers calls it), bit-identical to Pillow 13: two
+/// separable passes, each rounding to 8 bits, a side left alone when its size
+/// does not change, in Pillow's order ([`pil_vertical_first`]).
 pub fn pil_resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
     if width == 0 || height == 0 || img.width() == 0 || img.height() == 0 {
         return Err(Error::msg(format!(
@@ -242,41 +297,21 @@ pub fn pil_resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Re
     }
     let (iw, ih) = (img.width() as usize, img.height() as usize);
     let (ow, oh) = (width as usize, height as usize);
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let mut cur = img.as_raw().clone();
-    let mut cw = iw;
-    if ow != iw {
-        let kx = coeffs(iw, ow, filter);
-        let mut out = vec![0u8; ih * ow * 3];
-        for y in 0..ih {
-            let row = &cur[y * iw * 3..(y + 1) * iw * 3];
-            for (x, (xmin, k)) in kx.iter().enumerate() {
-                for c in 0..3 {
-                    let mut ss = half;
-                    for (j, &w) in k.iter().enumerate() {
-                        ss += row[(xmin + j) * 3 + c] as i64 * w as i64;
-                    }
-                    out[(y * ow + x) * 3 + c] = clip8(ss);
-                }
+    let src = img.as_raw();
+    let out = match (ow != iw, oh != ih) {
+        (false, false) => src.clone(),
+        (true, false) => horizontal(src, iw, ih, ow, filter),
+        (false, true) => vertical(src, iw, ih, oh, filter),
+        (true, true) => {
+            if pil_vertical_first(img.width(), img.height(), width, height) {
+                let tmp = vertical(src, iw, ih, oh, filter);
+                horizontal(&tmp, iw, oh, ow, filter)
+            } else {
+                let tmp = horizontal(src, iw, ih, ow, filter);
+                vertical(&tmp, ow, ih, oh, filter)
             }
         }
-        cur = out;
-        cw = ow;
-    }
-    if oh != ih {
-        let ky = coeffs(ih, oh, filter);
-        let mut out = vec![0u8; oh * cw * 3];
-        for (y, (ymin, k)) in ky.iter().enumerate() {
-            for x in 0..cw * 3 {
-                let mut ss = half;
-                for (j, &w) in k.iter().enumerate() {
-                    ss += cur[(ymin + j) * cw * 3 + x] as i64 * w as i64;
-                }
-                out[y * cw * 3 + x] = clip8(ss);
-            }
-        }
-        cur = out;
-    }
-    RgbImage::from_raw(width, height, cur)
+    };
+    RgbImage::from_raw(width, height, out)
         .ok_or_else(|| Error::msg("resize produced a buffer of the wrong size".to_string()))
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dino;
 pub mod load;
 pub mod lora;
+pub mod lpips;
 pub mod resnet;
 pub mod sd;
 pub mod single_file;

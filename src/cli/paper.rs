@@ -1,0 +1,124 @@
+//! `dreambooth bench paper`: the paper's protocol on the DreamBooth dataset.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use dreambooth::eval::paper::{PaperOptions, method_name, run_paper, table_markdown};
+use dreambooth::eval::run::{EncoderPaths, Encoders};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The DreamBooth dataset folder (subject folders + prompts_and_classes.txt).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Base model (default: the bundled tiny model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Train LoRA adapters instead of the full weights.
+    #[arg(long)]
+    pub lora: bool,
+    #[arg(long = "rank", default_value_t = 4)]
+    pub lora_rank: usize,
+    /// Comma-separated subject names (default: all 30).
+    #[arg(long, value_delimiter = ',')]
+    pub subjects: Vec<String>,
+    #[arg(long, default_value = "sks")]
+    pub identifier: String,
+    #[arg(long, default_value_t = 4)]
+    pub images_per_prompt: usize,
+    /// Only the first N of the 25 prompts (quick runs).
+    #[arg(long)]
+    pub prompts_limit: Option<usize>,
+    /// Images of the bare class prompt per subject after training (PRES).
+    #[arg(long, default_value_t = 8)]
+    pub class_images_per_subject: usize,
+    /// Training steps per subject (default: 800 full, 400 LoRA).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Learning rate (default: 5e-6 full fine-tune on a real model, 5e-5 on the
+    /// tiny model; 1e-4 LoRA).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Prior-preservation class images per class (generated once, cached).
+    #[arg(long, default_value_t = 200)]
+    pub num_class_images: usize,
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// DDIM steps for class images and evaluation images.
+    #[arg(long, default_value_t = 50)]
+    pub sample_steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// DINO ViT-S/16 (`ViTModel`): model.safetensors or its folder.
+    #[arg(long)]
+    pub dino: PathBuf,
+    /// CLIP (`CLIPModel`): model.safetensors or its folder.
+    #[arg(long)]
+    pub clip: PathBuf,
+    #[arg(long)]
+    pub clip_tokenizer: Option<PathBuf>,
+    /// LPIPS weights (for DIV).
+    #[arg(long)]
+    pub lpips: Option<PathBuf>,
+    #[arg(long, default_value = "paper-out")]
+    pub out: PathBuf,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let mut argv: Vec<String> = std::env::args().collect();
+    if let Some(first) = argv.first_mut() {
+        *first = "dreambooth".into();
+    }
+    let command = argv.join(" ");
+    let enc = Encoders::load(
+        &EncoderPaths {
+            dino: a.dino,
+            clip: a.clip,
+            clip_tokenizer: a.clip_tokenizer,
+            lpips: a.lpips,
+        },
+        &device,
+    )?;
+    let tiny = a.model.is_none();
+    let opts = PaperOptions {
+        dataset: a.dataset,
+        model: a.model,
+        lora: a.lora,
+        lora_rank: a.lora_rank,
+        subjects: a.subjects,
+        identifier: a.identifier,
+        images_per_prompt: a.images_per_prompt,
+        prompts_limit: a.prompts_limit,
+        class_images_per_subject: a.class_images_per_subject,
+        steps: a.steps.unwrap_or(if a.lora { 400 } else { 800 }),
+        learning_rate: a.learning_rate.unwrap_or(match (a.lora, tiny) {
+            (true, _) => 1e-4,
+            (false, true) => 5e-5,
+            (false, false) => 5e-6,
+        }),
+        num_class_images: a.num_class_images,
+        train_text_encoder: a.train_text_encoder,
+        resolution: a.resolution,
+        sample_steps: a.sample_steps,
+        guidance: a.guidance,
+        seed: a.seed,
+        out: a.out,
+    };
+    let (_rows, table) = run_paper(&opts, &enc, &command, &mut |l| println!("{l}"))?;
+    println!("\n{command}\n");
+    print!("{}", table_markdown(&table, &method_name(&opts)));
+    if enc.lpips.is_none() {
+        println!("DIV unavailable: no LPIPS weights given (--lpips FILE)");
+    }
+    println!(
+        "\nwrote {} (per-subject reports in {}/<subject>/report/)",
+        opts.out.join("paper.md").display(),
+        opts.out.display()
+    );
+    Ok(())
+}
