@@ -70,6 +70,9 @@ pub struct Args {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -80,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => find_tiny_model()?,
     };
-    let device = Device::cuda_if_available(0)?;
+    let device = super::device::select(args.device.as_deref())?;
     // Library errors name the file at fault; no extra context needed.
     let mut model = StableDiffusion::load(&model_path, &device, LoadOptions::default())?;
     // Folded into the weights: no per-step cost, and several files stack.

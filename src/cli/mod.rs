@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod identifier;

@@ -143,6 +143,10 @@ pub struct Args {
     /// peft (diffusers' pytorch_lora_weights.safetensors), kohya (lora_kohya.safetensors) or both.
     #[arg(long)]
     pub lora_format: Option<String>,
+    /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
+    /// Not part of the configuration (a run resumes on any device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 macro_rules! set {
@@ -241,7 +245,9 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = effective_config(&args)?;
+    let device = super::device::select(args.device.as_deref())?;
     println!("# effective configuration\n{}", cfg.to_toml());
+    println!("# device: {}", super::device::describe(&device));
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -263,7 +269,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap()
         .progress_chars("=> "),
     );
-    let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
     let mut log = |line: &str| bar.suspend(|| println!("{line}"));
     let mut on_step = |s: &dreambooth::dreambooth::trainer::StepInfo| {
         bar.set_position(s.step);
