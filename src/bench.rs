@@ -2,6 +2,11 @@
 //! (forward, MSE loss, backward, AdamW) with random weights, so a change to a
 //! layer can be measured against itself and against PyTorch on the same
 //! machine (`tools/bench/pytorch_cpu_step.py` runs the same shapes).
+//!
+//! `dreambooth bench sample`: images per second of text-to-image generation
+//! (DDIM, classifier-free guidance, as class images are made) with a real
+//! model folder; `tools/bench/pytorch_cpu_sample.py` runs diffusers'
+//! `StableDiffusionPipeline` on the same folder.
 
 use std::path::Path;
 use std::time::Instant;
@@ -103,6 +108,9 @@ pub struct StepTimes {
     pub forward: f64,
     pub backward: f64,
     pub optimizer: f64,
+    /// CPU seconds of the whole process (all threads) during the step: on a
+    /// shared machine steadier than wall time.
+    pub cpu: f64,
 }
 
 impl StepTimes {
@@ -195,6 +203,7 @@ pub fn bench_step(
 
     let mut steps = Vec::new();
     for i in 0..opts.warmup + opts.steps {
+        let c0 = process_cpu_seconds();
         let t0 = Instant::now();
         let pred = unet.forward(&x, &t, &ctx)?;
         let loss = (pred - &target)?.sqr()?.mean_all()?;
@@ -211,14 +220,16 @@ pub fn bench_step(
             forward: (t1 - t0).as_secs_f64(),
             backward: (t2 - t1).as_secs_f64(),
             optimizer: (t3 - t2).as_secs_f64(),
+            cpu: process_cpu_seconds() - c0,
         };
         let tag = if i < opts.warmup { "warm-up" } else { "step" };
         log(&format!(
-            "  {tag} {i}: forward {:.3}s backward {:.3}s optimizer {:.3}s total {:.3}s",
+            "  {tag} {i}: forward {:.3}s backward {:.3}s optimizer {:.3}s total {:.3}s (CPU {:.3}s)",
             st.forward,
             st.backward,
             st.optimizer,
-            st.total()
+            st.total(),
+            st.cpu
         ));
         if i >= opts.warmup {
             steps.push(st);
@@ -228,6 +239,7 @@ pub fn bench_step(
         forward: median(steps.iter().map(|s| s.forward).collect()),
         backward: median(steps.iter().map(|s| s.backward).collect()),
         optimizer: median(steps.iter().map(|s| s.optimizer).collect()),
+        cpu: median(steps.iter().map(|s| s.cpu).collect()),
     };
     Ok(StepBenchReport {
         arch: opts.arch.name(),
@@ -242,10 +254,136 @@ pub fn bench_step(
     })
 }
 
+/// CPU time (user + system) of the whole process so far, seconds.
+pub fn process_cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    unsafe extern "C" {
+        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+    }
+    /// CLOCK_PROCESS_CPUTIME_ID on Linux.
+    const PROCESS_CPUTIME: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec (two 64-bit fields on 64-bit Linux).
+    let rc = unsafe { clock_gettime(PROCESS_CPUTIME, &mut ts) };
+    if rc == 0 {
+        ts.sec as f64 + ts.nsec as f64 * 1e-9
+    } else {
+        0.0
+    }
+}
+
 /// VmHWM of /proc/self/status in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Options of `dreambooth bench sample`: text-to-image generation as the
+/// trainer makes class images (DDIM, classifier-free guidance).
+#[derive(Clone, Debug)]
+pub struct SampleBenchOptions {
+    /// A diffusers folder or single-file checkpoint (the bundled tiny model by default).
+    pub model: std::path::PathBuf,
+    pub prompt: String,
+    /// Images generated in the timed run.
+    pub images: usize,
+    /// Sampler steps per image.
+    pub steps: usize,
+    /// Images per UNet batch (twice as wide with guidance).
+    pub batch: usize,
+    pub guidance: f64,
+    /// Untimed batches first (first-call allocation, caches).
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SampleBenchReport {
+    pub images: usize,
+    pub width: usize,
+    pub height: usize,
+    /// Seconds of the timed generation (text encoding, sampling, VAE decode,
+    /// conversion to 8-bit images; model loading excluded).
+    pub seconds: f64,
+    pub load_seconds: f64,
+    pub threads: usize,
+    pub peak_rss: Option<u64>,
+}
+
+impl SampleBenchReport {
+    pub fn images_per_second(&self) -> f64 {
+        self.images as f64 / self.seconds
+    }
+}
+
+/// Loads the model and times the generation of `opts.images` images.
+pub fn bench_sample(
+    opts: &SampleBenchOptions,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<SampleBenchReport> {
+    use crate::diffusion::pipeline::{GenerateOptions, generate, image_size};
+    use crate::diffusion::sampler::SamplerKind;
+    use crate::models::sd::{LoadOptions, StableDiffusion};
+    if opts.images == 0 || opts.batch == 0 || opts.steps == 0 {
+        return Err(Error::msg(
+            "--images, --batch and --steps must be at least 1",
+        ));
+    }
+    let t0 = Instant::now();
+    let model = StableDiffusion::load(&opts.model, device, LoadOptions::default())?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let gen_opts = |n: usize, seed: u64| GenerateOptions {
+        prompts: vec![opts.prompt.clone(); n],
+        guidance_scale: opts.guidance,
+        steps: opts.steps,
+        sampler: SamplerKind::Ddim,
+        eta: 0.0,
+        seed,
+        batch_size: opts.batch,
+        ..GenerateOptions::new(opts.prompt.clone(), n)
+    };
+    let (width, height) = image_size(&model, &gen_opts(1, 0))?;
+    log(&format!(
+        "bench sample: {} ({width}x{height}), {} images, batch {}, DDIM {} steps, guidance {}, {} threads",
+        opts.model.display(),
+        opts.images,
+        opts.batch,
+        opts.steps,
+        opts.guidance,
+        crate::nn::cpu::num_threads()
+    ));
+    for i in 0..opts.warmup {
+        let t = Instant::now();
+        generate(
+            &model,
+            &gen_opts(opts.batch, 1_000_000 + i as u64),
+            &mut |_| {},
+        )?;
+        log(&format!(
+            "  warm-up batch {i}: {:.3}s",
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let t = Instant::now();
+    let out = generate(&model, &gen_opts(opts.images, opts.seed), &mut |_| {})?;
+    let seconds = t.elapsed().as_secs_f64();
+    if out.images.len() != opts.images {
+        return Err(Error::msg("bench sample: wrong number of images generated"));
+    }
+    Ok(SampleBenchReport {
+        images: opts.images,
+        width,
+        height,
+        seconds,
+        load_seconds,
+        threads: crate::nn::cpu::num_threads(),
+        peak_rss: peak_rss_bytes(),
+    })
 }

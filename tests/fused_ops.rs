@@ -173,3 +173,95 @@ fn fused_ops_accept_strided_inputs() {
     let sp = plain::softmax_last_dim(&x, 1.0).unwrap();
     assert!(rel_err(&s, &sp) < 1e-5);
 }
+
+/// Conv2d + bias as one fused node (im2col / 1×1 GEMM inside) against the
+/// unfused ops (and candle's conv2d for the values).
+#[test]
+fn conv2d_bias_matches_plain() {
+    for (x_shape, o, k, stride, padding) in [
+        (vec![2, 3, 6, 5], 4, 3, 1, 1),
+        (vec![2, 3, 7, 6], 5, 3, 2, 1),
+        (vec![1, 4, 6, 6], 3, 3, 2, 0),
+        (vec![3, 5, 4, 3], 6, 1, 1, 0),
+        (vec![1, 5, 4, 3], 6, 1, 1, 0),
+    ] {
+        let c = x_shape[1];
+        let x = randn(&x_shape, 21);
+        let w = (randn(&[o, c, k, k], 22) * 0.5).unwrap();
+        let b = randn(&[o], 23);
+        let ff = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+            Ok(dreambooth::nn::im2col::conv2d_bias(
+                &t[0], &t[1], &t[2], stride, padding,
+            )?)
+        };
+        // The unfused path (Im2Col → matmul → bias add through candle's
+        // autograd); candle's own conv2d backward gets the input-gradient
+        // shape wrong for odd sizes at stride 2, so it checks values only.
+        let pf = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+            let y = dreambooth::nn::im2col::conv2d_im2col(&t[0], &t[1], stride, padding)?;
+            plain::add_bias(&y, &t[2], 1)
+        };
+        let y_candle = x
+            .conv2d(&w, padding, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+            .unwrap();
+        let y_fused = ff(&[x.clone(), w.clone(), b.clone()]).unwrap();
+        assert!(rel_err(&y_fused, &y_candle) < 1e-5);
+        check(
+            &format!("conv2d {x_shape:?} o {o} k {k} s {stride} p {padding}"),
+            &ff,
+            &pf,
+            &[x, w, b],
+        );
+    }
+}
+
+/// The fused linear layer (any rank, with and without bias) against
+/// reshape + matmul + broadcast add.
+#[test]
+fn linear_matches_plain() {
+    for (x_shape, out) in [(vec![2, 5, 6], 7), (vec![9, 4], 3)] {
+        let x = randn(&x_shape, 31);
+        let w = randn(&[out, *x_shape.last().unwrap()], 32);
+        let b = randn(&[out], 33);
+        let ff = |t: &[Tensor]| fused::linear(&t[0], &t[1], Some(&t[2]));
+        let pf = |t: &[Tensor]| plain::linear(&t[0], &t[1], Some(&t[2]));
+        check(
+            &format!("linear {x_shape:?} → {out}"),
+            &ff,
+            &pf,
+            &[x.clone(), w.clone(), b],
+        );
+        let ff = |t: &[Tensor]| fused::linear(&t[0], &t[1], None);
+        let pf = |t: &[Tensor]| plain::linear(&t[0], &t[1], None);
+        check(
+            &format!("linear {x_shape:?} → {out}, no bias"),
+            &ff,
+            &pf,
+            &[x, w],
+        );
+    }
+}
+
+/// Fused multi-head attention (self- and cross-attention shapes) against
+/// split heads → q kᵀ → softmax → · v → merge heads with plain ops.
+#[test]
+fn multi_head_attention_matches_plain() {
+    use dreambooth::nn::attention::{multi_head_attention, plain_multi_head_attention};
+    for (b, n, m, heads, d) in [(2, 6, 6, 2, 3), (2, 5, 3, 3, 4)] {
+        let c = heads * d;
+        let q = randn(&[b, n, c], 41);
+        let k = randn(&[b, m, c], 42);
+        let v = randn(&[b, m, c], 43);
+        let scale = 1.0 / (d as f64).sqrt();
+        let ff = move |t: &[Tensor]| multi_head_attention(&t[0], &t[1], &t[2], heads, scale);
+        let pf = move |t: &[Tensor]| plain_multi_head_attention(&t[0], &t[1], &t[2], heads, scale);
+        check(
+            &format!("attention b {b} n {n} m {m} heads {heads} d {d}"),
+            &ff,
+            &pf,
+            &[q, k, v],
+        );
+    }
+}

@@ -1,13 +1,16 @@
 //! `dreambooth bench step`: time a UNet training step (forward, backward,
 //! AdamW) with random weights; optionally run the PyTorch twin
 //! (`tools/bench/pytorch_cpu_step.py`) with the same shapes and print the ratio.
+//! `dreambooth bench sample`: images/s of generation with a model folder;
+//! optionally diffusers' pipeline on the same folder
+//! (`tools/bench/pytorch_cpu_sample.py`) and the ratio.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use dreambooth::bench::{Arch, StepBenchOptions, bench_step};
+use dreambooth::bench::{Arch, SampleBenchOptions, StepBenchOptions, bench_sample, bench_step};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,6 +24,45 @@ pub enum BenchCommand {
     Step(StepArgs),
     /// The DreamBooth paper's protocol on its dataset: train, generate, score (Table 1).
     Paper(Box<super::paper::Args>),
+    /// Time text-to-image generation (DDIM, guidance) with a model folder, in images/s.
+    Sample(SampleArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    /// A diffusers folder (default: the bundled tiny model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "a photo of a ball")]
+    pub prompt: String,
+    /// Images in the timed run.
+    #[arg(long, default_value_t = 16)]
+    pub images: usize,
+    /// DDIM steps per image.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Images per UNet batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Untimed batches first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also run tools/bench/pytorch_cpu_sample.py with this Python (torch +
+    /// diffusers installed) on the same folder and print both and the ratio.
+    #[arg(long)]
+    pub compare_pytorch: Option<PathBuf>,
+    /// The PyTorch script (default: tools/bench/pytorch_cpu_sample.py next to the crate).
+    #[arg(long)]
+    pub pytorch_script: Option<PathBuf>,
+    /// KEY=VALUE set in the PyTorch run's environment (repeatable), e.g.
+    /// OMP_WAIT_POLICY=PASSIVE.
+    #[arg(long = "pytorch-env")]
+    pub pytorch_env: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -62,13 +104,147 @@ pub struct StepArgs {
     /// The PyTorch script (default: tools/bench/pytorch_cpu_step.py next to the crate).
     #[arg(long)]
     pub pytorch_script: Option<PathBuf>,
+    /// KEY=VALUE set in the PyTorch run's environment (repeatable), e.g.
+    /// OMP_WAIT_POLICY=PASSIVE: on a loaded machine OpenMP's spin-waiting
+    /// threads slow PyTorch down many times.
+    #[arg(long = "pytorch-env")]
+    pub pytorch_env: Vec<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Step(a) => step(a),
         BenchCommand::Paper(a) => super::paper::run(*a),
+        BenchCommand::Sample(a) => sample(a),
     }
+}
+
+/// Runs a PyTorch twin script and returns its last JSON line (the other
+/// lines are printed, prefixed).
+fn run_pytorch(
+    python: &PathBuf,
+    script: &PathBuf,
+    args: &[String],
+    env: &[String],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args(args);
+    for kv in env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--pytorch-env `{kv}` is not KEY=VALUE"))?;
+        println!("  [pytorch] env {k}={v}");
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the PyTorch benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines().filter(|l| !l.starts_with('{')) {
+        println!("  [pytorch] {l}");
+    }
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("the PyTorch benchmark printed no JSON result")?;
+    Ok(serde_json::from_str(last)?)
+}
+
+fn gib(b: Option<f64>) -> String {
+    b.map(|b| format!("{:.2} GiB", b / (1u64 << 30) as f64))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// The 1, 5 and 15 minute load averages (the machine is shared: quote them
+/// with every figure).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "n/a".into())
+}
+
+fn sample(a: SampleArgs) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let model = match a.model {
+        Some(p) => p,
+        None => dreambooth::models::sd::default_model_dir()?,
+    };
+    let opts = SampleBenchOptions {
+        model: model.clone(),
+        prompt: a.prompt.clone(),
+        images: a.images,
+        steps: a.steps,
+        batch: a.batch,
+        guidance: a.guidance,
+        warmup: a.warmup,
+        seed: a.seed,
+    };
+    println!("load average before: {}", load_average());
+    let r = bench_sample(&opts, &device, &mut |l| println!("{l}"))?;
+    println!(
+        "ours    {} images in {:.3}s: {:.3} images/s  (load {:.2}s, peak RSS {})",
+        r.images,
+        r.seconds,
+        r.images_per_second(),
+        r.load_seconds,
+        gib(r.peak_rss.map(|b| b as f64))
+    );
+    if let Some(python) = a.compare_pytorch {
+        let script = a.pytorch_script.unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench/pytorch_cpu_sample.py")
+        });
+        println!("load average before PyTorch: {}", load_average());
+        let v = run_pytorch(
+            &python,
+            &script,
+            &[
+                "--model".into(),
+                model.display().to_string(),
+                "--prompt".into(),
+                a.prompt.clone(),
+                "--images".into(),
+                a.images.to_string(),
+                "--steps".into(),
+                a.steps.to_string(),
+                "--batch".into(),
+                a.batch.to_string(),
+                "--guidance".into(),
+                a.guidance.to_string(),
+                "--warmup".into(),
+                a.warmup.to_string(),
+                "--seed".into(),
+                a.seed.to_string(),
+                "--threads".into(),
+                r.threads.to_string(),
+            ],
+            &a.pytorch_env,
+        )?;
+        let secs = v["seconds"].as_f64().unwrap_or(f64::NAN);
+        let ips = r.images as f64 / secs;
+        println!(
+            "pytorch {} images in {secs:.3}s: {ips:.3} images/s  (load {:.2}s, peak RSS {})  (torch {}, diffusers {}, {} threads)",
+            r.images,
+            v["load_seconds"].as_f64().unwrap_or(f64::NAN),
+            gib(v["peak_rss"].as_f64()),
+            v["torch"].as_str().unwrap_or("?"),
+            v["diffusers"].as_str().unwrap_or("?"),
+            v["threads"]
+        );
+        println!(
+            "ratio ours/pytorch: images/s {:.2}  (time {:.2})",
+            r.images_per_second() / ips,
+            r.seconds / secs
+        );
+    }
+    println!("load average after: {}", load_average());
+    Ok(())
 }
 
 fn step(a: StepArgs) -> anyhow::Result<()> {
@@ -100,72 +276,80 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
             None
         },
     };
+    // The PyTorch twin runs first: our process keeps its peak memory after
+    // the benchmark (mimalloc's purging is off), and two full SD 1.5
+    // fine-tuning processes do not fit side by side in memory.
+    let pytorch = match &a.compare_pytorch {
+        Some(python) => {
+            let script = a.pytorch_script.clone().unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench/pytorch_cpu_step.py")
+            });
+            let config = match &arch {
+                Arch::Config(p) => p.display().to_string(),
+                other => other.name(),
+            };
+            println!("load average before PyTorch: {}", load_average());
+            Some(run_pytorch(
+                python,
+                &script,
+                &[
+                    "--arch".into(),
+                    config,
+                    "--latent".into(),
+                    (res / arch.vae_factor()).to_string(),
+                    "--batch".into(),
+                    a.batch.to_string(),
+                    "--warmup".into(),
+                    a.warmup.to_string(),
+                    "--steps".into(),
+                    a.steps.to_string(),
+                    "--threads".into(),
+                    dreambooth::nn::cpu::num_threads().to_string(),
+                ],
+                &a.pytorch_env,
+            )?)
+        }
+        None => None,
+    };
+    println!("load average before ours: {}", load_average());
     let r = bench_step(&opts, &device, &mut |l| println!("{l}"))?;
     let m = &r.median;
-    let rss = r
-        .peak_rss
-        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-        .unwrap_or_else(|| "n/a".into());
+    let rss = gib(r.peak_rss.map(|b| b as f64));
     println!(
-        "ours    median of {}: forward {:.3}s  backward {:.3}s  optimizer {:.3}s  step {:.3}s  peak RSS {rss}",
+        "ours    median of {}: forward {:.3}s  backward {:.3}s  optimizer {:.3}s  step {:.3}s  peak RSS {rss}  CPU/step {:.3}s",
         r.steps.len(),
         m.forward,
         m.backward,
         m.optimizer,
-        m.total()
+        m.total(),
+        m.cpu
     );
 
-    if let Some(python) = a.compare_pytorch {
-        let script = a.pytorch_script.unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench/pytorch_cpu_step.py")
-        });
-        let config = match &arch {
-            Arch::Config(p) => p.display().to_string(),
-            other => other.name(),
-        };
-        let out = Command::new(&python)
-            .arg(&script)
-            .args(["--arch", &config])
-            .args(["--latent", &r.latent.to_string()])
-            .args(["--batch", &a.batch.to_string()])
-            .args(["--warmup", &a.warmup.to_string()])
-            .args(["--steps", &a.steps.to_string()])
-            .args(["--threads", &r.threads.to_string()])
-            .output()
-            .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "the PyTorch benchmark failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let last = text
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .context("the PyTorch benchmark printed no JSON result")?;
-        let v: serde_json::Value = serde_json::from_str(last)?;
+    if let Some(v) = pytorch {
         let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let (pf, pb, po) = (get("forward"), get("backward"), get("optimizer"));
         let pt = pf + pb + po;
-        let prss = v["peak_rss"]
-            .as_f64()
-            .map(|b| format!("{:.2} GiB", b / (1u64 << 30) as f64))
-            .unwrap_or_else(|| "n/a".into());
+        let pc = get("cpu");
+        let prss = gib(v["peak_rss"].as_f64());
         println!(
-            "pytorch median of {}: forward {pf:.3}s  backward {pb:.3}s  optimizer {po:.3}s  step {pt:.3}s  peak RSS {prss}  (torch {}, {} threads)",
+            "pytorch median of {}: forward {pf:.3}s  backward {pb:.3}s  optimizer {po:.3}s  step {pt:.3}s  peak RSS {prss}  CPU/step {pc:.3}s  (torch {}, {} threads)",
             a.steps,
             v["torch"].as_str().unwrap_or("?"),
             v["threads"]
         );
+        let rss_ratio = match (r.peak_rss, v["peak_rss"].as_f64()) {
+            (Some(o), Some(p)) => format!("{:.2}", o as f64 / p),
+            _ => "n/a".into(),
+        };
         println!(
-            "ratio ours/pytorch: forward {:.2}  backward {:.2}  optimizer {:.2}  step {:.2}",
+            "ratio ours/pytorch: forward {:.2}  backward {:.2}  optimizer {:.2}  step {:.2}  peak RSS {rss_ratio}  CPU/step {:.2}",
             m.forward / pf,
             m.backward / pb,
             m.optimizer / po,
-            m.total() / pt
+            m.total() / pt,
+            m.cpu / pc
         );
     }
+    println!("load average after: {}", load_average());
     Ok(())
 }

@@ -5,7 +5,8 @@
 use candle_core::Tensor;
 
 use crate::Result;
-use crate::nn::{GroupNorm, Linear, Vb, scaled_dot_product_attention};
+use crate::nn::attention::multi_head_attention;
+use crate::nn::{GroupNorm, Linear, Vb};
 
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -53,14 +54,6 @@ impl Attention {
         })
     }
 
-    /// (B, N, C) → (B, H, N, d)
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, self.dim_head))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     /// Attention over a token sequence `x` (B, N, C); `context` (B, M, C') for
     /// cross-attention. Also accepts (B, C, H, W) input (the VAE's spatial
     /// attention): it is flattened to tokens and restored afterwards.
@@ -76,15 +69,12 @@ impl Attention {
             h = h.reshape((b, c, hh * ww))?.transpose(1, 2)?;
         }
         let ctx = context.unwrap_or(&h);
-        let q = self.split_heads(&self.to_q.forward(&h)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let q = self.to_q.forward(&h)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
         let scale = 1.0 / (self.dim_head as f64).sqrt();
-        let o = scaled_dot_product_attention(&q, &k, &v, scale, None)?;
-        let (b, _, n, _) = o.dims4()?;
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.dim_head))?;
+        // Head split, attention and merge (one fused node on the CPU).
+        let o = multi_head_attention(&q, &k, &v, self.heads, scale)?;
         let mut out = self.to_out.forward(&o)?;
         if let Some((b, c, hh, ww)) = dims4 {
             out = out.transpose(1, 2)?.reshape((b, c, hh, ww))?;

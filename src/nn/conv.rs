@@ -40,6 +40,18 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(b), None) = (&self.bias, &self.lora)
+            && super::fused::use_fused(x)
+        {
+            // One autograd node for conv + bias (see `im2col::conv2d_bias`).
+            return Ok(super::im2col::conv2d_bias(
+                x,
+                &self.weight,
+                b,
+                self.stride,
+                self.padding,
+            )?);
+        }
         let k = self.weight.dim(2)?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
         let y = if k == 1 && self.stride == 1 && self.padding == 0 && cpu_f32 {

@@ -16,6 +16,11 @@
 //!   10 ms; a training step frees and re-allocates hundreds of MB of
 //!   activations, and the kernel zeroes every page again on the next touch
 //!   (a quarter of the CPU time of a toy step). Purging is turned off.
+//! * candle's CPU matmul asks `candle_core::utils::get_num_threads()` for its
+//!   thread count on every call; without `RAYON_NUM_THREADS` that counts the
+//!   physical cores by reading `/proc/cpuinfo` (about 460 reads per toy
+//!   training step). The variable is set to rayon's own default, so GEMM and
+//!   rayon's pool agree and nothing is read per call.
 
 use std::os::raw::{c_int, c_long};
 
@@ -28,16 +33,23 @@ pub fn num_threads() -> usize {
 unsafe extern "C" {
     fn mi_option_set(option: c_int, value: c_long);
 }
+
 /// `mi_option_purge_delay` (same index in mimalloc v2 and v3).
 const MI_OPTION_PURGE_DELAY: c_int = 15;
 
 /// Applies the settings above; call first thing in `main`, before any thread
-/// starts. An environment variable the user set wins (`CANDLE_NUM_THREADS`;
-/// `DREAMBOOTH_MI_PURGE=1` keeps mimalloc's purging).
+/// starts. An environment variable the user set wins (`CANDLE_NUM_THREADS`,
+/// `RAYON_NUM_THREADS`; `DREAMBOOTH_MI_PURGE=1` keeps mimalloc's purging).
 pub fn configure() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: called at the start of main, before other threads exist.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // rayon's default (logical CPUs available to the process).
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: as above.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     if std::env::var_os("DREAMBOOTH_MI_PURGE").is_none() {
         // Make sure the mimalloc crate (and its C library) is linked.

@@ -87,6 +87,43 @@ pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
+/// y = x Wᵀ + b over the last dimension of `x` (any rank), W (out, in):
+/// one autograd node on the CPU (the GEMM runs on detached tensors, the
+/// backward computes dx, dW, db directly), instead of reshape → transpose →
+/// matmul → bias add → reshape, each of which candle's backward gives a
+/// zero-filled gradient buffer and an add.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if !(use_fused(x) && use_fused(weight)) {
+        return plain::linear(x, weight, bias);
+    }
+    let x = x.contiguous()?;
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().unwrap_or(&0);
+    let (out_dim, w_in) = weight.dims2()?;
+    if w_in != in_dim {
+        return Err(crate::Error::msg(format!(
+            "linear: input {dims:?} against weight {:?}",
+            weight.dims()
+        )));
+    }
+    let rows = x.elem_count() / in_dim.max(1);
+    let gemm = x
+        .detach()
+        .reshape((rows, in_dim))?
+        .matmul(&weight.detach().t()?)?;
+    let op = LinearOp {
+        gemm: std::sync::Mutex::new(Some(gemm)),
+        has_bias: bias.is_some(),
+    };
+    Ok(match bias {
+        Some(b) => x.apply_op3(weight, b, op)?,
+        None => {
+            let zero = Tensor::zeros(out_dim, DType::F32, x.device())?;
+            x.apply_op3(weight, &zero, op)?
+        }
+    })
+}
+
 /// The same computations from plain candle ops (differentiable by candle's
 /// autograd); the path for non-CPU devices and the reference in tests.
 pub mod plain {
@@ -146,6 +183,20 @@ pub mod plain {
         let a = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?;
         Ok((a * gate.gelu_erf()?)?)
+    }
+
+    pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = weight.dim(0)?;
+        Ok(y.reshape(out)?)
     }
 
     pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
@@ -520,8 +571,8 @@ impl CustomOp3 for LayerNormBwd {
 // Softmax over the last dimension
 // ---------------------------------------------------------------------------
 
-struct SoftmaxOp {
-    scale: f64,
+pub(crate) struct SoftmaxOp {
+    pub(crate) scale: f64,
 }
 
 impl CustomOp1 for SoftmaxOp {
@@ -562,8 +613,8 @@ impl CustomOp1 for SoftmaxOp {
 }
 
 /// (y, dy) → dx = scale · y · (dy − Σ dy·y).
-struct SoftmaxBwd {
-    scale: f64,
+pub(crate) struct SoftmaxBwd {
+    pub(crate) scale: f64,
 }
 
 impl CustomOp2 for SoftmaxBwd {
@@ -756,8 +807,8 @@ impl CustomOp2 for BiasAddOp {
 }
 
 /// Sums a tensor over every dimension but `dim`: (outer, c, inner) → (c,).
-struct SumAround {
-    dim: usize,
+pub(crate) struct SumAround {
+    pub(crate) dim: usize,
 }
 
 impl CustomOp1 for SumAround {
@@ -798,5 +849,101 @@ impl CustomOp1 for SumAround {
             CpuStorage::F32(out.into_iter().map(|v| v as f32).collect()),
             Shape::from(c),
         ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Linear layer
+// ---------------------------------------------------------------------------
+
+/// (x, W, b) → x Wᵀ + b; the GEMM result comes precomputed.
+struct LinearOp {
+    /// (rows, out): x Wᵀ, consumed by the forward.
+    gemm: std::sync::Mutex<Option<Tensor>>,
+    has_bias: bool,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = slice(s3, l3, "linear")?;
+        let out_dim = bias.len();
+        let gemm = match self.gemm.lock() {
+            Ok(mut g) => g.take(),
+            Err(_) => None,
+        };
+        let Some(gemm) = gemm else {
+            candle_core::bail!("fused linear: forward ran twice");
+        };
+        let (gs, gl) = gemm.storage_and_layout();
+        let g = match &*gs {
+            candle_core::Storage::Cpu(s) => slice(s, gl, "linear")?,
+            _ => candle_core::bail!("fused linear: GEMM result is not on the CPU"),
+        };
+        let mut out = super::im2col::uninit_vec(g.len());
+        if let Some(rows) = g.len().checked_div(out_dim) {
+            let rb = row_block(rows);
+            out.par_chunks_mut(rb * out_dim)
+                .zip(g.par_chunks(rb * out_dim))
+                .for_each(|(ob, gb)| {
+                    for (or, gr) in ob.chunks_mut(out_dim).zip(gb.chunks(out_dim)) {
+                        for ((o, &v), &bv) in or.iter_mut().zip(gr).zip(bias) {
+                            o.write(v + bv);
+                        }
+                    }
+                });
+        }
+        let mut dims = l1.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = out_dim;
+        }
+        Ok((
+            CpuStorage::F32(super::im2col::assume_init(out)),
+            Shape::from(dims),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let dy = grad.contiguous()?.reshape((rows, out_dim))?;
+        let dx = if x.track_op() {
+            Some(dy.matmul(&weight.detach())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = if weight.track_op() {
+            let x2 = x.detach().reshape((rows, in_dim))?;
+            Some(dy.t()?.matmul(&x2)?)
+        } else {
+            None
+        };
+        let db = if self.has_bias && bias.track_op() {
+            Some(
+                dy.apply_op1_no_bwd(&SumAround { dim: 1 })?
+                    .reshape(bias.shape())?,
+            )
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
     }
 }

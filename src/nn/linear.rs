@@ -41,6 +41,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.lora.is_none() && super::fused::use_fused(x) {
+            return super::fused::linear(x, &self.weight, self.bias.as_ref());
+        }
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();

@@ -6,8 +6,9 @@ Pinned versions: tools/parity/requirements.txt (torch 2.15.0, diffusers 0.42.1).
 
     python tools/bench/pytorch_cpu_step.py --arch toy --res 64 --batch 32 --threads 2
 
-Prints one line per step, then one JSON line with the medians (seconds) and
-peak RSS (bytes), which `dreambooth bench step --compare-pytorch PYTHON` reads.
+Prints one line per step, then one JSON line with the medians (seconds; `cpu`
+is the process's CPU time per step, all threads) and peak RSS (bytes), which
+`dreambooth bench step --compare-pytorch PYTHON` reads.
 """
 import argparse
 import json
@@ -101,6 +102,7 @@ def main():
 
     times = []
     for i in range(args.warmup + args.steps):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         pred = unet(x, t, encoder_hidden_states=ctx).sample
         loss = torch.nn.functional.mse_loss(pred, target)
@@ -111,14 +113,15 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
+        cpu = time.process_time() - c0
         tag = "warm-up" if i < args.warmup else "step"
         print(f"  {tag} {i}: forward {t1 - t0:.3f}s backward {t2 - t1:.3f}s optimizer {t3 - t2:.3f}s "
-              f"total {t3 - t0:.3f}s", flush=True)
+              f"total {t3 - t0:.3f}s (CPU {cpu:.3f}s)", flush=True)
         if i >= args.warmup:
-            times.append((t1 - t0, t2 - t1, t3 - t2))
+            times.append((t1 - t0, t2 - t1, t3 - t2, cpu))
     med = [statistics.median(c) for c in zip(*times)]
     print(json.dumps({
-        "forward": med[0], "backward": med[1], "optimizer": med[2],
+        "forward": med[0], "backward": med[1], "optimizer": med[2], "cpu": med[3],
         "peak_rss": peak_rss(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "params": params,
     }))
