@@ -30,6 +30,13 @@ pub struct Args {
     pub images_per_prompt: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep the text encoder frozen (by default it trains too, which lets the
+    /// identifier's embedding move away from its untrained neighbours).
+    #[arg(long)]
+    pub freeze_text_encoder: bool,
+    /// The text encoder's learning rate.
+    #[arg(long, default_value_t = DemoOptions::default().text_encoder_lr.unwrap_or(1e-4))]
+    pub text_encoder_lr: f64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -44,6 +51,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prior_preservation: !a.no_prior_preservation,
         images_per_prompt: a.images_per_prompt,
         seed: a.seed,
+        train_text_encoder: !a.freeze_text_encoder,
+        text_encoder_lr: Some(a.text_encoder_lr),
         ..Default::default()
     };
     let r = run_demo(&opts, &mut |line| println!("{line}"))?;

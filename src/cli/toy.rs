@@ -44,6 +44,11 @@ pub struct AblationArgs {
     pub images_per_prompt: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep the text encoder frozen (by default it trains, as in the demo).
+    #[arg(long)]
+    pub freeze_text_encoder: bool,
+    #[arg(long, default_value_t = dreambooth::toy::demo::DemoOptions::default().text_encoder_lr.unwrap_or(1e-4))]
+    pub text_encoder_lr: f64,
     /// Working folder (photos, class images, runs).
     #[arg(long, default_value = "ablation-out")]
     pub out: PathBuf,
@@ -64,6 +69,8 @@ fn run_ablation(a: AblationArgs) -> anyhow::Result<()> {
         num_class_images: a.num_class_images,
         images_per_prompt: a.images_per_prompt,
         seed: a.seed,
+        train_text_encoder: !a.freeze_text_encoder,
+        text_encoder_lr: Some(a.text_encoder_lr),
         ..Default::default()
     };
     let t0 = std::time::Instant::now();

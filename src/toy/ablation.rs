@@ -96,6 +96,7 @@ pub fn run_variant(
         &Device::Cpu,
         LoadOptions {
             train_unet: true,
+            train_text_encoder: opts.train_text_encoder,
             ..Default::default()
         },
     )?;
@@ -129,6 +130,8 @@ pub fn run_variant(
         random_flip: true,
         max_train_steps: opts.steps,
         learning_rate: opts.learning_rate,
+        train_text_encoder: opts.train_text_encoder,
+        text_encoder_lr: opts.text_encoder_lr,
         checkpointing_steps: 0,
         seed: opts.seed,
         sample_batch_size: 8,

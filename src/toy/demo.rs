@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use base64::Engine;
 use candle_core::Device;
 use image::RgbImage;
 
@@ -31,6 +30,10 @@ pub struct DemoOptions {
     pub num_photos: usize,
     pub steps: u64,
     pub learning_rate: f64,
+    /// Also train the text encoder (binds the identifier's embedding).
+    pub train_text_encoder: bool,
+    /// The text encoder's learning rate (default: `learning_rate`).
+    pub text_encoder_lr: Option<f64>,
     pub num_class_images: usize,
     pub prior_preservation: bool,
     pub images_per_prompt: usize,
@@ -47,8 +50,10 @@ impl Default for DemoOptions {
             subject: Subject::SpotBall,
             identifier: "sks".into(),
             num_photos: 5,
-            steps: 400,
-            learning_rate: 5e-5,
+            steps: 600,
+            learning_rate: 1e-4,
+            train_text_encoder: true,
+            text_encoder_lr: Some(1e-4),
             num_class_images: 40,
             prior_preservation: true,
             images_per_prompt: 4,
@@ -229,6 +234,7 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
         &device,
         LoadOptions {
             train_unet: true,
+            train_text_encoder: opts.train_text_encoder,
             ..Default::default()
         },
     )?;
@@ -271,6 +277,8 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
         random_flip: true,
         max_train_steps: opts.steps,
         learning_rate: opts.learning_rate,
+        train_text_encoder: opts.train_text_encoder,
+        text_encoder_lr: opts.text_encoder_lr,
         lr_scheduler: LrScheduleKind::Constant,
         checkpointing_steps: 0,
         seed: opts.seed,
@@ -348,12 +356,7 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
 }
 
 fn data_uri(img: &RgbImage) -> String {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    let _ = img.write_to(&mut buf, image::ImageFormat::Png);
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
-    )
+    crate::util::png_data_uri(img)
 }
 
 fn strip(images: &[RgbImage]) -> String {
@@ -384,7 +387,7 @@ fn render_html(
          table{{border-collapse:collapse}}td,th{{border:1px solid #ddd;padding:4px 8px;vertical-align:middle}}\
          th{{background:#f4f4f4}} .num{{text-align:right}}</style></head><body>\
          <h1>DreamBooth on the bundled tiny model</h1>\
-         <p>Subject <b>{}</b> (class <i>{}</i>), identifier <code>{}</code>; {} steps at lr {:.0e}, \
+         <p>Subject <b>{}</b> (class <i>{}</i>), identifier <code>{}</code>; {} steps at lr {:.0e} ({}), \
          prior preservation {} with {} class images; {} images per prompt, DDIM {} steps, guidance {}. \
          Total time {:.0}s. Scores come from the world's analytic oracle: <i>subject</i> = probability the \
          object is the subject rather than a plain {} (DINO analog), <i>context/colour</i> = the prompt's \
@@ -395,6 +398,14 @@ fn render_html(
         opts.identifier,
         opts.steps,
         opts.learning_rate,
+        if opts.train_text_encoder {
+            format!(
+                "text encoder trained too, lr {:.0e}",
+                opts.text_encoder_lr.unwrap_or(opts.learning_rate)
+            )
+        } else {
+            "text encoder frozen".to_string()
+        },
         if opts.prior_preservation { "on" } else { "off" },
         opts.num_class_images,
         opts.images_per_prompt,
@@ -511,11 +522,7 @@ fn summary_html(results: &[PromptResult]) -> String {
     h
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+use crate::util::html_escape;
 
 /// The subject named on the command line.
 pub fn parse_subject(name: &str) -> Result<Subject> {

@@ -236,8 +236,12 @@ impl Budget {
     }
 
     /// Called after step `step` (0-based) finished; returns the planned total.
+    /// Once the budget is spent the stage ends after this step, whatever the
+    /// plan was (a machine that slows down mid-run does not overrun it).
     fn update(&mut self, step: usize) -> usize {
-        if step == 9 || (step > 9 && step.is_multiple_of(100)) {
+        if self.start.elapsed().as_secs_f64() >= self.seconds {
+            self.total = step + 1;
+        } else if step == 9 || (step > 9 && step.is_multiple_of(100)) {
             let per = self.start.elapsed().as_secs_f64() / (step + 1) as f64;
             let fit = (self.seconds / per.max(1e-9)) as usize;
             self.total = fit.clamp(step + 1, self.max_steps);
