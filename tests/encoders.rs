@@ -7,6 +7,9 @@
 //! repository, Pillow's decode of every photo of the DreamBooth dataset and the
 //! CLIP / DINO image processors' outputs on six of them at several sizes).
 
+mod common;
+use common::to_f64;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,15 +30,6 @@ fn fixtures() -> PathBuf {
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     read_safetensors(&fixtures().join(name), &Device::Cpu).unwrap()
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {

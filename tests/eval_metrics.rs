@@ -2,6 +2,9 @@
 //! tests/fixtures/metrics.safetensors (tools/parity/metrics.py), and on
 //! constructed cases; the identifier-removal rule of CLIP-T's prompts.
 
+mod common;
+use common::to_f64;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -16,17 +19,8 @@ fn fixture() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 fn scalar(t: &Tensor) -> f64 {
-    f64s(t)[0]
+    to_f64(t)[0]
 }
 
 fn close(name: &str, got: f64, want: f64) {
@@ -45,7 +39,7 @@ fn t(rows: &[&[f32]]) -> Tensor {
 fn metrics_match_numpy() {
     let fx = fixture();
     let (g, r, txt, cls) = (&fx["gen"], &fx["real"], &fx["text"], &fx["cls"]);
-    let want_cos = f64s(&fx["cos"]);
+    let want_cos = to_f64(&fx["cos"]);
     let cos = metrics::cosine_matrix(g, r).unwrap();
     assert_eq!((cos.len(), cos[0].len()), (6, 4));
     for (i, (&got, &want)) in cos.iter().flatten().zip(&want_cos).enumerate() {
@@ -65,7 +59,7 @@ fn metrics_match_numpy() {
         scalar(&fx["distinct"]),
     );
     let rowwise = metrics::rowwise_cosine(g, txt).unwrap();
-    for (i, (&got, want)) in rowwise.iter().zip(f64s(&fx["rowwise"])).enumerate() {
+    for (i, (&got, want)) in rowwise.iter().zip(to_f64(&fx["rowwise"])).enumerate() {
         close(&format!("rowwise[{i}]"), got, want);
     }
     close(

@@ -6,6 +6,7 @@
 //! package's distances, and two groups of images with their DIV.
 
 mod common;
+use common::to_f64;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,15 +25,6 @@ fn model(net: &str) -> Lpips {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn vec(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// Per-element relative error; where the package gives exactly 0 (identical
@@ -61,12 +53,12 @@ fn parity(dir: &Path, nets: &[&str]) {
             let d = m
                 .distance(&io[&format!("a.{size}")], &io[&format!("b.{size}")])
                 .unwrap();
-            let want = vec(&io[&format!("{net}.{size}")]);
-            check(&format!("{net}.{size}"), &vec(&d), &want);
+            let want = to_f64(&io[&format!("{net}.{size}")]);
+            check(&format!("{net}.{size}"), &to_f64(&d), &want);
         }
         let groups = [io["div.g0"].clone(), io["div.g1"].clone()];
         let div = metrics::div_lpips(&m, &groups).unwrap();
-        let want = vec(&io[&format!("{net}.div")])[0];
+        let want = to_f64(&io[&format!("{net}.div")])[0];
         check(&format!("{net}.div"), &[div], &[want]);
     }
 }
@@ -109,21 +101,22 @@ fn pairwise_and_batched_distances_agree() {
             b.push(g.get(j).unwrap());
         }
     }
-    let d = vec(&m
-        .distance(
+    let d = to_f64(
+        &m.distance(
             &Tensor::stack(&a, 0).unwrap(),
             &Tensor::stack(&b, 0).unwrap(),
         )
-        .unwrap());
+        .unwrap(),
+    );
     for (x, y) in pairs.iter().zip(&d) {
         assert!((x - y).abs() <= 1e-6 * y.abs(), "{x} vs {y}");
     }
     // Symmetric, and zero on identical images.
     let (x, y) = (g.narrow(0, 0, 1).unwrap(), g.narrow(0, 1, 1).unwrap());
-    let ab = vec(&m.distance(&x, &y).unwrap())[0];
-    let ba = vec(&m.distance(&y, &x).unwrap())[0];
+    let ab = to_f64(&m.distance(&x, &y).unwrap())[0];
+    let ba = to_f64(&m.distance(&y, &x).unwrap())[0];
     assert!((ab - ba).abs() <= 1e-6 * ab, "{ab} vs {ba}");
-    assert_eq!(vec(&m.distance(&x, &x).unwrap())[0], 0.0);
+    assert_eq!(to_f64(&m.distance(&x, &x).unwrap())[0], 0.0);
 }
 
 /// A temporary file, removed when dropped.
@@ -154,9 +147,11 @@ fn edited(name: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> TempF
 #[test]
 fn heads_under_either_name_and_default_scaling_load() {
     let io = load("lpips/io.safetensors");
-    let want = vec(&model("alex")
-        .distance(&io["a.64x48"], &io["b.64x48"])
-        .unwrap());
+    let want = to_f64(
+        &model("alex")
+            .distance(&io["a.64x48"], &io["b.64x48"])
+            .unwrap(),
+    );
     let variants = [
         // The package's .pth naming (linN) only.
         edited("lin_only.safetensors", |t| {
@@ -173,7 +168,7 @@ fn heads_under_either_name_and_default_scaling_load() {
     ];
     for path in variants {
         let m = Lpips::load(&path, &Device::Cpu).unwrap();
-        let got = vec(&m.distance(&io["a.64x48"], &io["b.64x48"]).unwrap());
+        let got = to_f64(&m.distance(&io["a.64x48"], &io["b.64x48"]).unwrap());
         assert_eq!(got, want, "{}", path.display());
     }
 }

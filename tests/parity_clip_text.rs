@@ -6,6 +6,9 @@
 //! tests/fixtures/parity/{sd1,sd2}_text.safetensors come from
 //! tools/parity/vae_clip.py on the tiny pipelines in tests/fixtures/tiny-sd{1,2}.
 
+mod common;
+use common::to_f64;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
@@ -17,15 +20,6 @@ const TOL: f64 = 1e-4;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {

@@ -52,17 +52,8 @@ pub struct SampleArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Also run tools/bench/pytorch_cpu_sample.py with this Python (torch +
-    /// diffusers installed) on the same folder and print both and the ratio.
-    #[arg(long)]
-    pub compare_pytorch: Option<PathBuf>,
-    /// The PyTorch script (default: tools/bench/pytorch_cpu_sample.py next to the crate).
-    #[arg(long)]
-    pub pytorch_script: Option<PathBuf>,
-    /// KEY=VALUE set in the PyTorch run's environment (repeatable), e.g.
-    /// OMP_WAIT_POLICY=PASSIVE.
-    #[arg(long = "pytorch-env")]
-    pub pytorch_env: Vec<String>,
+    #[command(flatten)]
+    pub pytorch: PytorchArgs,
 }
 
 #[derive(clap::Args)]
@@ -97,11 +88,20 @@ pub struct StepArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Also run tools/bench/pytorch_cpu_step.py with this Python (torch +
-    /// diffusers installed) and print both and the ratio.
+    #[command(flatten)]
+    pub pytorch: PytorchArgs,
+}
+
+/// The side-by-side run of a subcommand's PyTorch twin (shared by `step` and
+/// `sample`).
+#[derive(clap::Args)]
+pub struct PytorchArgs {
+    /// Also run the PyTorch twin (tools/bench/pytorch_cpu_step.py or
+    /// pytorch_cpu_sample.py) with this Python (torch + diffusers installed)
+    /// on the same shapes or folder and print both and the ratio.
     #[arg(long)]
     pub compare_pytorch: Option<PathBuf>,
-    /// The PyTorch script (default: tools/bench/pytorch_cpu_step.py next to the crate).
+    /// The PyTorch script (default: the twin in tools/bench/ next to the crate).
     #[arg(long)]
     pub pytorch_script: Option<PathBuf>,
     /// KEY=VALUE set in the PyTorch run's environment (repeatable), e.g.
@@ -109,6 +109,28 @@ pub struct StepArgs {
     /// threads slow PyTorch down many times.
     #[arg(long = "pytorch-env")]
     pub pytorch_env: Vec<String>,
+}
+
+impl PytorchArgs {
+    /// With `--compare-pytorch`, runs the twin (`--pytorch-script`, else
+    /// `tools/bench/{default_script}`) with `args` and returns its JSON
+    /// result; without it, `None`.
+    fn run(
+        &self,
+        default_script: &str,
+        args: &[String],
+    ) -> anyhow::Result<Option<serde_json::Value>> {
+        let Some(python) = &self.compare_pytorch else {
+            return Ok(None);
+        };
+        let script = self.pytorch_script.clone().unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tools/bench")
+                .join(default_script)
+        });
+        println!("load average before PyTorch: {}", load_average());
+        run_pytorch(python, &script, args, &self.pytorch_env).map(Some)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -196,36 +218,29 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         r.load_seconds,
         gib(r.peak_rss.map(|b| b as f64))
     );
-    if let Some(python) = a.compare_pytorch {
-        let script = a.pytorch_script.unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench/pytorch_cpu_sample.py")
-        });
-        println!("load average before PyTorch: {}", load_average());
-        let v = run_pytorch(
-            &python,
-            &script,
-            &[
-                "--model".into(),
-                model.display().to_string(),
-                "--prompt".into(),
-                a.prompt.clone(),
-                "--images".into(),
-                a.images.to_string(),
-                "--steps".into(),
-                a.steps.to_string(),
-                "--batch".into(),
-                a.batch.to_string(),
-                "--guidance".into(),
-                a.guidance.to_string(),
-                "--warmup".into(),
-                a.warmup.to_string(),
-                "--seed".into(),
-                a.seed.to_string(),
-                "--threads".into(),
-                r.threads.to_string(),
-            ],
-            &a.pytorch_env,
-        )?;
+    if let Some(v) = a.pytorch.run(
+        "pytorch_cpu_sample.py",
+        &[
+            "--model".into(),
+            model.display().to_string(),
+            "--prompt".into(),
+            a.prompt.clone(),
+            "--images".into(),
+            a.images.to_string(),
+            "--steps".into(),
+            a.steps.to_string(),
+            "--batch".into(),
+            a.batch.to_string(),
+            "--guidance".into(),
+            a.guidance.to_string(),
+            "--warmup".into(),
+            a.warmup.to_string(),
+            "--seed".into(),
+            a.seed.to_string(),
+            "--threads".into(),
+            r.threads.to_string(),
+        ],
+    )? {
         let secs = v["seconds"].as_f64().unwrap_or(f64::NAN);
         let ips = r.images as f64 / secs;
         println!(
@@ -279,38 +294,23 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
     // The PyTorch twin runs first: our process keeps its peak memory after
     // the benchmark (mimalloc's purging is off), and two full SD 1.5
     // fine-tuning processes do not fit side by side in memory.
-    let pytorch = match &a.compare_pytorch {
-        Some(python) => {
-            let script = a.pytorch_script.clone().unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/bench/pytorch_cpu_step.py")
-            });
-            let config = match &arch {
-                Arch::Config(p) => p.display().to_string(),
-                other => other.name(),
-            };
-            println!("load average before PyTorch: {}", load_average());
-            Some(run_pytorch(
-                python,
-                &script,
-                &[
-                    "--arch".into(),
-                    config,
-                    "--latent".into(),
-                    (res / arch.vae_factor()).to_string(),
-                    "--batch".into(),
-                    a.batch.to_string(),
-                    "--warmup".into(),
-                    a.warmup.to_string(),
-                    "--steps".into(),
-                    a.steps.to_string(),
-                    "--threads".into(),
-                    dreambooth::nn::cpu::num_threads().to_string(),
-                ],
-                &a.pytorch_env,
-            )?)
-        }
-        None => None,
-    };
+    let pytorch = a.pytorch.run(
+        "pytorch_cpu_step.py",
+        &[
+            "--arch".into(),
+            arch.name(),
+            "--latent".into(),
+            (res / arch.vae_factor()).to_string(),
+            "--batch".into(),
+            a.batch.to_string(),
+            "--warmup".into(),
+            a.warmup.to_string(),
+            "--steps".into(),
+            a.steps.to_string(),
+            "--threads".into(),
+            dreambooth::nn::cpu::num_threads().to_string(),
+        ],
+    )?;
     println!("load average before ours: {}", load_average());
     let r = bench_step(&opts, &device, &mut |l| println!("{l}"))?;
     let m = &r.median;

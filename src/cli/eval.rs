@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use dreambooth::eval::report::{ReportImages, write_report};
-use dreambooth::eval::run::{
-    EncoderPaths, Encoders, EvalInputs, evaluate, read_generated, read_images,
-};
+use dreambooth::eval::run::{Encoders, EvalInputs, evaluate, read_generated, read_images};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,18 +28,8 @@ pub struct Args {
     /// The rare-token identifier, removed from prompts before CLIP-T.
     #[arg(long, default_value = "sks")]
     pub identifier: String,
-    /// DINO ViT-S/16 (`ViTModel`): model.safetensors or its folder with config.json.
-    #[arg(long)]
-    pub dino: PathBuf,
-    /// CLIP (`CLIPModel`, e.g. ViT-B/32 or ViT-L/14): model.safetensors or its folder.
-    #[arg(long)]
-    pub clip: PathBuf,
-    /// The CLIP tokenizer folder (default: the CLIP folder or its tokenizer/).
-    #[arg(long)]
-    pub clip_tokenizer: Option<PathBuf>,
-    /// LPIPS weights (safetensors, `tools/convert_lpips.py`): needed for DIV.
-    #[arg(long)]
-    pub lpips: Option<PathBuf>,
+    #[command(flatten)]
+    pub encoders: super::EncoderArgs,
     /// Output folder: metrics.json, metrics.md, index.html.
     #[arg(long, default_value = "eval-report")]
     pub out: PathBuf,
@@ -49,26 +37,14 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let mut argv: Vec<String> = std::env::args().collect();
-    if let Some(first) = argv.first_mut() {
-        *first = "dreambooth".into();
-    }
-    let command = argv.join(" ");
+    let command = super::command_line();
     let real = read_images(&a.real)?;
     let generated = read_generated(&a.generated, a.prompts.as_deref())?;
     let class_generated = match &a.class_generated {
         Some(d) => read_generated_or_unlabeled(d, a.class_prompts.as_deref())?,
         None => Vec::new(),
     };
-    let enc = Encoders::load(
-        &EncoderPaths {
-            dino: a.dino.clone(),
-            clip: a.clip.clone(),
-            clip_tokenizer: a.clip_tokenizer.clone(),
-            lpips: a.lpips.clone(),
-        },
-        &device,
-    )?;
+    let enc = Encoders::load(&a.encoders.paths(), &device)?;
     println!(
         "evaluating {} generated images against {} real ones{}",
         generated.len(),

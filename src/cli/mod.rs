@@ -10,3 +10,41 @@ pub mod merge;
 pub mod paper;
 pub mod toy;
 pub mod train;
+
+/// The command line as the user typed it, the program named `dreambooth`
+/// (reports print it so a figure can be reproduced).
+pub fn command_line() -> String {
+    let mut argv: Vec<String> = std::env::args().collect();
+    if let Some(first) = argv.first_mut() {
+        *first = "dreambooth".into();
+    }
+    argv.join(" ")
+}
+
+/// The evaluation encoders' flags, shared by `eval` and `bench paper`.
+#[derive(clap::Args)]
+pub struct EncoderArgs {
+    /// DINO ViT-S/16 (`ViTModel`): model.safetensors or its folder with config.json.
+    #[arg(long)]
+    pub dino: std::path::PathBuf,
+    /// CLIP (`CLIPModel`, e.g. ViT-B/32 or ViT-L/14): model.safetensors or its folder.
+    #[arg(long)]
+    pub clip: std::path::PathBuf,
+    /// The CLIP tokenizer folder (default: the CLIP folder or its tokenizer/).
+    #[arg(long)]
+    pub clip_tokenizer: Option<std::path::PathBuf>,
+    /// LPIPS weights (safetensors, `tools/convert_lpips.py`): needed for DIV.
+    #[arg(long)]
+    pub lpips: Option<std::path::PathBuf>,
+}
+
+impl EncoderArgs {
+    pub fn paths(self) -> dreambooth::eval::run::EncoderPaths {
+        dreambooth::eval::run::EncoderPaths {
+            dino: self.dino,
+            clip: self.clip,
+            clip_tokenizer: self.clip_tokenizer,
+            lpips: self.lpips,
+        }
+    }
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use dreambooth::eval::paper::{PaperOptions, method_name, run_paper, table_markdown};
-use dreambooth::eval::run::{EncoderPaths, Encoders};
+use dreambooth::eval::run::Encoders;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -53,37 +53,16 @@ pub struct Args {
     pub guidance: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// DINO ViT-S/16 (`ViTModel`): model.safetensors or its folder.
-    #[arg(long)]
-    pub dino: PathBuf,
-    /// CLIP (`CLIPModel`): model.safetensors or its folder.
-    #[arg(long)]
-    pub clip: PathBuf,
-    #[arg(long)]
-    pub clip_tokenizer: Option<PathBuf>,
-    /// LPIPS weights (for DIV).
-    #[arg(long)]
-    pub lpips: Option<PathBuf>,
+    #[command(flatten)]
+    pub encoders: super::EncoderArgs,
     #[arg(long, default_value = "paper-out")]
     pub out: PathBuf,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let mut argv: Vec<String> = std::env::args().collect();
-    if let Some(first) = argv.first_mut() {
-        *first = "dreambooth".into();
-    }
-    let command = argv.join(" ");
-    let enc = Encoders::load(
-        &EncoderPaths {
-            dino: a.dino,
-            clip: a.clip,
-            clip_tokenizer: a.clip_tokenizer,
-            lpips: a.lpips,
-        },
-        &device,
-    )?;
+    let command = super::command_line();
+    let enc = Encoders::load(&a.encoders.paths(), &device)?;
     let tiny = a.model.is_none();
     let opts = PaperOptions {
         dataset: a.dataset,

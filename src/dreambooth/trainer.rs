@@ -560,40 +560,35 @@ pub fn train_model(
         let p = validation(cfg, model, prompt, step, res)?;
         (ev.log)(&format!("validation images: {}", p.display()));
     }
+    let mut outcome = TrainOutcome {
+        final_step: step,
+        interrupted: false,
+        model_dir: None,
+        single_file: None,
+        last_checkpoint: last_ckpt,
+        lora_files: Vec::new(),
+    };
     if cfg.lora {
         let (peft, kohya) = cfg.lora_formats()?;
-        let mut files = Vec::new();
         if peft {
-            files.push(lora::export_peft(model, &out.join(lora::PEFT_FILE))?);
+            outcome
+                .lora_files
+                .push(lora::export_peft(model, &out.join(lora::PEFT_FILE))?);
         }
         if kohya {
-            files.push(lora::export_kohya(
+            outcome.lora_files.push(lora::export_kohya(
                 model,
                 &out.join(lora::KOHYA_FILE),
                 lora::KohyaNames::Diffusers,
             )?);
         }
-        for f in &files {
+        for f in &outcome.lora_files {
             (ev.log)(&format!("LoRA weights: {}", f.display()));
         }
-        return Ok(TrainOutcome {
-            final_step: step,
-            interrupted: false,
-            model_dir: None,
-            single_file: None,
-            last_checkpoint: last_ckpt,
-            lora_files: files,
-        });
+        return Ok(outcome);
     }
     if !cfg.save_model {
-        return Ok(TrainOutcome {
-            final_step: step,
-            interrupted: false,
-            model_dir: None,
-            single_file: None,
-            last_checkpoint: last_ckpt,
-            lora_files: Vec::new(),
-        });
+        return Ok(outcome);
     }
     let model_dir = out.join("model");
     export::save_diffusers(model, &model_dir)?;
@@ -601,25 +596,17 @@ pub fn train_model(
         "trained model (diffusers folder): {}",
         model_dir.display()
     ));
-    let single_file = if cfg.save_single_file {
+    outcome.model_dir = Some(model_dir);
+    if cfg.save_single_file {
         let p = export::save_single(
             model,
             &out.join("model.safetensors"),
             candle_core::DType::F32,
         )?;
         (ev.log)(&format!("single-file checkpoint: {}", p.display()));
-        Some(p)
-    } else {
-        None
-    };
-    Ok(TrainOutcome {
-        final_step: step,
-        interrupted: false,
-        model_dir: Some(model_dir),
-        single_file,
-        last_checkpoint: last_ckpt,
-        lora_files: Vec::new(),
-    })
+        outcome.single_file = Some(p);
+    }
+    Ok(outcome)
 }
 
 /// Generates `num_validation_images` for `prompt` with the current weights and

@@ -187,13 +187,7 @@ impl CustomOp3 for AttentionOp {
         _s3: &CpuStorage,
         _l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let o = match self.o.lock() {
-            Ok(mut o) => o.take(),
-            Err(_) => None,
-        };
-        let Some(o) = o else {
-            candle_core::bail!("fused attention: forward ran twice");
-        };
+        let o = super::fused::take_forward_result(&self.o, "fused attention")?;
         let (b, n, _) = l1.shape().dims3()?;
         let (os, ol) = o.storage_and_layout();
         let x = match &*os {

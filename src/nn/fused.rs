@@ -221,6 +221,23 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&
     }
 }
 
+/// Takes the tensor a fused op computed before `apply_op*` (kept in a
+/// `Mutex<Option<_>>` for its `cpu_fwd`, which may run only once); `what`
+/// names the op in the error.
+pub(crate) fn take_forward_result(
+    slot: &std::sync::Mutex<Option<Tensor>>,
+    what: &str,
+) -> candle_core::Result<Tensor> {
+    let t = match slot.lock() {
+        Ok(mut t) => t.take(),
+        Err(_) => None,
+    };
+    let Some(t) = t else {
+        candle_core::bail!("{what}: forward ran twice");
+    };
+    Ok(t)
+}
+
 /// Splits `rows` into about 4 blocks per thread (at least 1 row each).
 fn row_block(rows: usize) -> usize {
     let t = rayon::current_num_threads().max(1);
@@ -879,13 +896,7 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let bias = slice(s3, l3, "linear")?;
         let out_dim = bias.len();
-        let gemm = match self.gemm.lock() {
-            Ok(mut g) => g.take(),
-            Err(_) => None,
-        };
-        let Some(gemm) = gemm else {
-            candle_core::bail!("fused linear: forward ran twice");
-        };
+        let gemm = take_forward_result(&self.gemm, "fused linear")?;
         let (gs, gl) = gemm.storage_and_layout();
         let g = match &*gs {
             candle_core::Storage::Cpu(s) => slice(s, gl, "linear")?,

@@ -327,13 +327,7 @@ impl candle_core::CustomOp3 for ConvBiasOp {
         let (ho, wo) = self.geom.out_hw(h, w);
         let l = ho * wo;
         let o = bias.len();
-        let gemm = match self.gemm.lock() {
-            Ok(mut g) => g.take(),
-            Err(_) => None,
-        };
-        let Some(gemm) = gemm else {
-            candle_core::bail!("fused conv: forward ran twice");
-        };
+        let gemm = super::fused::take_forward_result(&self.gemm, "fused conv")?;
         let (gs, gl) = gemm.storage_and_layout();
         let g = match &*gs {
             candle_core::Storage::Cpu(s) => contiguous_f32(s, gl)?,

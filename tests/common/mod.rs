@@ -57,3 +57,13 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
         "{what}: relative L2 error {e:.3e} exceeds {tol:.0e}"
     );
 }
+
+/// Every element of `t`, in order, as f64.
+pub fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}

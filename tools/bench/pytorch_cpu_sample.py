@@ -18,16 +18,7 @@ import time
 
 import torch
 
-
-def peak_rss():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+from bench_common import peak_rss
 
 
 def main():

@@ -18,6 +18,8 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
+from bench_common import peak_rss
+
 TOY = {
     "sample_size": 16,
     "in_channels": 4,
@@ -47,17 +49,6 @@ SD15 = {
     "flip_sin_to_cos": True,
     "freq_shift": 0,
 }
-
-
-def peak_rss():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def main():
