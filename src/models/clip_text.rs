@@ -20,32 +20,11 @@ use crate::nn::{
 };
 use crate::{Error, Result};
 
-fn d_vocab() -> usize {
-    49408
-}
-fn d_hidden() -> usize {
-    512
-}
-fn d_inter() -> usize {
-    2048
-}
-fn d_layers() -> usize {
-    12
-}
-fn d_heads() -> usize {
-    8
-}
-fn d_positions() -> usize {
-    77
-}
 fn d_act() -> String {
     "quick_gelu".into()
 }
 fn d_eps() -> f64 {
     1e-5
-}
-fn d_proj() -> usize {
-    512
 }
 fn d_pad() -> u32 {
     1
@@ -60,23 +39,23 @@ fn d_eos() -> u32 {
 /// `text_encoder/config.json` with `CLIPTextConfig`'s defaults; unknown fields ignored.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct ClipTextConfig {
-    #[serde(default = "d_vocab")]
+    #[serde(default = "super::serde_default::int::<49408>")]
     pub vocab_size: usize,
-    #[serde(default = "d_hidden")]
+    #[serde(default = "super::serde_default::int::<512>")]
     pub hidden_size: usize,
-    #[serde(default = "d_inter")]
+    #[serde(default = "super::serde_default::int::<2048>")]
     pub intermediate_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "super::serde_default::int::<12>")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "super::serde_default::int::<8>")]
     pub num_attention_heads: usize,
-    #[serde(default = "d_positions")]
+    #[serde(default = "super::serde_default::int::<77>")]
     pub max_position_embeddings: usize,
     #[serde(default = "d_act")]
     pub hidden_act: String,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
-    #[serde(default = "d_proj")]
+    #[serde(default = "super::serde_default::int::<512>")]
     pub projection_dim: usize,
     #[serde(default = "d_pad")]
     pub pad_token_id: u32,

@@ -18,35 +18,11 @@ use super::clip_text::{ClipAttention, ClipEncoderLayer, ClipMlp, ClipTextConfig,
 use crate::nn::{Activation, Conv2d, Init, LayerNorm, Linear, Vb, read_safetensors};
 use crate::{Error, Result};
 
-fn d_hidden() -> usize {
-    768
-}
-fn d_inter() -> usize {
-    3072
-}
-fn d_layers() -> usize {
-    12
-}
-fn d_heads() -> usize {
-    12
-}
-fn d_channels() -> usize {
-    3
-}
-fn d_image() -> usize {
-    224
-}
-fn d_patch() -> usize {
-    32
-}
 fn d_act() -> String {
     "quick_gelu".into()
 }
 fn d_eps() -> f64 {
     1e-5
-}
-fn d_proj() -> usize {
-    512
 }
 fn d_logit_scale() -> f64 {
     2.6592
@@ -55,19 +31,19 @@ fn d_logit_scale() -> f64 {
 /// `vision_config` with `CLIPVisionConfig`'s defaults; unknown fields ignored.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct ClipVisionConfig {
-    #[serde(default = "d_hidden")]
+    #[serde(default = "super::serde_default::int::<768>")]
     pub hidden_size: usize,
-    #[serde(default = "d_inter")]
+    #[serde(default = "super::serde_default::int::<3072>")]
     pub intermediate_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "super::serde_default::int::<12>")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "super::serde_default::int::<12>")]
     pub num_attention_heads: usize,
-    #[serde(default = "d_channels")]
+    #[serde(default = "super::serde_default::int::<3>")]
     pub num_channels: usize,
-    #[serde(default = "d_image")]
+    #[serde(default = "super::serde_default::int::<224>")]
     pub image_size: usize,
-    #[serde(default = "d_patch")]
+    #[serde(default = "super::serde_default::int::<32>")]
     pub patch_size: usize,
     #[serde(default = "d_act")]
     pub hidden_act: String,
@@ -88,7 +64,7 @@ pub struct ClipConfig {
     pub text_config: ClipTextConfig,
     #[serde(default)]
     pub vision_config: ClipVisionConfig,
-    #[serde(default = "d_proj")]
+    #[serde(default = "super::serde_default::int::<512>")]
     pub projection_dim: usize,
     #[serde(default = "d_logit_scale")]
     pub logit_scale_init_value: f64,

@@ -17,59 +17,35 @@ use super::clip_vision::{read_without, resolve_model_path};
 use crate::nn::{Activation, Conv2d, Init, LayerNorm, Linear, Vb, scaled_dot_product_attention};
 use crate::{Error, Result};
 
-fn d_hidden() -> usize {
-    768
-}
-fn d_inter() -> usize {
-    3072
-}
-fn d_layers() -> usize {
-    12
-}
-fn d_heads() -> usize {
-    12
-}
-fn d_channels() -> usize {
-    3
-}
-fn d_image() -> usize {
-    224
-}
-fn d_patch() -> usize {
-    16
-}
 fn d_act() -> String {
     "gelu".into()
 }
 fn d_eps() -> f64 {
     1e-12
 }
-fn d_true() -> bool {
-    true
-}
 
 /// `ViTConfig` with transformers' defaults; unknown fields ignored.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct ViTConfig {
-    #[serde(default = "d_hidden")]
+    #[serde(default = "super::serde_default::int::<768>")]
     pub hidden_size: usize,
-    #[serde(default = "d_inter")]
+    #[serde(default = "super::serde_default::int::<3072>")]
     pub intermediate_size: usize,
-    #[serde(default = "d_layers")]
+    #[serde(default = "super::serde_default::int::<12>")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
+    #[serde(default = "super::serde_default::int::<12>")]
     pub num_attention_heads: usize,
-    #[serde(default = "d_channels")]
+    #[serde(default = "super::serde_default::int::<3>")]
     pub num_channels: usize,
-    #[serde(default = "d_image")]
+    #[serde(default = "super::serde_default::int::<224>")]
     pub image_size: usize,
-    #[serde(default = "d_patch")]
+    #[serde(default = "super::serde_default::int::<16>")]
     pub patch_size: usize,
     #[serde(default = "d_act")]
     pub hidden_act: String,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
-    #[serde(default = "d_true")]
+    #[serde(default = "super::serde_default::yes")]
     pub qkv_bias: bool,
 }
 

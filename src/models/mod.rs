@@ -10,6 +10,7 @@ pub mod lora;
 pub mod lpips;
 pub mod resnet;
 pub mod sd;
+pub mod serde_default;
 pub mod single_file;
 pub mod transformer;
 pub mod unet;

@@ -21,9 +21,6 @@ use crate::{Error, Result};
 /// diffusers hard-codes this eps for every norm in the VAE.
 const EPS: f64 = 1e-6;
 
-fn d_three() -> usize {
-    3
-}
 fn d_down() -> Vec<String> {
     vec!["DownEncoderBlock2D".into()]
 }
@@ -33,26 +30,14 @@ fn d_up() -> Vec<String> {
 fn d_block_out() -> Vec<usize> {
     vec![64]
 }
-fn d_one() -> usize {
-    1
-}
 fn d_silu() -> String {
     "silu".into()
-}
-fn d_four() -> usize {
-    4
-}
-fn d_groups() -> usize {
-    32
 }
 fn d_sample_size() -> usize {
     32
 }
 fn d_scaling() -> f64 {
     0.18215
-}
-fn d_true() -> bool {
-    true
 }
 
 /// `sample_size` is an int in SD configs; diffusers also allows `[h, w]`.
@@ -73,9 +58,9 @@ fn int_or_first<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D
 /// `latents_mean` / `latents_std` and other unknown fields are ignored.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct VaeConfig {
-    #[serde(default = "d_three")]
+    #[serde(default = "super::serde_default::int::<3>")]
     pub in_channels: usize,
-    #[serde(default = "d_three")]
+    #[serde(default = "super::serde_default::int::<3>")]
     pub out_channels: usize,
     #[serde(default = "d_down")]
     pub down_block_types: Vec<String>,
@@ -83,13 +68,13 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
     #[serde(default = "d_block_out")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "d_one")]
+    #[serde(default = "super::serde_default::int::<1>")]
     pub layers_per_block: usize,
     #[serde(default = "d_silu")]
     pub act_fn: String,
-    #[serde(default = "d_four")]
+    #[serde(default = "super::serde_default::int::<4>")]
     pub latent_channels: usize,
-    #[serde(default = "d_groups")]
+    #[serde(default = "super::serde_default::int::<32>")]
     pub norm_num_groups: usize,
     #[serde(default = "d_sample_size", deserialize_with = "int_or_first")]
     pub sample_size: usize,
@@ -97,11 +82,11 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     #[serde(default)]
     pub shift_factor: Option<f64>,
-    #[serde(default = "d_true")]
+    #[serde(default = "super::serde_default::yes")]
     pub use_quant_conv: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "super::serde_default::yes")]
     pub use_post_quant_conv: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "super::serde_default::yes")]
     pub mid_block_add_attention: bool,
 }
 
