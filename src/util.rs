@@ -37,6 +37,17 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Reads a JSON config with [`read_json`] and checks it with `validate`
+/// (whose errors name `path`).
+pub fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T, &Path) -> Result<()>,
+) -> Result<T> {
+    let cfg: T = read_json(path)?;
+    validate(&cfg, path)?;
+    Ok(cfg)
+}
+
 /// A tensor of standard-normal draws from `rng` (reproducible for a seed).
 pub fn randn(
     rng: &mut impl rand::Rng,

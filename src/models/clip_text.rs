@@ -74,9 +74,7 @@ impl Default for ClipTextConfig {
 impl ClipTextConfig {
     /// Reads and validates a transformers `text_encoder/config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::util::read_json(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        crate::util::read_config(path, Self::validate)
     }
 
     /// Checks the config describes a model this crate builds; errors name `path`.
@@ -88,16 +86,12 @@ impl ClipTextConfig {
                 self.hidden_act
             ));
         }
-        let (h, n) = (self.hidden_size, self.num_attention_heads);
-        if n == 0 || !h.is_multiple_of(n) {
-            return bad(format!(
-                "hidden_size {h} does not split into {n} attention heads"
-            ));
-        }
-        if self.num_hidden_layers == 0 {
-            return bad("num_hidden_layers must be positive".into());
-        }
-        Ok(())
+        check_encoder_shape(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_hidden_layers,
+        )
+        .or_else(bad)
     }
 
     fn activation(&self) -> Option<Activation> {
@@ -350,4 +344,32 @@ impl ClipTextModel {
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
     }
+}
+
+/// What every transformer encoder config (CLIP text and vision, ViT) must
+/// satisfy: attention heads that divide the width, and at least one layer.
+pub(crate) fn check_encoder_shape(
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+) -> std::result::Result<(), String> {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(format!(
+            "hidden_size {hidden} does not split into {heads} attention heads"
+        ));
+    }
+    if layers == 0 {
+        return Err("num_hidden_layers must be positive".into());
+    }
+    Ok(())
+}
+
+/// A vision encoder's image must tile into whole patches.
+pub(crate) fn check_patches(image: usize, patch: usize) -> std::result::Result<(), String> {
+    if patch == 0 || !image.is_multiple_of(patch) {
+        return Err(format!(
+            "image_size {image} is not a multiple of patch_size {patch}"
+        ));
+    }
+    Ok(())
 }

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use serde::Deserialize;
 
-use super::clip_text::{ClipAttention, ClipEncoderLayer, ClipMlp, ClipTextConfig, ClipTextModel};
+use super::clip_text::{
+    ClipAttention, ClipEncoderLayer, ClipMlp, ClipTextConfig, ClipTextModel, check_encoder_shape,
+    check_patches,
+};
 use crate::nn::{Activation, Conv2d, Init, LayerNorm, Linear, Vb, read_safetensors};
 use crate::{Error, Result};
 
@@ -73,9 +76,7 @@ pub struct ClipConfig {
 impl ClipConfig {
     /// Reads and validates a transformers `CLIPModel` `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::util::read_json(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        crate::util::read_config(path, Self::validate)
     }
 
     /// Checks both towers describe a model this crate builds; errors name `path`.
@@ -89,22 +90,9 @@ impl ClipConfig {
                 v.hidden_act
             ));
         }
-        let (h, n) = (v.hidden_size, v.num_attention_heads);
-        if n == 0 || !h.is_multiple_of(n) {
-            return bad(format!(
-                "hidden_size {h} does not split into {n} attention heads"
-            ));
-        }
-        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-            return bad(format!(
-                "image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            ));
-        }
-        if v.num_hidden_layers == 0 {
-            return bad("num_hidden_layers must be positive".into());
-        }
-        Ok(())
+        check_encoder_shape(v.hidden_size, v.num_attention_heads, v.num_hidden_layers)
+            .and_then(|()| check_patches(v.image_size, v.patch_size))
+            .or_else(bad)
     }
 }
 

@@ -184,9 +184,7 @@ pub struct UNetConfig {
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::util::read_json(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        crate::util::read_config(path, Self::validate)
     }
 
     /// Heads per down block: diffusers reads `attention_head_dim` as the number

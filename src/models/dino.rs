@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{Device, IndexOp, Tensor};
 use serde::Deserialize;
 
+use super::clip_text::{check_encoder_shape, check_patches};
 use super::clip_vision::{read_without, resolve_model_path};
 use crate::nn::{Activation, Conv2d, Init, LayerNorm, Linear, Vb, scaled_dot_product_attention};
 use crate::{Error, Result};
@@ -58,9 +59,7 @@ impl Default for ViTConfig {
 impl ViTConfig {
     /// Reads and validates a transformers ViT `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::util::read_json(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        crate::util::read_config(path, Self::validate)
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
@@ -71,19 +70,13 @@ impl ViTConfig {
                 self.hidden_act
             ));
         }
-        let (h, n) = (self.hidden_size, self.num_attention_heads);
-        if n == 0 || !h.is_multiple_of(n) {
-            return bad(format!(
-                "hidden_size {h} does not split into {n} attention heads"
-            ));
-        }
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
-            return bad(format!(
-                "image_size {} is not a multiple of patch_size {}",
-                self.image_size, self.patch_size
-            ));
-        }
-        Ok(())
+        check_encoder_shape(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_hidden_layers,
+        )
+        .and_then(|()| check_patches(self.image_size, self.patch_size))
+        .or_else(bad)
     }
 }
 

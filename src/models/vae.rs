@@ -99,9 +99,7 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Reads and validates a diffusers `vae/config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::util::read_json(path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        crate::util::read_config(path, Self::validate)
     }
 
     /// Checks the config describes a VAE this crate builds; errors name `path`.
