@@ -41,7 +41,7 @@ enum Command {
 fn main() {
     dreambooth::nn::cpu::configure();
     let args = Cli::parse();
-    let result = match args.command {
+    let result = dreambooth::nn::cpu::run_in_pool(|| match args.command {
         Command::Bench(a) => cli::bench::run(a),
         Command::Demo(a) => cli::demo::run(a),
         Command::Eval(a) => cli::eval::run(a),
@@ -50,7 +50,7 @@ fn main() {
         Command::Merge(a) => cli::merge::run(a),
         Command::Train(a) => cli::train::run(*a),
         Command::Toy(a) => cli::toy::run(a),
-    };
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

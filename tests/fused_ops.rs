@@ -184,13 +184,19 @@ fn conv2d_bias_matches_plain() {
         (vec![1, 4, 6, 6], 3, 3, 2, 0),
         (vec![3, 5, 4, 3], 6, 1, 1, 0),
         (vec![1, 5, 4, 3], 6, 1, 1, 0),
+        // Batches spread over threads (odd and even counts), stride 2 with
+        // padding 1 on odd sizes, a kernel wider than the padded border.
+        (vec![5, 3, 7, 5], 4, 3, 2, 1),
+        (vec![4, 2, 5, 6], 3, 3, 1, 1),
+        (vec![4, 3, 6, 6], 5, 1, 1, 0),
+        (vec![2, 2, 3, 3], 2, 3, 1, 2),
     ] {
         let c = x_shape[1];
         let x = randn(&x_shape, 21);
         let w = (randn(&[o, c, k, k], 22) * 0.5).unwrap();
         let b = randn(&[o], 23);
         let ff = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
-            Ok(dreambooth::nn::im2col::conv2d_bias(
+            Ok(dreambooth::nn::conv_cpu::conv2d_bias(
                 &t[0], &t[1], &t[2], stride, padding,
             )?)
         };

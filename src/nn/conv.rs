@@ -43,8 +43,8 @@ impl Conv2d {
         if let (Some(b), None) = (&self.bias, &self.lora)
             && super::fused::use_fused(x)
         {
-            // One autograd node for conv + bias (see `im2col::conv2d_bias`).
-            return Ok(super::im2col::conv2d_bias(
+            // One autograd node for conv + bias (see `conv_cpu`).
+            return Ok(super::conv_cpu::conv2d_bias(
                 x,
                 &self.weight,
                 b,

@@ -21,6 +21,12 @@
 //!   physical cores by reading `/proc/cpuinfo` (about 460 reads per toy
 //!   training step). The variable is set to rayon's own default, so GEMM and
 //!   rayon's pool agree and nothing is read per call.
+//! * Every parallel op started from a thread outside rayon's pool injects a
+//!   job, wakes a worker and puts the caller to sleep on a futex until the
+//!   workers are done: two context switches per op, thousands of times a
+//!   step (a quarter of the CPU time when sampling with the tiny model).
+//!   [`run_in_pool`] runs the whole command on a pool thread instead, so the
+//!   caller takes part in the work and only the other workers are woken.
 
 use std::os::raw::{c_int, c_long};
 
@@ -32,6 +38,22 @@ pub fn num_threads() -> usize {
 // mimalloc's option setter (linked through the `mimalloc` crate).
 unsafe extern "C" {
     fn mi_option_set(option: c_int, value: c_long);
+}
+
+/// Stack size of rayon's worker threads: the command runs on one of them
+/// ([`run_in_pool`]), and candle's backward pass walks the graph recursively.
+const WORKER_STACK_BYTES: usize = 256 << 20;
+
+/// Runs `f` (a whole command) on a thread of rayon's global pool, built here
+/// with [`WORKER_STACK_BYTES`] stacks, and returns its result. If the global
+/// pool already exists (a library user built it), `f` still runs on it.
+pub fn run_in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    // An error only means the pool was already built; it is used as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(WORKER_STACK_BYTES)
+        .build_global();
+    // `scope` called from outside the pool runs its body on a pool thread.
+    rayon::scope(|_| f())
 }
 
 /// `mi_option_purge_delay` (same index in mimalloc v2 and v3).

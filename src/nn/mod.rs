@@ -3,9 +3,11 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod conv_cpu;
 pub mod cpu;
 pub mod embedding;
 pub mod fused;
+mod gemm;
 pub mod im2col;
 pub mod linear;
 pub mod lora;

@@ -1,0 +1,464 @@
+//! Conv2d (groups 1, dilation 1) plus bias on the CPU as one autograd node,
+//! one image at a time: im2col of an image into a scratch buffer the size of
+//! one image's columns, then one GEMM `W (O, C·kh·kw) · cols (C·kh·kw, L)`
+//! written straight into that image's (O, Ho·Wo) block of the NCHW output,
+//! which was filled with the bias first. Backward, per image: `dW += dY_b ·
+//! cols_bᵀ` (columns recomputed, never stored), `dcols = Wᵀ · dY_b` then
+//! col2im into dX_b; `db` sums dY over batch and pixels. A 1×1 convolution
+//! reads the image itself as its columns.
+//!
+//! With at least two images per thread (or a multiple of the thread count)
+//! the images are spread over rayon's threads and each GEMM runs on one
+//! thread, so a whole convolution is one parallel region; otherwise (SD 1.5 at
+//! batch 1) images go one by one and im2col and the GEMM use every thread.
+//! Neither the batch-wide (C·kh·kw, B·L) column matrix nor the (O, B·L)
+//! product of the batched formulation is ever built.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{View, matmul_into};
+use super::im2col::ConvGeom;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => candle_core::bail!("conv2d: {what} must be a contiguous f32 tensor on the CPU"),
+    }
+}
+
+/// The shapes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    geom: ConvGeom,
+}
+
+impl Dims {
+    fn kk(&self) -> usize {
+        self.geom.kh * self.geom.kw
+    }
+    /// Rows of an image's column matrix (C·kh·kw).
+    fn k(&self) -> usize {
+        self.c * self.kk()
+    }
+    /// Output pixels per image.
+    fn l(&self) -> usize {
+        let (ho, wo) = self.geom.out_hw(self.h, self.w);
+        ho * wo
+    }
+    fn pointwise(&self) -> bool {
+        let g = &self.geom;
+        g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0
+    }
+    /// Whether images are spread over threads (each GEMM single-threaded).
+    fn per_image_threads(&self) -> bool {
+        let t = super::cpu::num_threads();
+        t > 1 && (self.b >= 2 * t || (self.b >= t && self.b.is_multiple_of(t)))
+    }
+}
+
+/// Runs `f(row_index, row)` over consecutive `len`-element rows of `buf`,
+/// on rayon's threads when `parallel`.
+fn for_rows<F>(buf: &mut [f32], len: usize, parallel: bool, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Send + Sync,
+{
+    if len == 0 {
+        return;
+    }
+    if parallel {
+        buf.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        buf.chunks_mut(len).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// im2col of one image x (C, H, W) into `cols` (C·kh·kw, Ho·Wo), row
+/// c·kh·kw + i·kw + j (the order of a flattened (O, C, kh, kw) weight).
+fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], parallel: bool) {
+    let g = d.geom;
+    let (h, w) = (d.h, d.w);
+    let (ho, wo) = g.out_hw(h, w);
+    let kk = d.kk();
+    for_rows(&mut cols[..d.k() * ho * wo], ho * wo, parallel, |r, row| {
+        let (ch, ij) = (r / kk, r % kk);
+        let (i, j) = (ij / g.kw, ij % g.kw);
+        let src = &x[ch * h * w..(ch + 1) * h * w];
+        // Output columns ox whose input column ox·stride + j − padding is
+        // inside the image: [lo, hi).
+        let lo = g.padding.saturating_sub(j).div_ceil(g.stride).min(wo);
+        let hi = if w + g.padding > j {
+            ((w + g.padding - j - 1) / g.stride + 1).clamp(lo, wo)
+        } else {
+            lo
+        };
+        for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
+            let y = (oy * g.stride + i) as isize - g.padding as isize;
+            if y < 0 || y >= h as isize || lo == hi {
+                dst.fill(0.0);
+                continue;
+            }
+            let src_row = &src[y as usize * w..(y as usize + 1) * w];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            let x0 = lo * g.stride + j - g.padding;
+            if g.stride == 1 {
+                dst[lo..hi].copy_from_slice(&src_row[x0..x0 + (hi - lo)]);
+            } else {
+                for (k, v) in dst[lo..hi].iter_mut().enumerate() {
+                    *v = src_row[x0 + k * g.stride];
+                }
+            }
+        }
+    });
+}
+
+/// The adjoint of [`im2col_image`]: dx (C, H, W) = Σ over window positions of
+/// `cols` (C·kh·kw, Ho·Wo); `dx` is overwritten.
+fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
+    let g = d.geom;
+    let (h, w) = (d.h, d.w);
+    let (ho, wo) = g.out_hw(h, w);
+    let (kk, l) = (d.kk(), ho * wo);
+    for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane| {
+        plane.fill(0.0);
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = &cols[(ch * kk + i * g.kw + j) * l..][..l];
+                let lo = g.padding.saturating_sub(j).div_ceil(g.stride).min(wo);
+                let hi = if w + g.padding > j {
+                    ((w + g.padding - j - 1) / g.stride + 1).clamp(lo, wo)
+                } else {
+                    lo
+                };
+                if lo == hi {
+                    continue;
+                }
+                let x0 = lo * g.stride + j - g.padding;
+                for (oy, src) in row.chunks_exact(wo).enumerate() {
+                    let y = (oy * g.stride + i) as isize - g.padding as isize;
+                    if y < 0 || y >= h as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[y as usize * w..(y as usize + 1) * w];
+                    if g.stride == 1 {
+                        for (a, &v) in dst[x0..x0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                            *a += v;
+                        }
+                    } else {
+                        for (k, &v) in src[lo..hi].iter().enumerate() {
+                            dst[x0 + k * g.stride] += v;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The columns of image `x_b`: the image itself for a 1×1 convolution,
+/// otherwise im2col into `scratch`.
+fn image_cols<'a>(x_b: &'a [f32], d: &Dims, scratch: &'a mut Vec<f32>, par: bool) -> &'a [f32] {
+    if d.pointwise() {
+        return x_b;
+    }
+    scratch.resize(d.k() * d.l(), 0.0);
+    im2col_image(x_b, d, scratch, par);
+    scratch
+}
+
+/// y (B, O, L) = bias + W · cols(x_b) for every image.
+fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
+    let (k, l, o) = (d.k(), d.l(), d.o);
+    let mut y = vec![0f32; d.b * o * l];
+    let one = |x_b: &[f32], y_b: &mut [f32], scratch: &mut Vec<f32>, par: bool| {
+        for (row, &bv) in y_b.chunks_exact_mut(l).zip(bias) {
+            row.fill(bv);
+        }
+        let cols = image_cols(x_b, d, scratch, par);
+        matmul_into(
+            y_b,
+            l,
+            true,
+            View::rows(wt, o, k),
+            View::rows(cols, k, l),
+            par,
+        );
+    };
+    let img = d.c * d.h * d.w;
+    if d.per_image_threads() {
+        y.par_chunks_mut(o * l)
+            .zip(x.par_chunks(img))
+            .for_each_init(Vec::new, |s, (y_b, x_b)| one(x_b, y_b, s, false));
+    } else {
+        let mut s = Vec::new();
+        for (y_b, x_b) in y.chunks_mut(o * l).zip(x.chunks(img)) {
+            one(x_b, y_b, &mut s, true);
+        }
+    }
+    y
+}
+
+/// dW (O, C·kh·kw) = Σ_b dY_b · cols(x_b)ᵀ.
+fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+    let (k, l, o) = (d.k(), d.l(), d.o);
+    let img = d.c * d.h * d.w;
+    let one = |x_b: &[f32], dy_b: &[f32], dw: &mut [f32], s: &mut Vec<f32>, par: bool| {
+        let cols = image_cols(x_b, d, s, par);
+        matmul_into(
+            dw,
+            k,
+            true,
+            View::rows(dy_b, o, l),
+            View::rows(cols, k, l).t(),
+            par,
+        );
+    };
+    if d.per_image_threads() {
+        x.par_chunks(img)
+            .zip(dy.par_chunks(o * l))
+            .fold(
+                || (vec![0f32; o * k], Vec::new()),
+                |(mut dw, mut s), (x_b, dy_b)| {
+                    one(x_b, dy_b, &mut dw, &mut s, false);
+                    (dw, s)
+                },
+            )
+            .map(|(dw, _)| dw)
+            .reduce_with(|mut a, b| {
+                for (a, b) in a.iter_mut().zip(&b) {
+                    *a += b;
+                }
+                a
+            })
+            .unwrap_or_else(|| vec![0f32; o * k])
+    } else {
+        let (mut dw, mut s) = (vec![0f32; o * k], Vec::new());
+        for (x_b, dy_b) in x.chunks(img).zip(dy.chunks(o * l)) {
+            one(x_b, dy_b, &mut dw, &mut s, true);
+        }
+        dw
+    }
+}
+
+/// dX_b (C, H, W) = col2im(Wᵀ · dY_b) for every image.
+fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+    let (k, l, o) = (d.k(), d.l(), d.o);
+    let img = d.c * d.h * d.w;
+    let mut dx = vec![0f32; d.b * img];
+    let one = |dy_b: &[f32], dx_b: &mut [f32], s: &mut Vec<f32>, par: bool| {
+        let wt_t = View::rows(wt, o, k).t();
+        if d.pointwise() {
+            matmul_into(dx_b, l, false, wt_t, View::rows(dy_b, o, l), par);
+        } else {
+            s.resize(k * l, 0.0);
+            matmul_into(s, l, false, wt_t, View::rows(dy_b, o, l), par);
+            col2im_image(s, d, dx_b, par);
+        }
+    };
+    if d.per_image_threads() {
+        dx.par_chunks_mut(img)
+            .zip(dy.par_chunks(o * l))
+            .for_each_init(Vec::new, |s, (dx_b, dy_b)| one(dy_b, dx_b, s, false));
+    } else {
+        let mut s = Vec::new();
+        for (dx_b, dy_b) in dx.chunks_mut(img).zip(dy.chunks(o * l)) {
+            one(dy_b, dx_b, &mut s, true);
+        }
+    }
+    dx
+}
+
+/// The forward node: inputs x (B, C, H, W), weight (O, C, kh, kw), bias (O,).
+struct ConvBiasOp {
+    geom: ConvGeom,
+}
+
+impl ConvBiasOp {
+    fn dims(&self, x: &[usize], wt: &[usize]) -> candle_core::Result<Dims> {
+        let [b, c, h, w] = x else {
+            candle_core::bail!("conv2d: input must be (B, C, H, W), got {x:?}")
+        };
+        let [o, c2, kh, kw] = wt else {
+            candle_core::bail!("conv2d: weight must be (O, C, kh, kw), got {wt:?}")
+        };
+        if c != c2 || (*kh, *kw) != (self.geom.kh, self.geom.kw) {
+            candle_core::bail!("conv2d: input {x:?} does not fit weight {wt:?}");
+        }
+        Ok(Dims {
+            b: *b,
+            c: *c,
+            h: *h,
+            w: *w,
+            o: *o,
+            geom: self.geom,
+        })
+    }
+}
+
+impl CustomOp3 for ConvBiasOp {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.dims(), l2.dims())?;
+        let x = f32_slice(s1, l1, "input")?;
+        let wt = f32_slice(s2, l2, "weight")?;
+        let bias = f32_slice(s3, l3, "bias")?;
+        if bias.len() != d.o {
+            candle_core::bail!("conv2d: bias {:?} for {} output channels", l3.dims(), d.o);
+        }
+        let (ho, wo) = d.geom.out_hw(d.h, d.w);
+        Ok((
+            CpuStorage::F32(forward(x, wt, bias, &d)),
+            Shape::from((d.b, d.o, ho, wo)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(x.dims(), weight.dims())?;
+        let grad = grad.contiguous()?;
+        let db = if bias.track_op() {
+            let (b, o, ho, wo) = grad.dims4()?;
+            Some(
+                grad.reshape((b, o, ho * wo))?
+                    .apply_op1_no_bwd(&super::fused::SumAround { dim: 1 })?
+                    .reshape(bias.shape())?,
+            )
+        } else {
+            None
+        };
+        let dw = if weight.track_op() {
+            let dw = x
+                .detach()
+                .apply_op2_no_bwd(&grad, &ConvGradWeight(d))?
+                .reshape(weight.shape())?;
+            Some(dw)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            Some(weight.detach().apply_op2_no_bwd(&grad, &ConvGradInput(d))?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// (x, dy) → dW (O, C·kh·kw).
+struct ConvGradWeight(Dims);
+
+impl CustomOp2 for ConvGradWeight {
+    fn name(&self) -> &'static str {
+        "conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.0;
+        let x = f32_slice(s1, l1, "input")?;
+        let dy = f32_slice(s2, l2, "output gradient")?;
+        if dy.len() != d.b * d.o * d.l() || x.len() != d.b * d.c * d.h * d.w {
+            candle_core::bail!("conv2d backward: gradient {:?} for {d:?}", l2.dims());
+        }
+        Ok((
+            CpuStorage::F32(grad_weight(x, dy, &d)),
+            Shape::from((d.o, d.k())),
+        ))
+    }
+}
+
+/// (weight, dy) → dX (B, C, H, W).
+struct ConvGradInput(Dims);
+
+impl CustomOp2 for ConvGradInput {
+    fn name(&self) -> &'static str {
+        "conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.0;
+        let wt = f32_slice(s1, l1, "weight")?;
+        let dy = f32_slice(s2, l2, "output gradient")?;
+        if dy.len() != d.b * d.o * d.l() || wt.len() != d.o * d.k() {
+            candle_core::bail!("conv2d backward: gradient {:?} for {d:?}", l2.dims());
+        }
+        Ok((
+            CpuStorage::F32(grad_input(wt, dy, &d)),
+            Shape::from((d.b, d.c, d.h, d.w)),
+        ))
+    }
+}
+
+/// Convolution (groups 1, dilation 1) plus a per-channel bias as one autograd
+/// node; f32 on the CPU (callers check [`super::fused::use_fused`]).
+pub fn conv2d_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let (o, c, kh, kw) = weight.dims4()?;
+    if x.dim(1)? != c || bias.elem_count() != o || stride == 0 {
+        candle_core::bail!(
+            "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride}",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        candle_core::bail!(
+            "conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input with padding {padding}"
+        );
+    }
+    let geom = ConvGeom {
+        kh,
+        kw,
+        stride,
+        padding,
+    };
+    x.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        ConvBiasOp { geom },
+    )
+}
