@@ -255,7 +255,14 @@ fn linear_matches_plain() {
 #[test]
 fn multi_head_attention_matches_plain() {
     use dreambooth::nn::attention::{multi_head_attention, plain_multi_head_attention};
-    for (b, n, m, heads, d) in [(2, 6, 6, 2, 3), (2, 5, 3, 3, 4)] {
+    // Pairs spread over threads, and one (image, head) pair alone (the
+    // sequential path with multi-threaded GEMMs).
+    for (b, n, m, heads, d) in [
+        (2, 6, 6, 2, 3),
+        (2, 5, 3, 3, 4),
+        (1, 7, 7, 1, 5),
+        (3, 4, 9, 1, 2),
+    ] {
         let c = heads * d;
         let q = randn(&[b, n, c], 41);
         let k = randn(&[b, m, c], 42);

@@ -14,11 +14,13 @@
 //! Neither the batch-wide (C·kh·kw, B·L) column matrix nor the (O, B·L)
 //! product of the batched formulation is ever built.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{View, matmul_into};
-use super::im2col::ConvGeom;
+use super::im2col::{ConvGeom, assume_init, init_rows, uninit_vec};
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -121,14 +123,13 @@ fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], parallel: bool) {
 }
 
 /// The adjoint of [`im2col_image`]: dx (C, H, W) = Σ over window positions of
-/// `cols` (C·kh·kw, Ho·Wo); `dx` is overwritten.
+/// `cols` (C·kh·kw, Ho·Wo), added to `dx`.
 fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
     let g = d.geom;
     let (h, w) = (d.h, d.w);
     let (ho, wo) = g.out_hw(h, w);
     let (kk, l) = (d.kk(), ho * wo);
     for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane| {
-        plane.fill(0.0);
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = &cols[(ch * kk + i * g.kw + j) * l..][..l];
@@ -177,11 +178,9 @@ fn image_cols<'a>(x_b: &'a [f32], d: &Dims, scratch: &'a mut Vec<f32>, par: bool
 /// y (B, O, L) = bias + W · cols(x_b) for every image.
 fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
-    let mut y = vec![0f32; d.b * o * l];
-    let one = |x_b: &[f32], y_b: &mut [f32], scratch: &mut Vec<f32>, par: bool| {
-        for (row, &bv) in y_b.chunks_exact_mut(l).zip(bias) {
-            row.fill(bv);
-        }
+    let mut y = uninit_vec(d.b * o * l);
+    let one = |x_b: &[f32], y_b: &mut [MaybeUninit<f32>], scratch: &mut Vec<f32>, par: bool| {
+        let y_b = init_rows(y_b, l, |oi| bias[oi]);
         let cols = image_cols(x_b, d, scratch, par);
         matmul_into(
             y_b,
@@ -203,7 +202,7 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
             one(x_b, y_b, &mut s, true);
         }
     }
-    y
+    assume_init(y)
 }
 
 /// dW (O, C·kh·kw) = Σ_b dY_b · cols(x_b)ᵀ.
@@ -252,8 +251,9 @@ fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
 fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let img = d.c * d.h * d.w;
-    let mut dx = vec![0f32; d.b * img];
-    let one = |dy_b: &[f32], dx_b: &mut [f32], s: &mut Vec<f32>, par: bool| {
+    let mut dx = uninit_vec(d.b * img);
+    let one = |dy_b: &[f32], dx_b: &mut [MaybeUninit<f32>], s: &mut Vec<f32>, par: bool| {
+        let dx_b = init_rows(dx_b, img, |_| 0.0);
         let wt_t = View::rows(wt, o, k).t();
         if d.pointwise() {
             matmul_into(dx_b, l, false, wt_t, View::rows(dy_b, o, l), par);
@@ -273,7 +273,7 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
             one(dy_b, dx_b, &mut s, true);
         }
     }
-    dx
+    assume_init(dx)
 }
 
 /// The forward node: inputs x (B, C, H, W), weight (O, C, kh, kw), bias (O,).

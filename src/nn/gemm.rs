@@ -63,24 +63,47 @@ pub(crate) fn matmul_into(
     b: View,
     parallel: bool,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "gemm: inner dimensions {k} and {}", b.rows);
-    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len());
     let dst_view = View {
         data: dst,
-        rows: m,
-        cols: n,
+        rows: a.rows,
+        cols: b.cols,
         rs: dst_rs,
         cs: 1,
     };
     assert!(dst_view.extent() <= dst.len());
+    // SAFETY: the assert keeps every written index inside `dst`, which is
+    // borrowed mutably for the call.
+    unsafe { matmul_into_raw(dst.as_mut_ptr(), dst_rs, accumulate, a, b, parallel) }
+}
+
+/// [`matmul_into`] writing through a pointer: several threads fill disjoint
+/// elements of one buffer (one attention head's columns each).
+///
+/// # Safety
+/// `dst.add(i·dst_rs + j)` must be valid for reads and writes for every
+/// i < a.rows, j < b.cols, and no other code may access those elements
+/// during the call.
+pub(crate) unsafe fn matmul_into_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm: inner dimensions {k} and {}", b.rows);
+    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len());
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+                for j in 0..n {
+                    // SAFETY: inside the caller's guaranteed range.
+                    unsafe { *dst.add(r * dst_rs + j) = 0.0 };
+                }
             }
         }
         return;
@@ -90,15 +113,14 @@ pub(crate) fn matmul_into(
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts above keep every index the kernel touches
-    // ((i·rs + j·cs) for i < rows, j < cols) inside the three slices, and
-    // `dst` is borrowed mutably, so it aliases neither operand.
+    // SAFETY: the asserts keep every operand index ((i·rs + j·cs) for
+    // i < rows, j < cols) inside its slice; the caller guarantees `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,

@@ -252,19 +252,23 @@ pub(crate) fn assume_init(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
 }
 
-/// (outer, A, B, L) → (outer, B, A, L) of a contiguous buffer, in parallel.
-pub(crate) fn swap_middle(x: &[f32], outer: usize, a: usize, b: usize, l: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), outer * a * b * l);
-    let mut out = uninit_vec(x.len());
-    if l > 0 {
-        out.par_chunks_mut(l).enumerate().for_each(|(r, dst)| {
-            let (o, rest) = (r / (a * b), r % (a * b));
-            let (bi, ai) = (rest / a, rest % a);
-            let src = &x[((o * a + ai) * b + bi) * l..][..l];
-            for (d, &s) in dst.iter_mut().zip(src) {
-                d.write(s);
+/// Writes `value(i)` into every `row_len`-element row i of an uninitialized
+/// buffer and returns it initialized (a per-task fill where the data is used
+/// next, instead of zeroing the whole buffer when it is allocated).
+pub(crate) fn init_rows(
+    buf: &mut [std::mem::MaybeUninit<f32>],
+    row_len: usize,
+    value: impl Fn(usize) -> f32,
+) -> &mut [f32] {
+    if row_len > 0 {
+        for (i, row) in buf.chunks_mut(row_len).enumerate() {
+            let v = value(i);
+            for x in row {
+                x.write(v);
             }
-        });
+        }
     }
-    assume_init(out)
+    // SAFETY: every element was written above (chunks cover the buffer), and
+    // MaybeUninit<f32> has the layout of f32.
+    unsafe { &mut *(buf as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }

@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod attention_cpu;
 pub mod conv;
 pub mod conv_cpu;
 pub mod cpu;
