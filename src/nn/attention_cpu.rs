@@ -84,6 +84,14 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The element `offset` places in (a method, so closures capture the
+    /// whole `Sync` wrapper rather than the raw pointer field).
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// `s` (rows of length m) ← softmax(scale · s), row by row.
 fn softmax_rows(s: &mut [f32], m: usize, scale: f32) {
     for row in s.chunks_exact_mut(m) {
@@ -105,8 +113,7 @@ fn probabilities(
     q: &[f32],
     k: &[f32],
     d: &Dims,
-    bi: usize,
-    h: usize,
+    (bi, h): (usize, usize),
     p: &mut Vec<f32>,
     par: bool,
     scale: f32,
@@ -141,13 +148,12 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32) -> Vec<f32> {
     let mut out = vec![0f32; d.b * d.n * d.c];
     let dst = SharedOut(out.as_mut_ptr());
     for_pairs(d, |bi, h, [p, _], par| {
-        probabilities(q, k, d, bi, h, p, par, scale);
-        let dst = dst;
+        probabilities(q, k, d, (bi, h), p, par, scale);
         // SAFETY: head h of image bi owns rows bi·N.. of columns h·d..(h+1)·d
         // of `out`; no other pair writes them, and `out` lives until the loop ends.
         unsafe {
             matmul_into_raw(
-                dst.0.add(d.head_offset(d.n, bi, h)),
+                dst.at(d.head_offset(d.n, bi, h)),
                 d.c,
                 false,
                 View::rows(p, d.n, d.m),
@@ -173,15 +179,14 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
         )
     };
     for_pairs(d, |bi, h, [p, dp], par| {
-        let (dq, dk, dv) = (dq, dk, dv);
-        probabilities(q, k, d, bi, h, p, par, scale);
+        probabilities(q, k, d, (bi, h), p, par, scale);
         let d_o = d.head(dout, d.n, bi, h);
         let pv = View::rows(p, d.n, d.m);
         // SAFETY (all three writes): head h of image bi owns its columns of
         // dq, dk and dv; no other pair touches them during the loop.
         unsafe {
             matmul_into_raw(
-                dv.0.add(d.head_offset(d.m, bi, h)),
+                dv.at(d.head_offset(d.m, bi, h)),
                 d.c,
                 false,
                 pv.t(),
@@ -200,7 +205,7 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
         let ds = View::rows(dp, d.n, d.m);
         unsafe {
             matmul_into_raw(
-                dq.0.add(d.head_offset(d.n, bi, h)),
+                dq.at(d.head_offset(d.n, bi, h)),
                 d.c,
                 false,
                 ds,
@@ -208,7 +213,7 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
                 par,
             );
             matmul_into_raw(
-                dk.0.add(d.head_offset(d.m, bi, h)),
+                dk.at(d.head_offset(d.m, bi, h)),
                 d.c,
                 false,
                 ds.t(),
