@@ -94,11 +94,16 @@ impl SharedOut {
 
 /// `s` (rows of length m) ← softmax(scale · s), row by row.
 fn softmax_rows(s: &mut [f32], m: usize, scale: f32) {
+    super::vmath::simd(|| softmax_rows_inner(s, m, scale))
+}
+
+#[inline(always)]
+fn softmax_rows_inner(s: &mut [f32], m: usize, scale: f32) {
     for row in s.chunks_exact_mut(m) {
         let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
         let mut sum = 0f32;
         for v in row.iter_mut() {
-            *v = ((*v - max) * scale).exp();
+            *v = super::vmath::exp((*v - max) * scale);
             sum += *v;
         }
         let inv = 1.0 / sum;
@@ -196,12 +201,14 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
         }
         dp.resize(d.n * d.m, 0.0);
         matmul_into(dp, d.m, false, d_o, d.head(v, d.m, bi, h).t(), par);
-        for (dpr, pr) in dp.chunks_exact_mut(d.m).zip(p.chunks_exact(d.m)) {
-            let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
-            for (g, &pv) in dpr.iter_mut().zip(pr) {
-                *g = scale * pv * (*g - dot);
+        super::vmath::simd(|| {
+            for (dpr, pr) in dp.chunks_exact_mut(d.m).zip(p.chunks_exact(d.m)) {
+                let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (g, &pv) in dpr.iter_mut().zip(pr) {
+                    *g = scale * pv * (*g - dot);
+                }
             }
-        }
+        });
         let ds = View::rows(dp, d.n, d.m);
         unsafe {
             matmul_into_raw(

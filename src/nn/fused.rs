@@ -246,14 +246,14 @@ fn row_block(rows: usize) -> usize {
 
 #[inline]
 fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
+    super::vmath::sigmoid(z)
 }
 
 /// Exact GELU and its derivative at x.
 #[inline]
 fn gelu_and_grad(x: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1/sqrt(2π)
+    let cdf = 0.5 * (1.0 + super::vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = super::vmath::exp(-0.5 * x * x) * 0.398_942_3; // 1/sqrt(2π)
     (x * cdf, cdf + x * pdf)
 }
 
@@ -261,12 +261,8 @@ fn gelu_and_grad(x: f32) -> (f32, f32) {
 #[inline]
 fn moments(v: &[f32], eps: f64) -> (f32, f32) {
     let n = v.len() as f64;
-    let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
-    let var = v
-        .iter()
-        .map(|&a| (a as f64 - mean) * (a as f64 - mean))
-        .sum::<f64>()
-        / n;
+    let mean = super::vmath::sum(v) / n;
+    let var = super::vmath::sum_sq_dev(v, mean as f32) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
@@ -327,22 +323,24 @@ impl CustomOp3 for GroupNormOp {
             .zip(x.par_chunks(cpg * s))
             .enumerate()
             .for_each(|(bg, (yo, xi))| {
-                let (mean, rstd) = moments(xi, self.eps);
-                let c0 = (bg % g) * cpg;
-                for k in 0..cpg {
-                    let (a, sh) = (rstd * w[c0 + k], b[c0 + k] - mean * rstd * w[c0 + k]);
-                    let (yr, xr) = (&mut yo[k * s..(k + 1) * s], &xi[k * s..(k + 1) * s]);
-                    if self.silu {
-                        for (o, &v) in yr.iter_mut().zip(xr) {
-                            let z = v * a + sh;
-                            *o = z * sigmoid(z);
-                        }
-                    } else {
-                        for (o, &v) in yr.iter_mut().zip(xr) {
-                            *o = v * a + sh;
+                super::vmath::simd(|| {
+                    let (mean, rstd) = moments(xi, self.eps);
+                    let c0 = (bg % g) * cpg;
+                    for k in 0..cpg {
+                        let (a, sh) = (rstd * w[c0 + k], b[c0 + k] - mean * rstd * w[c0 + k]);
+                        let (yr, xr) = (&mut yo[k * s..(k + 1) * s], &xi[k * s..(k + 1) * s]);
+                        if self.silu {
+                            for (o, &v) in yr.iter_mut().zip(xr) {
+                                let z = v * a + sh;
+                                *o = z * sigmoid(z);
+                            }
+                        } else {
+                            for (o, &v) in yr.iter_mut().zip(xr) {
+                                *o = v * a + sh;
+                            }
                         }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -407,46 +405,49 @@ impl CustomOp3 for GroupNormBwd {
             .zip(part.par_chunks_mut(cpg * 2))
             .enumerate()
             .for_each(|(bg, (dxo, pw))| {
-                let xi = &x[bg * cpg * s..(bg + 1) * cpg * s];
-                let gi = &dy[bg * cpg * s..(bg + 1) * cpg * s];
-                let (mean, rstd) = moments(xi, self.eps);
-                let c0 = (bg % g) * cpg;
-                // Pass 1: dz (gradient before the affine), into dxo as scratch;
-                // sums of dxhat and dxhat·xhat.
-                let (mut s1, mut s2) = (0f64, 0f64);
-                for k in 0..cpg {
-                    let (wk, bk) = (w[c0 + k], b[c0 + k]);
-                    let (mut dw, mut db) = (0f32, 0f32);
-                    let (mut a1, mut a2) = (0f32, 0f32);
-                    let r = k * s..(k + 1) * s;
-                    for ((o, &xv), &gv) in dxo[r.clone()].iter_mut().zip(&xi[r.clone()]).zip(&gi[r])
-                    {
-                        let xh = (xv - mean) * rstd;
-                        let gz = if self.silu {
-                            let z = xh * wk + bk;
-                            let sg = sigmoid(z);
-                            gv * sg * (1.0 + z * (1.0 - sg))
-                        } else {
-                            gv
-                        };
-                        dw += gz * xh;
-                        db += gz;
-                        let dxh = gz * wk;
-                        a1 += dxh;
-                        a2 += dxh * xh;
-                        *o = dxh;
+                super::vmath::simd(|| {
+                    let xi = &x[bg * cpg * s..(bg + 1) * cpg * s];
+                    let gi = &dy[bg * cpg * s..(bg + 1) * cpg * s];
+                    let (mean, rstd) = moments(xi, self.eps);
+                    let c0 = (bg % g) * cpg;
+                    // Pass 1: dz (gradient before the affine), into dxo as scratch;
+                    // sums of dxhat and dxhat·xhat.
+                    let (mut s1, mut s2) = (0f64, 0f64);
+                    for k in 0..cpg {
+                        let (wk, bk) = (w[c0 + k], b[c0 + k]);
+                        let (mut dw, mut db) = (0f32, 0f32);
+                        let (mut a1, mut a2) = (0f32, 0f32);
+                        let r = k * s..(k + 1) * s;
+                        for ((o, &xv), &gv) in
+                            dxo[r.clone()].iter_mut().zip(&xi[r.clone()]).zip(&gi[r])
+                        {
+                            let xh = (xv - mean) * rstd;
+                            let gz = if self.silu {
+                                let z = xh * wk + bk;
+                                let sg = sigmoid(z);
+                                gv * sg * (1.0 + z * (1.0 - sg))
+                            } else {
+                                gv
+                            };
+                            dw += gz * xh;
+                            db += gz;
+                            let dxh = gz * wk;
+                            a1 += dxh;
+                            a2 += dxh * xh;
+                            *o = dxh;
+                        }
+                        s1 += a1 as f64;
+                        s2 += a2 as f64;
+                        pw[2 * k] = dw;
+                        pw[2 * k + 1] = db;
                     }
-                    s1 += a1 as f64;
-                    s2 += a2 as f64;
-                    pw[2 * k] = dw;
-                    pw[2 * k + 1] = db;
-                }
-                let m = (cpg * s) as f64;
-                let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
-                for (o, &xv) in dxo.iter_mut().zip(xi) {
-                    let xh = (xv - mean) * rstd;
-                    *o = rstd * (*o - m1 - xh * m2);
-                }
+                    let m = (cpg * s) as f64;
+                    let (m1, m2) = ((s1 / m) as f32, (s2 / m) as f32);
+                    for (o, &xv) in dxo.iter_mut().zip(xi) {
+                        let xh = (xv - mean) * rstd;
+                        *o = rstd * (*o - m1 - xh * m2);
+                    }
+                })
             });
         let mut out = dx;
         out.resize(n + 2 * c, 0.0);
@@ -498,12 +499,14 @@ impl CustomOp3 for LayerNormOp {
         y.par_chunks_mut(rb * d)
             .zip(x.par_chunks(rb * d))
             .for_each(|(yb, xb)| {
-                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
-                    let (mean, rstd) = moments(xr, self.eps);
-                    for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                        *o = (v - mean) * rstd * wv + bv;
+                super::vmath::simd(|| {
+                    for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                        let (mean, rstd) = moments(xr, self.eps);
+                        for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                            *o = (v - mean) * rstd * wv + bv;
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -551,26 +554,28 @@ impl CustomOp3 for LayerNormBwd {
             .par_chunks_mut(rb * d)
             .zip(x.par_chunks(rb * d).zip(dy.par_chunks(rb * d)))
             .map(|(dxb, (xb, gb))| {
-                let mut p = vec![0f32; 2 * d];
-                let (pw, pb) = p.split_at_mut(d);
-                for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
-                    let (mean, rstd) = moments(xr, self.eps);
-                    let (mut a1, mut a2) = (0f32, 0f32);
-                    for i in 0..d {
-                        let xh = (xr[i] - mean) * rstd;
-                        pw[i] += gr[i] * xh;
-                        pb[i] += gr[i];
-                        let dxh = gr[i] * w[i];
-                        a1 += dxh;
-                        a2 += dxh * xh;
+                super::vmath::simd(|| {
+                    let mut p = vec![0f32; 2 * d];
+                    let (pw, pb) = p.split_at_mut(d);
+                    for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                        let (mean, rstd) = moments(xr, self.eps);
+                        let (mut a1, mut a2) = (0f32, 0f32);
+                        for i in 0..d {
+                            let xh = (xr[i] - mean) * rstd;
+                            pw[i] += gr[i] * xh;
+                            pb[i] += gr[i];
+                            let dxh = gr[i] * w[i];
+                            a1 += dxh;
+                            a2 += dxh * xh;
+                        }
+                        let (m1, m2) = (a1 / d as f32, a2 / d as f32);
+                        for i in 0..d {
+                            let xh = (xr[i] - mean) * rstd;
+                            dxr[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+                        }
                     }
-                    let (m1, m2) = (a1 / d as f32, a2 / d as f32);
-                    for i in 0..d {
-                        let xh = (xr[i] - mean) * rstd;
-                        dxr[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
-                    }
-                }
-                p
+                    p
+                })
             })
             .collect();
         let mut out = dx;
@@ -606,19 +611,21 @@ impl CustomOp1 for SoftmaxOp {
         y.par_chunks_mut(rb * d)
             .zip(x.par_chunks(rb * d))
             .for_each(|(yb, xb)| {
-                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
-                    let m = xr.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    let mut sum = 0f32;
-                    for (o, &v) in yr.iter_mut().zip(xr) {
-                        let e = ((v - m) * scale).exp();
-                        *o = e;
-                        sum += e;
+                super::vmath::simd(|| {
+                    for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                        let m = xr.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                        let mut sum = 0f32;
+                        for (o, &v) in yr.iter_mut().zip(xr) {
+                            let e = super::vmath::exp((v - m) * scale);
+                            *o = e;
+                            sum += e;
+                        }
+                        let inv = 1.0 / sum;
+                        for o in yr.iter_mut() {
+                            *o *= inv;
+                        }
                     }
-                    let inv = 1.0 / sum;
-                    for o in yr.iter_mut() {
-                        *o *= inv;
-                    }
-                }
+                })
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -655,12 +662,14 @@ impl CustomOp2 for SoftmaxBwd {
         dx.par_chunks_mut(rb * d)
             .zip(y.par_chunks(rb * d).zip(g.par_chunks(rb * d)))
             .for_each(|(db, (yb, gb))| {
-                for ((dr, yr), gr) in db.chunks_mut(d).zip(yb.chunks(d)).zip(gb.chunks(d)) {
-                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                    for ((o, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
-                        *o = scale * yv * (gv - dot);
+                super::vmath::simd(|| {
+                    for ((dr, yr), gr) in db.chunks_mut(d).zip(yb.chunks(d)).zip(gb.chunks(d)) {
+                        let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                        for ((o, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+                            *o = scale * yv * (gv - dot);
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -691,12 +700,14 @@ impl CustomOp1 for GegluOp {
         y.par_chunks_mut(rb * d)
             .zip(h.par_chunks(rb * d2))
             .for_each(|(yb, hb)| {
-                for (yr, hr) in yb.chunks_mut(d).zip(hb.chunks(d2)) {
-                    let (a, gate) = hr.split_at(d);
-                    for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(gate) {
-                        *o = av * gelu_and_grad(gv).0;
+                super::vmath::simd(|| {
+                    for (yr, hr) in yb.chunks_mut(d).zip(hb.chunks(d2)) {
+                        let (a, gate) = hr.split_at(d);
+                        for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(gate) {
+                            *o = av * gelu_and_grad(gv).0;
+                        }
                     }
-                }
+                })
             });
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = d;
@@ -733,15 +744,17 @@ impl CustomOp2 for GegluBwd {
         dh.par_chunks_mut(rb * d2)
             .zip(h.par_chunks(rb * d2).zip(g.par_chunks(rb * d)))
             .for_each(|(db, (hb, gb))| {
-                for ((dr, hr), gr) in db.chunks_mut(d2).zip(hb.chunks(d2)).zip(gb.chunks(d)) {
-                    let (a, gate) = hr.split_at(d);
-                    let (da, dgate) = dr.split_at_mut(d);
-                    for i in 0..d {
-                        let (gl, dgl) = gelu_and_grad(gate[i]);
-                        da[i] = gr[i] * gl;
-                        dgate[i] = gr[i] * a[i] * dgl;
+                super::vmath::simd(|| {
+                    for ((dr, hr), gr) in db.chunks_mut(d2).zip(hb.chunks(d2)).zip(gb.chunks(d)) {
+                        let (a, gate) = hr.split_at(d);
+                        let (da, dgate) = dr.split_at_mut(d);
+                        for i in 0..d {
+                            let (gl, dgl) = gelu_and_grad(gate[i]);
+                            da[i] = gr[i] * gl;
+                            dgate[i] = gr[i] * a[i] * dgl;
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(dh), l1.shape().clone()))
     }
@@ -789,20 +802,22 @@ impl CustomOp2 for BiasAddOp {
         out.par_chunks_mut(rb * row)
             .zip(y.par_chunks(rb * row))
             .for_each(|(ob, yb)| {
-                for (or, yr) in ob.chunks_mut(row).zip(yb.chunks(row)) {
-                    if inner == 1 {
-                        for ((o, &v), &bv) in or.iter_mut().zip(yr).zip(b) {
-                            *o = v + bv;
-                        }
-                    } else {
-                        for (k, &bv) in b.iter().enumerate() {
-                            let r = k * inner..(k + 1) * inner;
-                            for (o, &v) in or[r.clone()].iter_mut().zip(&yr[r]) {
+                super::vmath::simd(|| {
+                    for (or, yr) in ob.chunks_mut(row).zip(yb.chunks(row)) {
+                        if inner == 1 {
+                            for ((o, &v), &bv) in or.iter_mut().zip(yr).zip(b) {
                                 *o = v + bv;
+                            }
+                        } else {
+                            for (k, &bv) in b.iter().enumerate() {
+                                let r = k * inner..(k + 1) * inner;
+                                for (o, &v) in or[r.clone()].iter_mut().zip(&yr[r]) {
+                                    *o = v + bv;
+                                }
                             }
                         }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -841,19 +856,21 @@ impl CustomOp1 for SumAround {
         let parts: Vec<Vec<f64>> = g
             .par_chunks(rb * row)
             .map(|gb| {
-                let mut p = vec![0f64; c];
-                for gr in gb.chunks(row) {
-                    if inner == 1 {
-                        for (o, &v) in p.iter_mut().zip(gr) {
-                            *o += v as f64;
-                        }
-                    } else {
-                        for (k, o) in p.iter_mut().enumerate() {
-                            *o += gr[k * inner..(k + 1) * inner].iter().sum::<f32>() as f64;
+                super::vmath::simd(|| {
+                    let mut p = vec![0f64; c];
+                    for gr in gb.chunks(row) {
+                        if inner == 1 {
+                            for (o, &v) in p.iter_mut().zip(gr) {
+                                *o += v as f64;
+                            }
+                        } else {
+                            for (k, o) in p.iter_mut().enumerate() {
+                                *o += gr[k * inner..(k + 1) * inner].iter().sum::<f32>() as f64;
+                            }
                         }
                     }
-                }
-                p
+                    p
+                })
             })
             .collect();
         let mut out = vec![0f64; c];
@@ -908,11 +925,13 @@ impl CustomOp3 for LinearOp {
             out.par_chunks_mut(rb * out_dim)
                 .zip(g.par_chunks(rb * out_dim))
                 .for_each(|(ob, gb)| {
-                    for (or, gr) in ob.chunks_mut(out_dim).zip(gb.chunks(out_dim)) {
-                        for ((o, &v), &bv) in or.iter_mut().zip(gr).zip(bias) {
-                            o.write(v + bv);
+                    super::vmath::simd(|| {
+                        for (or, gr) in ob.chunks_mut(out_dim).zip(gb.chunks(out_dim)) {
+                            for ((o, &v), &bv) in or.iter_mut().zip(gr).zip(bias) {
+                                o.write(v + bv);
+                            }
                         }
-                    }
+                    })
                 });
         }
         let mut dims = l1.dims().to_vec();

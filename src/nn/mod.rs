@@ -15,6 +15,7 @@ pub mod lora;
 pub mod norm;
 pub mod store;
 pub mod upsample;
+pub mod vmath;
 
 pub use activation::{Activation, gelu, quick_gelu, sigmoid, silu};
 pub use attention::{causal_mask, scaled_dot_product_attention, softmax_last_dim};
