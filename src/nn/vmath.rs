@@ -38,7 +38,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // n is in [−126, 128]: its bits sit in the low mantissa bits of t. 2ⁿ
     // as 2^(n/2) · 2^(n − n/2), each a normal f32.
