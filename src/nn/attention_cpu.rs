@@ -100,16 +100,7 @@ fn softmax_rows(s: &mut [f32], m: usize, scale: f32) {
 #[inline(always)]
 fn softmax_rows_inner(s: &mut [f32], m: usize, scale: f32) {
     for row in s.chunks_exact_mut(m) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = super::vmath::exp((*v - max) * scale);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+        super::vmath::softmax_in_place(row, scale);
     }
 }
 
@@ -203,7 +194,7 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
         matmul_into(dp, d.m, false, d_o, d.head(v, d.m, bi, h).t(), par);
         super::vmath::simd(|| {
             for (dpr, pr) in dp.chunks_exact_mut(d.m).zip(p.chunks_exact(d.m)) {
-                let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                let dot = super::vmath::dot(dpr, pr);
                 for (g, &pv) in dpr.iter_mut().zip(pr) {
                     *g = scale * pv * (*g - dot);
                 }

@@ -266,6 +266,53 @@ fn moments(v: &[f32], eps: f64) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
+/// One channel of the GroupNorm(+SiLU) backward: writes dz·w into `out` and
+/// returns (Σ dz·xhat, Σ dz), accumulated in vector lanes.
+#[inline(always)]
+fn group_norm_channel_grad(
+    out: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    (mean, rstd): (f32, f32),
+    (wk, bk): (f32, f32),
+    silu: bool,
+) -> (f32, f32) {
+    const L: usize = 16;
+    let (mut dw, mut db) = ([0f32; L], [0f32; L]);
+    let one = |xv: f32, gv: f32| {
+        let xh = (xv - mean) * rstd;
+        let gz = if silu {
+            let z = xh * wk + bk;
+            let sg = sigmoid(z);
+            gv * sg * (1.0 + z * (1.0 - sg))
+        } else {
+            gv
+        };
+        (xh, gz)
+    };
+    let full = x.len() - x.len() % L;
+    for ((oc, xc), gc) in out[..full]
+        .chunks_exact_mut(L)
+        .zip(x[..full].chunks_exact(L))
+        .zip(g[..full].chunks_exact(L))
+    {
+        for l in 0..L {
+            let (xh, gz) = one(xc[l], gc[l]);
+            dw[l] += gz * xh;
+            db[l] += gz;
+            oc[l] = gz * wk;
+        }
+    }
+    let (mut tw, mut tb) = (0f32, 0f32);
+    for ((o, &xv), &gv) in out[full..].iter_mut().zip(&x[full..]).zip(&g[full..]) {
+        let (xh, gz) = one(xv, gv);
+        tw += gz * xh;
+        tb += gz;
+        *o = gz * wk;
+    }
+    (dw.iter().sum::<f32>() + tw, db.iter().sum::<f32>() + tb)
+}
+
 /// Splits a flat (n + 2·c) gradient buffer into (dx shaped like x, dw, db).
 fn split3(
     flat: Tensor,
@@ -410,34 +457,24 @@ impl CustomOp3 for GroupNormBwd {
                     let gi = &dy[bg * cpg * s..(bg + 1) * cpg * s];
                     let (mean, rstd) = moments(xi, self.eps);
                     let c0 = (bg % g) * cpg;
-                    // Pass 1: dz (gradient before the affine), into dxo as scratch;
-                    // sums of dxhat and dxhat·xhat.
+                    // Pass 1: dxhat = dz · w (dz: the gradient before the
+                    // affine) into dxo as scratch, and per channel dw = Σ dz·xhat,
+                    // db = Σ dz; then Σ dxhat = Σ_k w_k·db_k and
+                    // Σ dxhat·xhat = Σ_k w_k·dw_k.
                     let (mut s1, mut s2) = (0f64, 0f64);
                     for k in 0..cpg {
                         let (wk, bk) = (w[c0 + k], b[c0 + k]);
-                        let (mut dw, mut db) = (0f32, 0f32);
-                        let (mut a1, mut a2) = (0f32, 0f32);
                         let r = k * s..(k + 1) * s;
-                        for ((o, &xv), &gv) in
-                            dxo[r.clone()].iter_mut().zip(&xi[r.clone()]).zip(&gi[r])
-                        {
-                            let xh = (xv - mean) * rstd;
-                            let gz = if self.silu {
-                                let z = xh * wk + bk;
-                                let sg = sigmoid(z);
-                                gv * sg * (1.0 + z * (1.0 - sg))
-                            } else {
-                                gv
-                            };
-                            dw += gz * xh;
-                            db += gz;
-                            let dxh = gz * wk;
-                            a1 += dxh;
-                            a2 += dxh * xh;
-                            *o = dxh;
-                        }
-                        s1 += a1 as f64;
-                        s2 += a2 as f64;
+                        let (dw, db) = group_norm_channel_grad(
+                            &mut dxo[r.clone()],
+                            &xi[r.clone()],
+                            &gi[r],
+                            (mean, rstd),
+                            (wk, bk),
+                            self.silu,
+                        );
+                        s1 += (wk * db) as f64;
+                        s2 += (wk * dw) as f64;
                         pw[2 * k] = dw;
                         pw[2 * k + 1] = db;
                     }
@@ -613,17 +650,8 @@ impl CustomOp1 for SoftmaxOp {
             .for_each(|(yb, xb)| {
                 super::vmath::simd(|| {
                     for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
-                        let m = xr.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                        let mut sum = 0f32;
-                        for (o, &v) in yr.iter_mut().zip(xr) {
-                            let e = super::vmath::exp((v - m) * scale);
-                            *o = e;
-                            sum += e;
-                        }
-                        let inv = 1.0 / sum;
-                        for o in yr.iter_mut() {
-                            *o *= inv;
-                        }
+                        yr.copy_from_slice(xr);
+                        super::vmath::softmax_in_place(yr, scale);
                     }
                 })
             });
@@ -664,7 +692,7 @@ impl CustomOp2 for SoftmaxBwd {
             .for_each(|(db, (yb, gb))| {
                 super::vmath::simd(|| {
                     for ((dr, yr), gr) in db.chunks_mut(d).zip(yb.chunks(d)).zip(gb.chunks(d)) {
-                        let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                        let dot = super::vmath::dot(yr, gr);
                         for ((o, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
                             *o = scale * yv * (gv - dot);
                         }

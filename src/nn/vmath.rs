@@ -108,6 +108,54 @@ pub fn sum_sq_dev(v: &[f32], m: f32) -> f64 {
             .sum::<f64>()
 }
 
+/// max v (−∞ for an empty slice), in lanes.
+#[inline(always)]
+pub fn max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &x| a.max(x))
+}
+
+/// Σ a·b, in f32 lanes.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let full = n - n % LANES;
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let tail: f32 = a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `row` ← softmax(scale · row) (scale > 0).
+#[inline(always)]
+pub fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let m = max(row);
+    for v in row.iter_mut() {
+        *v = exp((*v - m) * scale);
+    }
+    let inv = (1.0 / sum(row)) as f32;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +186,27 @@ mod tests {
         assert!(worst < 5e-7, "erf absolute error {worst}");
         assert_eq!(erf(0.0), 0.0);
         assert!(erf(-3.0) < -0.999);
+    }
+
+    #[test]
+    fn softmax_max_dot_match_plain() {
+        let v: Vec<f32> = (0..37)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.7)
+            .collect();
+        assert_eq!(max(&v), v.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)));
+        let d: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        assert!((dot(&v, &v) as f64 - d).abs() / d < 1e-6);
+        let mut p = v.clone();
+        softmax_in_place(&mut p, 0.5);
+        let m = v.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+        let z: f64 = v.iter().map(|&x| ((x as f64 - m) * 0.5).exp()).sum();
+        for (&pi, &x) in p.iter().zip(&v) {
+            let want = ((x as f64 - m) * 0.5).exp() / z;
+            assert!(
+                (pi as f64 - want).abs() < 1e-6 * want.max(1e-3),
+                "{pi} vs {want}"
+            );
+        }
     }
 
     #[test]
