@@ -82,6 +82,25 @@ where
     }
 }
 
+/// For each kernel column j, the output columns ox whose input column
+/// ox·stride + j − padding lies inside the image: [lo, hi) (computed once per
+/// call: divisions per row were a fifth of im2col's time).
+fn column_spans(d: &Dims) -> Vec<(usize, usize)> {
+    let g = d.geom;
+    let (_, wo) = g.out_hw(d.h, d.w);
+    (0..g.kw)
+        .map(|j| {
+            let lo = g.padding.saturating_sub(j).div_ceil(g.stride).min(wo);
+            let hi = if d.w + g.padding > j {
+                ((d.w + g.padding - j - 1) / g.stride + 1).clamp(lo, wo)
+            } else {
+                lo
+            };
+            (lo, hi)
+        })
+        .collect()
+}
+
 /// im2col of one image x (C, H, W) into `cols` (C·kh·kw, Ho·Wo), row
 /// c·kh·kw + i·kw + j (the order of a flattened (O, C, kh, kw) weight).
 fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], parallel: bool) {
@@ -89,18 +108,12 @@ fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], parallel: bool) {
     let (h, w) = (d.h, d.w);
     let (ho, wo) = g.out_hw(h, w);
     let kk = d.kk();
+    let spans = column_spans(d);
     for_rows(&mut cols[..d.k() * ho * wo], ho * wo, parallel, |r, row| {
         let (ch, ij) = (r / kk, r % kk);
         let (i, j) = (ij / g.kw, ij % g.kw);
         let src = &x[ch * h * w..(ch + 1) * h * w];
-        // Output columns ox whose input column ox·stride + j − padding is
-        // inside the image: [lo, hi).
-        let lo = g.padding.saturating_sub(j).div_ceil(g.stride).min(wo);
-        let hi = if w + g.padding > j {
-            ((w + g.padding - j - 1) / g.stride + 1).clamp(lo, wo)
-        } else {
-            lo
-        };
+        let (lo, hi) = spans[j];
         for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
             let y = (oy * g.stride + i) as isize - g.padding as isize;
             if y < 0 || y >= h as isize || lo == hi {
@@ -129,16 +142,11 @@ fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
     let (h, w) = (d.h, d.w);
     let (ho, wo) = g.out_hw(h, w);
     let (kk, l) = (d.kk(), ho * wo);
+    let spans = column_spans(d);
     for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane| {
         for i in 0..g.kh {
-            for j in 0..g.kw {
+            for (j, &(lo, hi)) in spans.iter().enumerate() {
                 let row = &cols[(ch * kk + i * g.kw + j) * l..][..l];
-                let lo = g.padding.saturating_sub(j).div_ceil(g.stride).min(wo);
-                let hi = if w + g.padding > j {
-                    ((w + g.padding - j - 1) / g.stride + 1).clamp(lo, wo)
-                } else {
-                    lo
-                };
                 if lo == hi {
                     continue;
                 }
