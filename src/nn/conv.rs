@@ -40,17 +40,22 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(b), None) = (&self.bias, &self.lora)
-            && super::fused::use_fused(x)
-        {
-            // One autograd node for conv + bias (see `conv_cpu`).
-            return Ok(super::conv_cpu::conv2d_bias(
-                x,
-                &self.weight,
-                b,
-                self.stride,
-                self.padding,
-            )?);
+        if super::fused::use_fused(x) {
+            // One autograd node for conv + bias (see `conv_cpu`); a LoRA
+            // adapter's output is added to it.
+            let y = match &self.bias {
+                Some(b) => {
+                    super::conv_cpu::conv2d_bias(x, &self.weight, b, self.stride, self.padding)?
+                }
+                None => {
+                    let zero = Tensor::zeros(self.weight.dim(0)?, x.dtype(), x.device())?;
+                    super::conv_cpu::conv2d_bias(x, &self.weight, &zero, self.stride, self.padding)?
+                }
+            };
+            return match &self.lora {
+                Some(lora) => Ok((y + lora.forward_conv(x, self.stride, self.padding)?)?),
+                None => Ok(y),
+            };
         }
         let k = self.weight.dim(2)?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
