@@ -123,6 +123,10 @@ pub fn run_variant(
         instance_prompt,
         class_prompt: Some(world::describe(true, None, None, class, None)),
         class_dir: Some(work.join(format!("class-{}", subject.name()))),
+        // The folder is this command's own cache: images a previous run made
+        // with another model (the bundled one was retrained) are moved to a
+        // replaced-<time>/ subfolder and made again, instead of stopping.
+        regenerate_class_images: true,
         with_prior_preservation: variant != Variant::NoPrior,
         num_class_images: opts.num_class_images,
         output_dir: work.join(format!("run-{}-{variant:?}", subject.name())),

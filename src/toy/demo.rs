@@ -269,6 +269,10 @@ pub fn run_demo(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoRep
         instance_prompt,
         class_prompt: Some(class_prompt),
         class_dir: Some(out.join("class_images")),
+        // The folder is this command's own cache: images a previous run made
+        // with another model (the bundled one was retrained) are moved to a
+        // replaced-<time>/ subfolder and made again, instead of stopping.
+        regenerate_class_images: true,
         with_prior_preservation: opts.prior_preservation,
         num_class_images: opts.num_class_images,
         output_dir: out.join("run"),
