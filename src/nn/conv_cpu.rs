@@ -64,130 +64,169 @@ impl Dims {
     }
 }
 
-/// Runs `f(row_index, row)` over consecutive `len`-element rows of `buf`,
-/// on rayon's threads when `parallel`.
+/// Runs `f(row_index, row, scratch)` over consecutive `len`-element rows of
+/// `buf` (on rayon's threads when `parallel`), compiled for AVX2 + FMA where
+/// the CPU has them; `scratch` is a buffer per task.
 fn for_rows<F>(buf: &mut [f32], len: usize, parallel: bool, f: F)
 where
-    F: Fn(usize, &mut [f32]) + Send + Sync,
+    F: Fn(usize, &mut [f32], &mut Vec<f32>) + Send + Sync,
 {
     if len == 0 {
         return;
     }
+    let f = |i: usize, r: &mut [f32], s: &mut Vec<f32>| super::vmath::simd(|| f(i, r, s));
     if parallel {
         buf.par_chunks_mut(len)
             .enumerate()
-            .for_each(|(i, r)| f(i, r));
+            .for_each_init(Vec::new, |s, (i, r)| f(i, r, s));
     } else {
-        buf.chunks_mut(len).enumerate().for_each(|(i, r)| f(i, r));
+        let mut s = Vec::new();
+        buf.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r, &mut s));
     }
 }
 
-/// For each kernel column j, the output columns ox whose input column
-/// ox·stride + j − padding lies inside the image: [lo, hi) (computed once per
-/// call: divisions per row were a fifth of im2col's time).
-fn column_spans(d: &Dims) -> Vec<(usize, usize)> {
-    let g = d.geom;
-    let (_, wo) = g.out_hw(d.h, d.w);
-    (0..g.kw)
-        .map(|j| {
-            let lo = g.padding.saturating_sub(j).div_ceil(g.stride).min(wo);
-            let hi = if d.w + g.padding > j {
-                ((d.w + g.padding - j - 1) / g.stride + 1).clamp(lo, wo)
-            } else {
-                lo
-            };
-            (lo, hi)
-        })
-        .collect()
+/// `dst` ← `src` for the short runs of im2col (an output row of an image):
+/// fixed-size moves, where `copy_from_slice` would call memcpy per row.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    let src = &src[..n];
+    let mut i = 0;
+    while i + 8 <= n {
+        let s: &[f32; 8] = src[i..i + 8].try_into().expect("8 elements");
+        let d: &mut [f32; 8] = (&mut dst[i..i + 8]).try_into().expect("8 elements");
+        *d = *s;
+        i += 8;
+    }
+    while i < n {
+        dst[i] = src[i];
+        i += 1;
+    }
+}
+
+/// The padded height and width of an image (padding on every side).
+fn padded_hw(d: &Dims) -> (usize, usize) {
+    (d.h + 2 * d.geom.padding, d.w + 2 * d.geom.padding)
+}
+
+/// Image x (C, H, W) with a zero border of `padding` on every side, into
+/// `pad` (C, H + 2p, W + 2p); x itself when there is no padding.
+fn padded<'a>(x: &'a [f32], d: &Dims, pad: &'a mut Vec<f32>, parallel: bool) -> &'a [f32] {
+    let p = d.geom.padding;
+    if p == 0 {
+        return x;
+    }
+    let (h, w) = (d.h, d.w);
+    let (hp, wp) = padded_hw(d);
+    pad.resize(d.c * hp * wp, 0.0);
+    for_rows(pad, hp * wp, parallel, |ch, plane, _| {
+        plane[..p * wp].fill(0.0);
+        plane[(p + h) * wp..].fill(0.0);
+        let src = &x[ch * h * w..(ch + 1) * h * w];
+        for (dst, row) in plane[p * wp..(p + h) * wp]
+            .chunks_exact_mut(wp)
+            .zip(src.chunks_exact(w))
+        {
+            dst[..p].fill(0.0);
+            dst[p..p + w].copy_from_slice(row);
+            dst[p + w..].fill(0.0);
+        }
+    });
+    pad
 }
 
 /// im2col of one image x (C, H, W) into `cols` (C·kh·kw, Ho·Wo), row
-/// c·kh·kw + i·kw + j (the order of a flattened (O, C, kh, kw) weight).
-fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], parallel: bool) {
+/// c·kh·kw + i·kw + j (the order of a flattened (O, C, kh, kw) weight):
+/// from the padded image every output row is one run of the input (stride
+/// 1) or an every-other gather (stride 2), with no border tests.
+fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], pad: &mut Vec<f32>, parallel: bool) {
     let g = d.geom;
-    let (h, w) = (d.h, d.w);
-    let (ho, wo) = g.out_hw(h, w);
+    let (ho, wo) = g.out_hw(d.h, d.w);
+    let (hp, wp) = padded_hw(d);
     let kk = d.kk();
-    let spans = column_spans(d);
-    for_rows(&mut cols[..d.k() * ho * wo], ho * wo, parallel, |r, row| {
-        let (ch, ij) = (r / kk, r % kk);
-        let (i, j) = (ij / g.kw, ij % g.kw);
-        let src = &x[ch * h * w..(ch + 1) * h * w];
-        let (lo, hi) = spans[j];
-        for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
-            let y = (oy * g.stride + i) as isize - g.padding as isize;
-            if y < 0 || y >= h as isize || lo == hi {
-                dst.fill(0.0);
-                continue;
-            }
-            let src_row = &src[y as usize * w..(y as usize + 1) * w];
-            dst[..lo].fill(0.0);
-            dst[hi..].fill(0.0);
-            let x0 = lo * g.stride + j - g.padding;
-            if g.stride == 1 {
-                dst[lo..hi].copy_from_slice(&src_row[x0..x0 + (hi - lo)]);
-            } else {
-                for (k, v) in dst[lo..hi].iter_mut().enumerate() {
-                    *v = src_row[x0 + k * g.stride];
+    let src = padded(x, d, pad, parallel);
+    for_rows(
+        &mut cols[..d.k() * ho * wo],
+        ho * wo,
+        parallel,
+        |r, row, _| {
+            let (ch, ij) = (r / kk, r % kk);
+            let (i, j) = (ij / g.kw, ij % g.kw);
+            let plane = &src[ch * hp * wp..(ch + 1) * hp * wp];
+            for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
+                let at = (oy * g.stride + i) * wp + j;
+                if g.stride == 1 {
+                    copy_short(dst, &plane[at..at + wo]);
+                } else {
+                    for (ox, v) in dst.iter_mut().enumerate() {
+                        *v = plane[at + ox * g.stride];
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// The adjoint of [`im2col_image`]: dx (C, H, W) = Σ over window positions of
-/// `cols` (C·kh·kw, Ho·Wo), added to `dx`.
+/// `cols` (C·kh·kw, Ho·Wo), accumulated in a padded plane and cropped;
+/// `dx` is overwritten.
 fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
     let g = d.geom;
-    let (h, w) = (d.h, d.w);
+    let (h, w, p) = (d.h, d.w, g.padding);
     let (ho, wo) = g.out_hw(h, w);
+    let (hp, wp) = padded_hw(d);
     let (kk, l) = (d.kk(), ho * wo);
-    let spans = column_spans(d);
-    for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane| {
+    for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane, acc| {
+        acc.clear();
+        acc.resize(hp * wp, 0.0);
         for i in 0..g.kh {
-            for (j, &(lo, hi)) in spans.iter().enumerate() {
+            for j in 0..g.kw {
                 let row = &cols[(ch * kk + i * g.kw + j) * l..][..l];
-                if lo == hi {
-                    continue;
-                }
-                let x0 = lo * g.stride + j - g.padding;
                 for (oy, src) in row.chunks_exact(wo).enumerate() {
-                    let y = (oy * g.stride + i) as isize - g.padding as isize;
-                    if y < 0 || y >= h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[y as usize * w..(y as usize + 1) * w];
+                    let at = (oy * g.stride + i) * wp + j;
                     if g.stride == 1 {
-                        for (a, &v) in dst[x0..x0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                        for (a, &v) in acc[at..at + wo].iter_mut().zip(src) {
                             *a += v;
                         }
                     } else {
-                        for (k, &v) in src[lo..hi].iter().enumerate() {
-                            dst[x0 + k * g.stride] += v;
+                        for (ox, &v) in src.iter().enumerate() {
+                            acc[at + ox * g.stride] += v;
                         }
                     }
                 }
             }
+        }
+        for (dst, src) in plane
+            .chunks_exact_mut(w)
+            .zip(acc[p * wp..].chunks_exact(wp))
+        {
+            dst.copy_from_slice(&src[p..p + w]);
         }
     });
 }
 
 /// The columns of image `x_b`: the image itself for a 1×1 convolution,
-/// otherwise im2col into `scratch`.
-fn image_cols<'a>(x_b: &'a [f32], d: &Dims, scratch: &'a mut Vec<f32>, par: bool) -> &'a [f32] {
+/// otherwise im2col into `scratch[0]` (`scratch[1]` holds the padded image).
+fn image_cols<'a>(x_b: &'a [f32], d: &Dims, scratch: &'a mut Scratch, par: bool) -> &'a [f32] {
     if d.pointwise() {
         return x_b;
     }
-    scratch.resize(d.k() * d.l(), 0.0);
-    im2col_image(x_b, d, scratch, par);
-    scratch
+    let [cols, pad] = scratch;
+    cols.resize(d.k() * d.l(), 0.0);
+    im2col_image(x_b, d, cols, pad, par);
+    cols
 }
+
+/// Per-task buffers: an image's columns and its padded copy.
+type Scratch = [Vec<f32>; 2];
 
 /// y (B, O, L) = bias + W · cols(x_b) for every image.
 fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let mut y = uninit_vec(d.b * o * l);
-    let one = |x_b: &[f32], y_b: &mut [MaybeUninit<f32>], scratch: &mut Vec<f32>, par: bool| {
+    let one = |x_b: &[f32], y_b: &mut [MaybeUninit<f32>], scratch: &mut Scratch, par: bool| {
         let y_b = init_rows(y_b, l, |oi| bias[oi]);
         let cols = image_cols(x_b, d, scratch, par);
         matmul_into(
@@ -203,9 +242,9 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
     if d.per_image_threads() {
         y.par_chunks_mut(o * l)
             .zip(x.par_chunks(img))
-            .for_each_init(Vec::new, |s, (y_b, x_b)| one(x_b, y_b, s, false));
+            .for_each_init(Scratch::default, |s, (y_b, x_b)| one(x_b, y_b, s, false));
     } else {
-        let mut s = Vec::new();
+        let mut s = Scratch::default();
         for (y_b, x_b) in y.chunks_mut(o * l).zip(x.chunks(img)) {
             one(x_b, y_b, &mut s, true);
         }
@@ -217,7 +256,7 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
 fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let img = d.c * d.h * d.w;
-    let one = |x_b: &[f32], dy_b: &[f32], dw: &mut [f32], s: &mut Vec<f32>, par: bool| {
+    let one = |x_b: &[f32], dy_b: &[f32], dw: &mut [f32], s: &mut Scratch, par: bool| {
         let cols = image_cols(x_b, d, s, par);
         matmul_into(
             dw,
@@ -232,7 +271,7 @@ fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
         x.par_chunks(img)
             .zip(dy.par_chunks(o * l))
             .fold(
-                || (vec![0f32; o * k], Vec::new()),
+                || (vec![0f32; o * k], Scratch::default()),
                 |(mut dw, mut s), (x_b, dy_b)| {
                     one(x_b, dy_b, &mut dw, &mut s, false);
                     (dw, s)
@@ -247,7 +286,7 @@ fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
             })
             .unwrap_or_else(|| vec![0f32; o * k])
     } else {
-        let (mut dw, mut s) = (vec![0f32; o * k], Vec::new());
+        let (mut dw, mut s) = (vec![0f32; o * k], Scratch::default());
         for (x_b, dy_b) in x.chunks(img).zip(dy.chunks(o * l)) {
             one(x_b, dy_b, &mut dw, &mut s, true);
         }
@@ -260,23 +299,26 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let img = d.c * d.h * d.w;
     let mut dx = uninit_vec(d.b * img);
-    let one = |dy_b: &[f32], dx_b: &mut [MaybeUninit<f32>], s: &mut Vec<f32>, par: bool| {
+    let one = |dy_b: &[f32], dx_b: &mut [MaybeUninit<f32>], s: &mut Scratch, par: bool| {
         let dx_b = init_rows(dx_b, img, |_| 0.0);
         let wt_t = View::rows(wt, o, k).t();
         if d.pointwise() {
             matmul_into(dx_b, l, false, wt_t, View::rows(dy_b, o, l), par);
         } else {
-            s.resize(k * l, 0.0);
-            matmul_into(s, l, false, wt_t, View::rows(dy_b, o, l), par);
-            col2im_image(s, d, dx_b, par);
+            let dcols = &mut s[0];
+            dcols.resize(k * l, 0.0);
+            matmul_into(dcols, l, false, wt_t, View::rows(dy_b, o, l), par);
+            col2im_image(dcols, d, dx_b, par);
         }
     };
     if d.per_image_threads() {
         dx.par_chunks_mut(img)
             .zip(dy.par_chunks(o * l))
-            .for_each_init(Vec::new, |s, (dx_b, dy_b)| one(dy_b, dx_b, s, false));
+            .for_each_init(Scratch::default, |s, (dx_b, dy_b)| {
+                one(dy_b, dx_b, s, false)
+            });
     } else {
-        let mut s = Vec::new();
+        let mut s = Scratch::default();
         for (dx_b, dy_b) in dx.chunks_mut(img).zip(dy.chunks(o * l)) {
             one(dy_b, dx_b, &mut s, true);
         }
