@@ -596,19 +596,26 @@ impl CustomOp3 for LayerNormBwd {
                     let (pw, pb) = p.split_at_mut(d);
                     for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
                         let (mean, rstd) = moments(xr, self.eps);
-                        let (mut a1, mut a2) = (0f32, 0f32);
-                        for i in 0..d {
-                            let xh = (xr[i] - mean) * rstd;
-                            pw[i] += gr[i] * xh;
-                            pb[i] += gr[i];
-                            let dxh = gr[i] * w[i];
-                            a1 += dxh;
-                            a2 += dxh * xh;
+                        // dxhat = g·w into dxr first, then Σ dxhat and
+                        // Σ dxhat·xhat in vector lanes.
+                        for ((((o, &xv), &gv), &wv), (pwv, pbv)) in dxr
+                            .iter_mut()
+                            .zip(xr)
+                            .zip(gr)
+                            .zip(w)
+                            .zip(pw.iter_mut().zip(pb.iter_mut()))
+                        {
+                            let xh = (xv - mean) * rstd;
+                            *pwv += gv * xh;
+                            *pbv += gv;
+                            *o = gv * wv;
                         }
+                        let a1 = super::vmath::sum(dxr) as f32;
+                        let a2 = super::vmath::dot_dev(dxr, xr, mean) * rstd;
                         let (m1, m2) = (a1 / d as f32, a2 / d as f32);
-                        for i in 0..d {
-                            let xh = (xr[i] - mean) * rstd;
-                            dxr[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+                        for (o, &xv) in dxr.iter_mut().zip(xr) {
+                            let xh = (xv - mean) * rstd;
+                            *o = rstd * (*o - m1 - xh * m2);
                         }
                     }
                     p
@@ -776,10 +783,11 @@ impl CustomOp2 for GegluBwd {
                     for ((dr, hr), gr) in db.chunks_mut(d2).zip(hb.chunks(d2)).zip(gb.chunks(d)) {
                         let (a, gate) = hr.split_at(d);
                         let (da, dgate) = dr.split_at_mut(d);
-                        for i in 0..d {
-                            let (gl, dgl) = gelu_and_grad(gate[i]);
-                            da[i] = gr[i] * gl;
-                            dgate[i] = gr[i] * a[i] * dgl;
+                        let it = da.iter_mut().zip(dgate.iter_mut());
+                        for ((da, dg), ((&gv, &av), &gl)) in it.zip(gr.iter().zip(a).zip(gate)) {
+                            let (y, dy) = gelu_and_grad(gl);
+                            *da = gv * y;
+                            *dg = gv * av * dy;
                         }
                     }
                 })

@@ -143,6 +143,29 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Σ a·(b − m), in f32 lanes.
+#[inline(always)]
+pub fn dot_dev(a: &[f32], b: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let full = n - n % LANES;
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += ca[l] * (cb[l] - m);
+        }
+    }
+    let tail: f32 = a[full..]
+        .iter()
+        .zip(&b[full..])
+        .map(|(x, y)| x * (y - m))
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `row` ← softmax(scale · row) (scale > 0).
 #[inline(always)]
 pub fn softmax_in_place(row: &mut [f32], scale: f32) {
@@ -196,6 +219,8 @@ mod tests {
         assert_eq!(max(&v), v.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)));
         let d: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
         assert!((dot(&v, &v) as f64 - d).abs() / d < 1e-6);
+        let dd: f64 = v.iter().map(|&x| (x as f64) * (x as f64 - 0.25)).sum();
+        assert!((dot_dev(&v, &v, 0.25) as f64 - dd).abs() / dd < 1e-6);
         let mut p = v.clone();
         softmax_in_place(&mut p, 0.5);
         let m = v.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
