@@ -223,6 +223,33 @@ fn conv2d_bias_matches_plain() {
     }
 }
 
+/// A per-image, per-channel bias (B, O) — a ResNet block's time embedding
+/// folded into conv1 — against conv + broadcast add, at batch sizes on both
+/// the per-image-threads and the one-by-one paths.
+#[test]
+fn conv2d_per_image_bias_matches_plain() {
+    for (b, c, hw, o) in [(2, 3, 5, 4), (5, 2, 4, 3), (1, 3, 4, 2)] {
+        let x = randn(&[b, c, hw, hw], 51);
+        let w = (randn(&[o, c, 3, 3], 52) * 0.5).unwrap();
+        let bias = randn(&[b, o], 53);
+        let ff = |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+            Ok(dreambooth::nn::conv_cpu::conv2d_bias(
+                &t[0], &t[1], &t[2], 1, 1,
+            )?)
+        };
+        let pf = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+            let y = dreambooth::nn::im2col::conv2d_im2col(&t[0], &t[1], 1, 1)?;
+            Ok(y.broadcast_add(&t[2].reshape((b, o, 1, 1))?)?)
+        };
+        check(
+            &format!("conv2d per-image bias b {b}"),
+            &ff,
+            &pf,
+            &[x, w, bias],
+        );
+    }
+}
+
 /// The fused linear layer (any rank, with and without bias) against
 /// reshape + matmul + broadcast add.
 #[test]

@@ -52,6 +52,9 @@ pub struct SampleArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N` (GPUs need a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     #[command(flatten)]
     pub pytorch: PytorchArgs,
 }
@@ -61,7 +64,7 @@ pub struct StepArgs {
     /// `sd15`, `toy` (the bundled tiny model) or a diffusers UNet config.json.
     #[arg(long, default_value = "toy")]
     pub arch: String,
-    /// `cpu` (the only device this command supports so far) or `cuda`.
+    /// `cpu`, `cuda` or `cuda:N` (GPUs need a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Weights are drawn at random (the only mode; accepted for clarity).
@@ -193,7 +196,7 @@ fn load_average() -> String {
 }
 
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
-    let device = candle_core::Device::Cpu;
+    let device = super::device::select(Some(&a.device))?;
     let model = match a.model {
         Some(p) => p,
         None => dreambooth::models::sd::default_model_dir()?,
@@ -263,11 +266,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
 }
 
 fn step(a: StepArgs) -> anyhow::Result<()> {
-    let device = match a.device.as_str() {
-        "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0).context("--device cuda")?,
-        d => bail!("unknown --device `{d}` (cpu or cuda)"),
-    };
+    let device = super::device::select(Some(&a.device))?;
     let arch = Arch::parse(&a.arch);
     let res = a
         .res

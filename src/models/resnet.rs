@@ -55,12 +55,15 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&silu(t)?)?;
-            let (b, c) = t.dims2()?;
-            h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
-        }
+        let hn = self.norm1.forward_silu(x)?;
+        let h = match (&self.time_emb_proj, temb) {
+            // conv1(h) + proj(silu(temb))[:, :, None, None], the addition
+            // folded into conv1's bias on the CPU.
+            (Some(proj), Some(t)) => self
+                .conv1
+                .forward_add_channels(&hn, &proj.forward(&silu(t)?)?)?,
+            _ => self.conv1.forward(&hn)?,
+        };
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,

@@ -39,6 +39,29 @@ impl Conv2d {
         })
     }
 
+    /// `forward(x) + extra[b, o]` for a per-image, per-channel `extra`
+    /// (B, O) — a ResNet block's projected time embedding. On the CPU the
+    /// addition is folded into the convolution's bias (one node, no
+    /// broadcast add over the whole output and its backward).
+    pub fn forward_add_channels(&self, x: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let (b, o) = extra.dims2()?;
+        if super::fused::use_fused(x) && super::fused::use_fused(extra) {
+            let bias = match &self.bias {
+                Some(bias) => extra.broadcast_add(&bias.reshape((1, o))?)?,
+                None => extra.clone(),
+            };
+            let y =
+                super::conv_cpu::conv2d_bias(x, &self.weight, &bias, self.stride, self.padding)?;
+            return match &self.lora {
+                Some(lora) => Ok((y + lora.forward_conv(x, self.stride, self.padding)?)?),
+                None => Ok(y),
+            };
+        }
+        Ok(self
+            .forward(x)?
+            .broadcast_add(&extra.reshape((b, o, 1, 1))?)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if super::fused::use_fused(x) {
             // One autograd node for conv + bias (see `conv_cpu`); a LoRA

@@ -223,30 +223,42 @@ fn image_cols<'a>(x_b: &'a [f32], d: &Dims, scratch: &'a mut Scratch, par: bool)
 type Scratch = [Vec<f32>; 2];
 
 /// y (B, O, L) = bias + W · cols(x_b) for every image.
+/// `bias` holds O values, or B·O (one per image and channel: a ResNet block's
+/// time embedding folded in).
 fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let mut y = uninit_vec(d.b * o * l);
-    let one = |x_b: &[f32], y_b: &mut [MaybeUninit<f32>], scratch: &mut Scratch, par: bool| {
-        let y_b = init_rows(y_b, l, |oi| bias[oi]);
-        let cols = image_cols(x_b, d, scratch, par);
-        matmul_into(
-            y_b,
-            l,
-            true,
-            View::rows(wt, o, k),
-            View::rows(cols, k, l),
-            par,
-        );
-    };
+    let per_image = bias.len() == d.b * o && d.b > 1;
+    let one =
+        |bi: usize, x_b: &[f32], y_b: &mut [MaybeUninit<f32>], scratch: &mut Scratch, par: bool| {
+            let bias = if per_image {
+                &bias[bi * o..(bi + 1) * o]
+            } else {
+                bias
+            };
+            let y_b = init_rows(y_b, l, |oi| bias[oi]);
+            let cols = image_cols(x_b, d, scratch, par);
+            matmul_into(
+                y_b,
+                l,
+                true,
+                View::rows(wt, o, k),
+                View::rows(cols, k, l),
+                par,
+            );
+        };
     let img = d.c * d.h * d.w;
     if d.per_image_threads() {
         y.par_chunks_mut(o * l)
             .zip(x.par_chunks(img))
-            .for_each_init(Scratch::default, |s, (y_b, x_b)| one(x_b, y_b, s, false));
+            .enumerate()
+            .for_each_init(Scratch::default, |s, (bi, (y_b, x_b))| {
+                one(bi, x_b, y_b, s, false)
+            });
     } else {
         let mut s = Scratch::default();
-        for (y_b, x_b) in y.chunks_mut(o * l).zip(x.chunks(img)) {
-            one(x_b, y_b, &mut s, true);
+        for (bi, (y_b, x_b)) in y.chunks_mut(o * l).zip(x.chunks(img)).enumerate() {
+            one(bi, x_b, y_b, &mut s, true);
         }
     }
     assume_init(y)
@@ -371,7 +383,7 @@ impl CustomOp3 for ConvBiasOp {
         let x = f32_slice(s1, l1, "input")?;
         let wt = f32_slice(s2, l2, "weight")?;
         let bias = f32_slice(s3, l3, "bias")?;
-        if bias.len() != d.o {
+        if bias.len() != d.o && bias.len() != d.b * d.o {
             candle_core::bail!("conv2d: bias {:?} for {} output channels", l3.dims(), d.o);
         }
         let (ho, wo) = d.geom.out_hw(d.h, d.w);
@@ -393,9 +405,15 @@ impl CustomOp3 for ConvBiasOp {
         let grad = grad.contiguous()?;
         let db = if bias.track_op() {
             let (b, o, ho, wo) = grad.dims4()?;
+            // Sum over pixels, and over images too for a shared (O,) bias.
+            let (rows, keep) = if bias.elem_count() == o {
+                ((b, o, ho * wo), 1)
+            } else {
+                ((1, b * o, ho * wo), 1)
+            };
             Some(
-                grad.reshape((b, o, ho * wo))?
-                    .apply_op1_no_bwd(&super::fused::SumAround { dim: 1 })?
+                grad.reshape(rows)?
+                    .apply_op1_no_bwd(&super::fused::SumAround { dim: keep })?
                     .reshape(bias.shape())?,
             )
         } else {
@@ -475,8 +493,9 @@ impl CustomOp2 for ConvGradInput {
     }
 }
 
-/// Convolution (groups 1, dilation 1) plus a per-channel bias as one autograd
-/// node; f32 on the CPU (callers check [`super::fused::use_fused`]).
+/// Convolution (groups 1, dilation 1) plus a bias as one autograd node: bias
+/// (O,) per channel, or (B, O) per image and channel; f32 on the CPU
+/// (callers check [`super::fused::use_fused`]).
 pub fn conv2d_bias(
     x: &Tensor,
     weight: &Tensor,
@@ -486,7 +505,8 @@ pub fn conv2d_bias(
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let (o, c, kh, kw) = weight.dims4()?;
-    if x.dim(1)? != c || bias.elem_count() != o || stride == 0 {
+    let b = x.dim(0)?;
+    if x.dim(1)? != c || (bias.elem_count() != o && bias.dims() != [b, o]) || stride == 0 {
         candle_core::bail!(
             "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride}",
             x.dims(),
