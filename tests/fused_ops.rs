@@ -250,6 +250,16 @@ fn conv2d_per_image_bias_matches_plain() {
     }
 }
 
+/// The parallel residual add against candle's.
+#[test]
+fn add_matches_plain() {
+    let a = randn(&[3, 4, 5, 6], 61);
+    let b = randn(&[3, 4, 5, 6], 62);
+    let ff = |t: &[Tensor]| fused::add(&t[0], &t[1]);
+    let pf = |t: &[Tensor]| -> dreambooth::Result<Tensor> { Ok((&t[0] + &t[1])?) };
+    check("add", &ff, &pf, &[a, b]);
+}
+
 /// The fused linear layer (any rank, with and without bias) against
 /// reshape + matmul + broadcast add.
 #[test]

@@ -80,7 +80,7 @@ impl Attention {
             out = out.transpose(1, 2)?.reshape((b, c, hh, ww))?;
         }
         if self.residual_connection {
-            out = (out + residual)?;
+            out = crate::nn::fused::add(&out, &residual)?;
         }
         Ok(out)
     }

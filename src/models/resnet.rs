@@ -69,7 +69,7 @@ impl ResnetBlock2D {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = crate::nn::fused::add(&shortcut, &h)?;
         if self.output_scale_factor != 1.0 {
             Ok((out / self.output_scale_factor)?)
         } else {

@@ -73,12 +73,15 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+        use crate::nn::fused::add;
+        let x = add(&self.attn1.forward(&self.norm1.forward(x)?, None)?, x)?;
+        let x = add(
+            &self
+                .attn2
+                .forward(&self.norm2.forward(&x)?, Some(context))?,
+            &x,
+        )?;
+        add(&self.ff.forward(&self.norm3.forward(&x)?)?, &x)
     }
 }
 
@@ -167,6 +170,6 @@ impl Transformer2DModel {
             Projection::Linear(l) => to_map(l.forward(&tokens)?)?,
         };
         debug_assert_eq!(out.dim(1)?, c);
-        Ok((out + residual)?)
+        crate::nn::fused::add(&out, residual)
     }
 }

@@ -87,6 +87,17 @@ pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
+/// a + b for tensors of one shape (the blocks' residual connections): on the
+/// CPU one parallel pass (candle's add runs on one thread, and the other
+/// core idles through it); the backward passes the gradient to both.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if use_fused(a) && use_fused(b) && a.dims() == b.dims() {
+        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddOp)?)
+    } else {
+        Ok((a + b)?)
+    }
+}
+
 /// y = x Wᵀ + b over the last dimension of `x` (any rank), W (out, in):
 /// one autograd node on the CPU (the GEMM runs on detached tensors, the
 /// backward computes dx, dW, db directly), instead of reshape → transpose →
@@ -805,6 +816,51 @@ fn split_dims(dims: &[usize], dim: usize) -> (usize, usize, usize) {
     let outer = dims[..dim].iter().product();
     let inner = dims[dim + 1..].iter().product();
     (outer, dims[dim], inner)
+}
+
+struct AddOp;
+
+impl CustomOp2 for AddOp {
+    fn name(&self) -> &'static str {
+        "fused-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = slice(s1, l1, "add")?;
+        let b = slice(s2, l2, "add")?;
+        if a.len() != b.len() {
+            candle_core::bail!("add: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        let mut out = super::im2col::uninit_vec(a.len());
+        const BLOCK: usize = 1 << 14;
+        out.par_chunks_mut(BLOCK)
+            .zip(a.par_chunks(BLOCK).zip(b.par_chunks(BLOCK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    o.write(x + y);
+                }
+            });
+        Ok((
+            CpuStorage::F32(super::im2col::assume_init(out)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(grad.clone())))
+    }
 }
 
 struct BiasAddOp {
