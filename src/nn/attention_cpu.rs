@@ -21,11 +21,9 @@ use rayon::prelude::*;
 
 use super::gemm::{View, matmul_into, matmul_into_raw};
 
+/// The f32 elements of a contiguous CPU tensor.
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("attention: {what} must be a contiguous f32 tensor on the CPU"),
-    }
+    super::fused::slice(s, l, &format!("attention {what}"))
 }
 
 /// The shapes of one attention call: q (B, N, C), k and v (B, M, C).
@@ -52,6 +50,19 @@ impl Dims {
             candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?}, {heads} heads");
         }
         Ok(Self { b, n, m, c, heads })
+    }
+    /// The shapes and the f32 data of (q, k, v) as a custom op receives them.
+    fn inputs<'a>(
+        [(s1, l1), (s2, l2), (s3, l3)]: [(&'a CpuStorage, &Layout); 3],
+        heads: usize,
+    ) -> candle_core::Result<(Self, [&'a [f32]; 3])> {
+        let d = Self::from_layouts(l1.dims(), l2.dims(), l3.dims(), heads)?;
+        let data = [
+            f32_slice(s1, l1, "q")?,
+            f32_slice(s2, l2, "k")?,
+            f32_slice(s3, l3, "v")?,
+        ];
+        Ok((d, data))
     }
     fn d(&self) -> usize {
         self.c / self.heads
@@ -243,10 +254,7 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::from_layouts(l1.dims(), l2.dims(), l3.dims(), self.heads)?;
-        let q = f32_slice(s1, l1, "q")?;
-        let k = f32_slice(s2, l2, "k")?;
-        let v = f32_slice(s3, l3, "v")?;
+        let (d, [q, k, v]) = Dims::inputs([(s1, l1), (s2, l2), (s3, l3)], self.heads)?;
         Ok((
             CpuStorage::F32(forward(q, k, v, &d, self.scale)),
             l1.shape().clone(),
@@ -303,10 +311,7 @@ impl CustomOp3 for AttentionBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::from_layouts(l1.dims(), l2.dims(), l3.dims(), self.heads)?;
-        let q = f32_slice(s1, l1, "q")?;
-        let k = f32_slice(s2, l2, "k")?;
-        let v = f32_slice(s3, l3, "v")?;
+        let (d, [q, k, v]) = Dims::inputs([(s1, l1), (s2, l2), (s3, l3)], self.heads)?;
         let (gs, gl) = self.grad.storage_and_layout();
         let dout = match &*gs {
             candle_core::Storage::Cpu(s) => f32_slice(s, gl, "output gradient")?,

@@ -22,11 +22,9 @@ use rayon::prelude::*;
 use super::gemm::{View, matmul_into};
 use super::im2col::{ConvGeom, assume_init, init_rows, uninit_vec};
 
+/// The f32 elements of a contiguous CPU tensor.
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("conv2d: {what} must be a contiguous f32 tensor on the CPU"),
-    }
+    super::fused::slice(s, l, &format!("conv2d {what}"))
 }
 
 /// The shapes of one convolution.
@@ -422,14 +420,18 @@ impl CustomOp3 for ConvBiasOp {
         let dw = if weight.track_op() {
             let dw = x
                 .detach()
-                .apply_op2_no_bwd(&grad, &ConvGradWeight(d))?
+                .apply_op2_no_bwd(&grad, &ConvGrad::Weight(d))?
                 .reshape(weight.shape())?;
             Some(dw)
         } else {
             None
         };
         let dx = if x.track_op() {
-            Some(weight.detach().apply_op2_no_bwd(&grad, &ConvGradInput(d))?)
+            Some(
+                weight
+                    .detach()
+                    .apply_op2_no_bwd(&grad, &ConvGrad::Input(d))?,
+            )
         } else {
             None
         };
@@ -437,40 +439,19 @@ impl CustomOp3 for ConvBiasOp {
     }
 }
 
-/// (x, dy) → dW (O, C·kh·kw).
-struct ConvGradWeight(Dims);
-
-impl CustomOp2 for ConvGradWeight {
-    fn name(&self) -> &'static str {
-        "conv2d-grad-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.0;
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "output gradient")?;
-        if dy.len() != d.b * d.o * d.l() || x.len() != d.b * d.c * d.h * d.w {
-            candle_core::bail!("conv2d backward: gradient {:?} for {d:?}", l2.dims());
-        }
-        Ok((
-            CpuStorage::F32(grad_weight(x, dy, &d)),
-            Shape::from((d.o, d.k())),
-        ))
-    }
+/// The two backward products: (x, dy) → dW (O, C·kh·kw) with `Weight`,
+/// (weight, dy) → dX (B, C, H, W) with `Input`.
+enum ConvGrad {
+    Weight(Dims),
+    Input(Dims),
 }
 
-/// (weight, dy) → dX (B, C, H, W).
-struct ConvGradInput(Dims);
-
-impl CustomOp2 for ConvGradInput {
+impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
-        "conv2d-grad-input"
+        match self {
+            Self::Weight(_) => "conv2d-grad-weight",
+            Self::Input(_) => "conv2d-grad-input",
+        }
     }
 
     fn cpu_fwd(
@@ -480,16 +461,26 @@ impl CustomOp2 for ConvGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.0;
-        let wt = f32_slice(s1, l1, "weight")?;
+        let (Self::Weight(d) | Self::Input(d)) = *self;
+        let a = f32_slice(s1, l1, "backward operand")?;
         let dy = f32_slice(s2, l2, "output gradient")?;
-        if dy.len() != d.b * d.o * d.l() || wt.len() != d.o * d.k() {
+        let a_len = match self {
+            Self::Weight(_) => d.b * d.c * d.h * d.w,
+            Self::Input(_) => d.o * d.k(),
+        };
+        if dy.len() != d.b * d.o * d.l() || a.len() != a_len {
             candle_core::bail!("conv2d backward: gradient {:?} for {d:?}", l2.dims());
         }
-        Ok((
-            CpuStorage::F32(grad_input(wt, dy, &d)),
-            Shape::from((d.b, d.c, d.h, d.w)),
-        ))
+        Ok(match self {
+            Self::Weight(_) => (
+                CpuStorage::F32(grad_weight(a, dy, &d)),
+                Shape::from((d.o, d.k())),
+            ),
+            Self::Input(_) => (
+                CpuStorage::F32(grad_input(a, dy, &d)),
+                Shape::from((d.b, d.c, d.h, d.w)),
+            ),
+        })
     }
 }
 

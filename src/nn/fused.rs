@@ -221,7 +221,12 @@ pub mod plain {
 // Helpers
 // ---------------------------------------------------------------------------
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The f32 elements of a contiguous CPU tensor (`what` names it in errors).
+pub(crate) fn slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d.as_slice(),
         _ => candle_core::bail!("{what}: only f32 is supported"),

@@ -127,20 +127,7 @@ pub fn max(v: &[f32]) -> f32 {
 /// Σ a·b, in f32 lanes.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let full = n - n % LANES;
-    for (ca, cb) in a[..full]
-        .chunks_exact(LANES)
-        .zip(b[..full].chunks_exact(LANES))
-    {
-        for l in 0..LANES {
-            acc[l] += ca[l] * cb[l];
-        }
-    }
-    let tail: f32 = a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    dot_dev(a, b, 0.0)
 }
 
 /// Σ a·(b − m), in f32 lanes.
