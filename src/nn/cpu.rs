@@ -42,7 +42,7 @@ unsafe extern "C" {
 
 /// Stack size of rayon's worker threads: the command runs on one of them
 /// ([`run_in_pool`]), and candle's backward pass walks the graph recursively.
-const WORKER_STACK_BYTES: usize = 256 << 20;
+const WORKER_STACK_BYTES: usize = 64 << 20;
 
 /// Runs `f` (a whole command) on a thread of rayon's global pool, built here
 /// with [`WORKER_STACK_BYTES`] stacks, and returns its result. If the global
