@@ -39,6 +39,16 @@ impl Conv2d {
         })
     }
 
+    /// The CPU path: convolution + `bias` ((O,) or (B, O)) as one autograd
+    /// node (`conv_cpu`), plus the LoRA adapter's output if there is one.
+    fn forward_cpu(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let y = super::conv_cpu::conv2d_bias(x, &self.weight, bias, self.stride, self.padding)?;
+        match &self.lora {
+            Some(lora) => Ok((y + lora.forward_conv(x, self.stride, self.padding)?)?),
+            None => Ok(y),
+        }
+    }
+
     /// `forward(x) + extra[b, o]` for a per-image, per-channel `extra`
     /// (B, O) — a ResNet block's projected time embedding. On the CPU the
     /// addition is folded into the convolution's bias (one node, no
@@ -50,12 +60,7 @@ impl Conv2d {
                 Some(bias) => extra.broadcast_add(&bias.reshape((1, o))?)?,
                 None => extra.clone(),
             };
-            let y =
-                super::conv_cpu::conv2d_bias(x, &self.weight, &bias, self.stride, self.padding)?;
-            return match &self.lora {
-                Some(lora) => Ok((y + lora.forward_conv(x, self.stride, self.padding)?)?),
-                None => Ok(y),
-            };
+            return self.forward_cpu(x, &bias);
         }
         Ok(self
             .forward(x)?
@@ -64,20 +69,12 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if super::fused::use_fused(x) {
-            // One autograd node for conv + bias (see `conv_cpu`); a LoRA
-            // adapter's output is added to it.
-            let y = match &self.bias {
-                Some(b) => {
-                    super::conv_cpu::conv2d_bias(x, &self.weight, b, self.stride, self.padding)?
-                }
+            return match &self.bias {
+                Some(b) => self.forward_cpu(x, b),
                 None => {
                     let zero = Tensor::zeros(self.weight.dim(0)?, x.dtype(), x.device())?;
-                    super::conv_cpu::conv2d_bias(x, &self.weight, &zero, self.stride, self.padding)?
+                    self.forward_cpu(x, &zero)
                 }
-            };
-            return match &self.lora {
-                Some(lora) => Ok((y + lora.forward_conv(x, self.stride, self.padding)?)?),
-                None => Ok(y),
             };
         }
         let k = self.weight.dim(2)?;
