@@ -315,3 +315,52 @@ fn multi_head_attention_matches_plain() {
         );
     }
 }
+
+#[test]
+fn layout_ops_match_plain() {
+    use dreambooth::nn::layout;
+    // Sizes that leave partial blocks (20 channels: the transpose writes 16
+    // rows per task) and single pixels.
+    for (i, shape) in [[2, 3, 5, 7], [1, 2, 1, 1], [3, 4, 2, 6]]
+        .iter()
+        .enumerate()
+    {
+        check(
+            "upsample_nearest_2x",
+            &|x| layout::upsample_nearest_2x(&x[0]),
+            &|x| layout::plain::upsample_nearest_2x(&x[0]),
+            &[randn(shape, 40 + i as u64)],
+        );
+    }
+    for (i, shape) in [[2, 20, 3, 5], [1, 3, 4, 4], [2, 17, 1, 33]]
+        .iter()
+        .enumerate()
+    {
+        let (h, w) = (shape[2], shape[3]);
+        check(
+            "map_to_tokens",
+            &|x| layout::map_to_tokens(&x[0]),
+            &|x| layout::plain::map_to_tokens(&x[0]),
+            &[randn(shape, 50 + i as u64)],
+        );
+        let tokens = [shape[0], h * w, shape[1]];
+        check(
+            "tokens_to_map",
+            &move |x| layout::tokens_to_map(&x[0], h, w),
+            &move |x| layout::plain::tokens_to_map(&x[0], h, w),
+            &[randn(&tokens, 60 + i as u64)],
+        );
+        // A round trip is the identity, also from a strided (transposed) view.
+        let x = randn(shape, 70 + i as u64);
+        let back = layout::tokens_to_map(&layout::map_to_tokens(&x).unwrap(), h, w).unwrap();
+        assert_eq!(rel_err(&back, &x), 0.0);
+        let t = randn(&[shape[0], shape[1], h * w], 80 + i as u64)
+            .transpose(1, 2)
+            .unwrap();
+        let map = layout::tokens_to_map(&t, h, w).unwrap();
+        let want = layout::plain::tokens_to_map(&t, h, w).unwrap();
+        assert_eq!(rel_err(&map, &want), 0.0);
+    }
+    let err = layout::tokens_to_map(&randn(&[1, 6, 2], 1), 2, 2).unwrap_err();
+    assert!(err.to_string().contains("6 tokens"), "{err}");
+}

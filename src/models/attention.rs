@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use crate::Result;
 use crate::nn::attention::multi_head_attention;
+use crate::nn::layout::{map_to_tokens, tokens_to_map};
 use crate::nn::{GroupNorm, Linear, Vb};
 
 #[derive(Clone, Debug)]
@@ -65,8 +66,8 @@ impl Attention {
             h = gn.forward(&h)?;
         }
         let dims4 = if spatial { Some(h.dims4()?) } else { None };
-        if let Some((b, c, hh, ww)) = dims4 {
-            h = h.reshape((b, c, hh * ww))?.transpose(1, 2)?;
+        if dims4.is_some() {
+            h = map_to_tokens(&h)?;
         }
         let ctx = context.unwrap_or(&h);
         let q = self.to_q.forward(&h)?;
@@ -76,8 +77,8 @@ impl Attention {
         // Head split, attention and merge (one fused node on the CPU).
         let o = multi_head_attention(&q, &k, &v, self.heads, scale)?;
         let mut out = self.to_out.forward(&o)?;
-        if let Some((b, c, hh, ww)) = dims4 {
-            out = out.transpose(1, 2)?.reshape((b, c, hh, ww))?;
+        if let Some((_, _, hh, ww)) = dims4 {
+            out = tokens_to_map(&out, hh, ww)?;
         }
         if self.residual_connection {
             out = crate::nn::fused::add(&out, &residual)?;

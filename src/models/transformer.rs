@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use super::attention::{Attention, AttentionConfig};
 use crate::Result;
+use crate::nn::layout::{map_to_tokens, tokens_to_map};
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, Vb};
 
 /// `FeedForward(dim, activation_fn="geglu")`: net.0 = GEGLU projection, net.2 = out.
@@ -147,27 +148,19 @@ impl Transformer2DModel {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (_, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;
-        let to_tokens = |t: Tensor| -> Result<Tensor> {
-            let ch = t.dim(1)?;
-            Ok(t.reshape((b, ch, h * w))?.transpose(1, 2)?)
-        };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&x)?)?,
-            Projection::Linear(l) => l.forward(&to_tokens(x)?)?,
+            Projection::Conv(conv) => map_to_tokens(&conv.forward(&x)?)?,
+            Projection::Linear(l) => l.forward(&map_to_tokens(&x)?)?,
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let to_map = |t: Tensor| -> Result<Tensor> {
-            let ch = t.dim(2)?;
-            Ok(t.transpose(1, 2)?.reshape((b, ch, h, w))?)
-        };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_map(tokens)?)?,
-            Projection::Linear(l) => to_map(l.forward(&tokens)?)?,
+            Projection::Conv(conv) => conv.forward(&tokens_to_map(&tokens, h, w)?)?,
+            Projection::Linear(l) => tokens_to_map(&l.forward(&tokens)?, h, w)?,
         };
         debug_assert_eq!(out.dim(1)?, c);
         crate::nn::fused::add(&out, residual)

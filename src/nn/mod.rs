@@ -10,6 +10,7 @@ pub mod embedding;
 pub mod fused;
 mod gemm;
 pub mod im2col;
+pub mod layout;
 pub mod linear;
 pub mod lora;
 pub mod norm;

@@ -1,18 +1,15 @@
-//! Nearest-neighbour upsampling. The 2× case is a reshape + broadcast, whose
-//! gradient candle computes correctly (its `upsample_nearest2d` backward does
-//! not); other target sizes (a UNet fed a latent not divisible by 2^levels)
-//! use index selection with PyTorch's `nearest` rule, src = ⌊dst · in / out⌋.
+//! Nearest-neighbour upsampling. The 2× case is one op on the CPU
+//! ([`super::layout::upsample_nearest_2x`]; elsewhere a reshape + broadcast,
+//! whose gradient candle computes correctly, unlike its `upsample_nearest2d`
+//! backward); other target sizes (a UNet fed a latent not divisible by
+//! 2^levels) use index selection with PyTorch's `nearest` rule,
+//! src = ⌊dst · in / out⌋.
 
 use candle_core::Tensor;
 
 use crate::Result;
 
-pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))?)
-}
+pub use super::layout::upsample_nearest_2x;
 
 /// Nearest upsampling of (B, C, H, W) to (B, C, out_h, out_w).
 pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
