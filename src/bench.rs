@@ -204,6 +204,7 @@ pub fn bench_step(
     let mut steps = Vec::new();
     for i in 0..opts.warmup + opts.steps {
         let c0 = process_cpu_seconds();
+        let warm = crate::nn::cpu::KeepWarm::start();
         let t0 = Instant::now();
         let pred = unet.forward(&x, &t, &ctx)?;
         let loss = (pred - &target)?.sqr()?.mean_all()?;
@@ -216,6 +217,7 @@ pub fn bench_step(
         drop(grads);
         device.synchronize()?;
         let t3 = Instant::now();
+        drop(warm);
         let st = StepTimes {
             forward: (t1 - t0).as_secs_f64(),
             backward: (t2 - t1).as_secs_f64(),

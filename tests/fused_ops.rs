@@ -264,7 +264,14 @@ fn add_matches_plain() {
 /// reshape + matmul + broadcast add.
 #[test]
 fn linear_matches_plain() {
-    for (x_shape, out) in [(vec![2, 5, 6], 7), (vec![9, 4], 3)] {
+    // 210 rows: row blocks with partial weight gradients; 40 × 64 → 64: a
+    // weight larger than the inputs, one product over all rows.
+    for (x_shape, out) in [
+        (vec![2, 5, 6], 7),
+        (vec![9, 4], 3),
+        (vec![3, 70, 8], 5),
+        (vec![40, 64], 64),
+    ] {
         let x = randn(&x_shape, 31);
         let w = randn(&[out, *x_shape.last().unwrap()], 32);
         let b = randn(&[out], 33);

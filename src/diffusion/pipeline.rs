@@ -306,6 +306,7 @@ pub fn denoise(
         let (_, c, h, w) = x0.dims4()?;
         (c, h, w)
     };
+    let _warm = crate::nn::cpu::KeepWarm::start();
     for i in 0..steps {
         let t = sampler.timesteps()[i];
         let x_in = sampler.scale_model_input(&x, i)?;

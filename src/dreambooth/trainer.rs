@@ -407,6 +407,8 @@ pub fn train_model(
     let mut step = start;
     let mut interrupted = false;
     while step < cfg.max_train_steps {
+        // Our CPU kernels' threads stay awake through the step.
+        let _warm = crate::nn::cpu::KeepWarm::start();
         let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut l_inst, mut l_prior, mut l_total) = (0f64, 0f64, 0f64);
         for micro in 0..accum {

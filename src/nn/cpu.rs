@@ -80,3 +80,102 @@ pub fn configure() {
         unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
 }
+
+/// Keeps rayon's other workers awake while it lives: a busy stretch of many
+/// short parallel ops (a training step, a sampling loop) otherwise puts them
+/// to sleep between ops (after a few dozen yields), and every next op pays a
+/// futex wake-up and two context switches before the work is shared.
+///
+/// Created on a pool thread, it spawns one job per other worker; each job
+/// runs rayon's pending work as it appears ([`rayon::yield_now`]) and spins
+/// while there is none, until the guard is dropped. Created anywhere else
+/// (a test thread, one-thread pool) it does nothing. The price is CPU time:
+/// the other cores spin through the caller's serial stretches, as an OpenMP
+/// runtime's threads do.
+pub struct KeepWarm {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeepWarm {
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        if std::env::var_os("DREAMBOOTH_NO_KEEP_WARM").is_some() {
+            done.store(true, Ordering::Relaxed);
+            return Self { done };
+        }
+        if let Some(owner) = rayon::current_thread_index() {
+            for _ in 1..num_threads() {
+                let done = done.clone();
+                rayon::spawn(move || {
+                    // The owner popping its own job (waiting in a join) must
+                    // not spin: what would end the spinning is further up
+                    // its own stack.
+                    if rayon::current_thread_index() == Some(owner) {
+                        return;
+                    }
+                    SPINNING.fetch_add(1, Ordering::Relaxed);
+                    while !done.load(Ordering::Relaxed) {
+                        if let Some(rayon::Yield::Idle) = rayon::yield_now() {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    SPINNING.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+        Self { done }
+    }
+}
+
+/// Threads spinning for a [`KeepWarm`] right now (for tests).
+static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for KeepWarm {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn keep_warm_shares_work_and_stops() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let warm = KeepWarm::start();
+            // The other worker picks up the spinning job.
+            let t0 = std::time::Instant::now();
+            while SPINNING.load(Ordering::Relaxed) == 0 {
+                assert!(t0.elapsed().as_secs() < 10, "no worker started spinning");
+                std::thread::yield_now();
+            }
+            // Parallel work (nested too) still runs, on both threads.
+            for n in [10usize, 1000, 100_000] {
+                let s: usize = (0..n).into_par_iter().map(|i| i % 7).sum();
+                assert_eq!(s, (0..n).map(|i| i % 7).sum::<usize>());
+                let (a, b) = rayon::join(
+                    || (0..n).into_par_iter().sum::<usize>(),
+                    || (0..n).into_par_iter().count(),
+                );
+                assert_eq!((a, b), (n * (n - 1) / 2, n));
+            }
+            drop(warm);
+        });
+        let t0 = std::time::Instant::now();
+        while SPINNING.load(Ordering::Relaxed) != 0 {
+            assert!(t0.elapsed().as_secs() < 10, "a worker kept spinning");
+            std::thread::yield_now();
+        }
+        // Outside a pool the guard does nothing.
+        drop(KeepWarm::start());
+        assert_eq!(SPINNING.load(Ordering::Relaxed), 0);
+    }
+}

@@ -117,20 +117,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
             weight.dims()
         )));
     }
-    let rows = x.elem_count() / in_dim.max(1);
-    let gemm = x
-        .detach()
-        .reshape((rows, in_dim))?
-        .matmul(&weight.detach().t()?)?;
+    let weight = weight.contiguous()?;
     let op = LinearOp {
-        gemm: std::sync::Mutex::new(Some(gemm)),
         has_bias: bias.is_some(),
     };
     Ok(match bias {
-        Some(b) => x.apply_op3(weight, b, op)?,
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op)?,
         None => {
             let zero = Tensor::zeros(out_dim, DType::F32, x.device())?;
-            x.apply_op3(weight, &zero, op)?
+            x.apply_op3(&weight, &zero, op)?
         }
     })
 }
@@ -235,23 +230,6 @@ pub(crate) fn slice<'a>(
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what}: input must be contiguous"),
     }
-}
-
-/// Takes the tensor a fused op computed before `apply_op*` (kept in a
-/// `Mutex<Option<_>>` for its `cpu_fwd`, which may run only once); `what`
-/// names the op in the error.
-pub(crate) fn take_forward_result(
-    slot: &std::sync::Mutex<Option<Tensor>>,
-    what: &str,
-) -> candle_core::Result<Tensor> {
-    let t = match slot.lock() {
-        Ok(mut t) => t.take(),
-        Err(_) => None,
-    };
-    let Some(t) = t else {
-        candle_core::bail!("{what}: forward ran twice");
-    };
-    Ok(t)
 }
 
 /// Splits `rows` into about 4 blocks per thread (at least 1 row each).
@@ -987,11 +965,42 @@ impl CustomOp1 for SumAround {
 // Linear layer
 // ---------------------------------------------------------------------------
 
-/// (x, W, b) → x Wᵀ + b; the GEMM result comes precomputed.
+/// (x, W, b) → x Wᵀ + b (b is zeros and ignored without a bias), through
+/// [`super::linear_cpu`].
 struct LinearOp {
-    /// (rows, out): x Wᵀ, consumed by the forward.
-    gemm: std::sync::Mutex<Option<Tensor>>,
     has_bias: bool,
+}
+
+/// Runs `f` on the f32 elements of a contiguous CPU tensor.
+fn with_cpu_slice<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => f(slice(c, l, what)?),
+        _ => candle_core::bail!("{what}: tensor is not on the CPU"),
+    }
+}
+
+impl LinearOp {
+    fn dims(x: &Layout, w: &Layout) -> candle_core::Result<super::linear_cpu::Dims> {
+        let (output, input) = w.shape().dims2()?;
+        let rows = x.shape().elem_count() / input.max(1);
+        if x.dims().last() != Some(&input) {
+            candle_core::bail!(
+                "fused linear: input {:?} against weight {:?}",
+                x.dims(),
+                w.dims()
+            );
+        }
+        Ok(super::linear_cpu::Dims {
+            rows,
+            input,
+            output,
+        })
+    }
 }
 
 impl CustomOp3 for LinearOp {
@@ -1001,44 +1010,27 @@ impl CustomOp3 for LinearOp {
 
     fn cpu_fwd(
         &self,
-        _s1: &CpuStorage,
+        s1: &CpuStorage,
         l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let bias = slice(s3, l3, "linear")?;
-        let out_dim = bias.len();
-        let gemm = take_forward_result(&self.gemm, "fused linear")?;
-        let (gs, gl) = gemm.storage_and_layout();
-        let g = match &*gs {
-            candle_core::Storage::Cpu(s) => slice(s, gl, "linear")?,
-            _ => candle_core::bail!("fused linear: GEMM result is not on the CPU"),
+        let d = Self::dims(l1, l2)?;
+        let x = slice(s1, l1, "linear")?;
+        let w = slice(s2, l2, "linear")?;
+        let bias = if self.has_bias {
+            slice(s3, l3, "linear")?
+        } else {
+            &[]
         };
-        let mut out = super::im2col::uninit_vec(g.len());
-        if let Some(rows) = g.len().checked_div(out_dim) {
-            let rb = row_block(rows);
-            out.par_chunks_mut(rb * out_dim)
-                .zip(g.par_chunks(rb * out_dim))
-                .for_each(|(ob, gb)| {
-                    super::vmath::simd(|| {
-                        for (or, gr) in ob.chunks_mut(out_dim).zip(gb.chunks(out_dim)) {
-                            for ((o, &v), &bv) in or.iter_mut().zip(gr).zip(bias) {
-                                o.write(v + bv);
-                            }
-                        }
-                    })
-                });
-        }
+        let y = super::linear_cpu::forward(x, w, bias, d);
         let mut dims = l1.dims().to_vec();
-        if let Some(d) = dims.last_mut() {
-            *d = out_dim;
+        if let Some(last) = dims.last_mut() {
+            *last = d.output;
         }
-        Ok((
-            CpuStorage::F32(super::im2col::assume_init(out)),
-            Shape::from(dims),
-        ))
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
@@ -1049,28 +1041,37 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out_dim, in_dim) = weight.dims2()?;
-        let rows = x.elem_count() / in_dim.max(1);
-        let dy = grad.contiguous()?.reshape((rows, out_dim))?;
-        let dx = if x.track_op() {
-            Some(dy.matmul(&weight.detach())?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let dw = if weight.track_op() {
-            let x2 = x.detach().reshape((rows, in_dim))?;
-            Some(dy.t()?.matmul(&x2)?)
-        } else {
-            None
-        };
-        let db = if self.has_bias && bias.track_op() {
-            Some(
-                dy.apply_op1_no_bwd(&SumAround { dim: 1 })?
-                    .reshape(bias.shape())?,
-            )
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
+        let d = Self::dims(x.layout(), weight.layout())?;
+        let dy = grad.contiguous()?;
+        let dev = x.device();
+        let want_db = self.has_bias && bias.track_op();
+        with_cpu_slice(&dy, "linear backward", |dyv| {
+            let dx = if x.track_op() {
+                let v = with_cpu_slice(weight, "linear backward", |w| {
+                    Ok(super::linear_cpu::grad_input(dyv, w, d))
+                })?;
+                Some(Tensor::from_vec(v, x.shape(), dev)?)
+            } else {
+                None
+            };
+            let (dw, db) = if weight.track_op() || want_db {
+                let (dw, db) = with_cpu_slice(x, "linear backward", |xv| {
+                    Ok(super::linear_cpu::grad_weight_bias(dyv, xv, d, want_db))
+                })?;
+                let dw = if weight.track_op() {
+                    Some(Tensor::from_vec(dw, weight.shape(), dev)?)
+                } else {
+                    None
+                };
+                let db = match db {
+                    Some(v) => Some(Tensor::from_vec(v, bias.shape(), dev)?),
+                    None => None,
+                };
+                (dw, db)
+            } else {
+                (None, None)
+            };
+            Ok((dx, dw, db))
+        })
     }
 }

@@ -12,6 +12,7 @@ mod gemm;
 pub mod im2col;
 pub mod layout;
 pub mod linear;
+mod linear_cpu;
 pub mod lora;
 pub mod norm;
 pub mod store;

@@ -277,6 +277,7 @@ fn train_vae(opts: &PretrainOptions, cfg: &VaeConfig, device: &Device, log: Log)
     let mut sched = sched;
     let mut step = 0;
     while step < sched.total_steps as usize {
+        let _warm = crate::nn::cpu::KeepWarm::start();
         let seed = world::derive_seed(opts.seed ^ 0xDA7A, step as u64);
         let images: Vec<_> = world::sample_batch(seed, opts.vae_batch)
             .map(|s| s.image)
@@ -451,6 +452,7 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
     let mut last_save = Instant::now();
     let mut step = 0;
     while step < sched.total_steps as usize {
+        let _warm = crate::nn::cpu::KeepWarm::start();
         let idx: Vec<u32> = (0..opts.batch)
             .map(|_| rng.random_range(0..opts.num_scenes as u32))
             .collect();
