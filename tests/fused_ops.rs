@@ -368,6 +368,21 @@ fn layout_ops_match_plain() {
         let want = layout::plain::tokens_to_map(&t, h, w).unwrap();
         assert_eq!(rel_err(&map, &want), 0.0);
     }
+    let cat_shapes: [(&[usize], &[usize]); 3] = [
+        (&[2, 3, 4, 5], &[2, 6, 4, 5]),
+        (&[1, 1, 2, 2], &[1, 4, 2, 2]),
+        (&[3, 2, 7], &[3, 5, 7]),
+    ];
+    for (i, (a, b)) in cat_shapes.iter().enumerate() {
+        check(
+            "cat_channels",
+            &|x| layout::cat_channels(&x[0], &x[1]),
+            &|x| layout::plain::cat_channels(&x[0], &x[1]),
+            &[randn(a, 90 + i as u64), randn(b, 95 + i as u64)],
+        );
+    }
+    // Shapes that disagree beyond the channels: candle's error, no panic.
+    assert!(layout::cat_channels(&randn(&[1, 2, 3, 3], 2), &randn(&[1, 2, 3, 4], 3)).is_err());
     let err = layout::tokens_to_map(&randn(&[1, 6, 2], 1), 2, 2).unwrap_err();
     assert!(err.to_string().contains("6 tokens"), "{err}");
 }

@@ -226,7 +226,7 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .ok_or_else(|| crate::Error::msg("UNet: ran out of skip connections"))?;
-            h = Tensor::cat(&[&h, &skip], 1)?;
+            h = crate::nn::layout::cat_channels(&h, &skip)?;
             h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context)?;

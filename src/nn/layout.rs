@@ -1,6 +1,7 @@
 //! Layout changes as single autograd nodes on the CPU: the 2× nearest
-//! upsampling of the UNet's up blocks and the (B, C, H, W) ⇄ (B, H·W, C)
-//! transposes around a Transformer2D's token sequence.
+//! upsampling and the skip-connection concatenation of the UNet's up blocks,
+//! and the (B, C, H, W) ⇄ (B, H·W, C) transposes around a Transformer2D's
+//! token sequence.
 //!
 //! Built from candle's view ops, each of these is a chain of nodes (reshape,
 //! broadcast or transpose, then a copy), and candle's backward gives every
@@ -10,7 +11,7 @@
 //! Other devices and dtypes take the view-op versions in [`plain`], which the
 //! tests compare against.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{slice, use_fused};
@@ -59,6 +60,19 @@ pub fn tokens_to_map(t: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     Ok(t.contiguous()?.apply_op1(op)?)
 }
 
+/// [a, b] along dimension 1 (channels) for tensors that agree elsewhere: the
+/// up blocks' skip connections. candle's concatenation copies on one thread
+/// and its backward adds each strided slice of the gradient into a
+/// zero-filled buffer; here both directions are one parallel pass.
+pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (da, db) = (a.dims(), b.dims());
+    let agree = da.len() == db.len() && da.len() >= 2 && da[0] == db[0] && da[2..] == db[2..];
+    if !(use_fused(a) && use_fused(b) && agree) {
+        return plain::cat_channels(a, b);
+    }
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, CatChannels)?)
+}
+
 /// The same functions from candle's view ops (every device and dtype).
 pub mod plain {
     use candle_core::Tensor;
@@ -70,6 +84,10 @@ pub mod plain {
         Ok(x.reshape((b, c, h, 1, w, 1))?
             .broadcast_as((b, c, h, 2, w, 2))?
             .reshape((b, c, 2 * h, 2 * w))?)
+    }
+
+    pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::cat(&[a, b], 1)?)
     }
 
     pub fn map_to_tokens(x: &Tensor) -> Result<Tensor> {
@@ -209,5 +227,110 @@ impl CustomOp1 for BatchTranspose {
             out: arg.shape().clone(),
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// (B, Ca, ...) and (B, Cb, ...) → (B, Ca + Cb, ...).
+struct CatChannels;
+
+/// Elements per image of each input: (a, b).
+fn cat_sizes(la: &Layout, lb: &Layout) -> (usize, usize) {
+    let per = |l: &Layout| l.shape().elem_count() / l.dims()[0].max(1);
+    (per(la), per(lb))
+}
+
+impl CustomOp2 for CatChannels {
+    fn name(&self) -> &'static str {
+        "cat-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = slice(sa, la, "cat_channels")?;
+        let b = slice(sb, lb, "cat_channels")?;
+        let (na, nb) = cat_sizes(la, lb);
+        let mut out = uninit_vec(a.len() + b.len());
+        if na + nb > 0 {
+            out.par_chunks_mut(na + nb)
+                .zip(a.par_chunks(na.max(1)).zip(b.par_chunks(nb.max(1))))
+                .for_each(|(o, (a, b))| {
+                    let (oa, ob) = o.split_at_mut(na);
+                    for (d, &v) in oa.iter_mut().zip(a) {
+                        d.write(v);
+                    }
+                    for (d, &v) in ob.iter_mut().zip(b) {
+                        d.write(v);
+                    }
+                });
+        }
+        let mut dims = la.dims().to_vec();
+        dims[1] += lb.dims()[1];
+        Ok((CpuStorage::F32(assume_init(out)), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ga = grad.contiguous()?.apply_op1_no_bwd(&SplitChannels {
+            a: true,
+            shape: a.shape().clone(),
+            other: b.elem_count(),
+        })?;
+        let gb = grad.contiguous()?.apply_op1_no_bwd(&SplitChannels {
+            a: false,
+            shape: b.shape().clone(),
+            other: a.elem_count(),
+        })?;
+        Ok((Some(ga), Some(gb)))
+    }
+}
+
+/// One input's part of a [`CatChannels`] gradient: the first (`a`) or the
+/// second channel block of every image, shaped `shape`; `other` is the other
+/// input's element count.
+struct SplitChannels {
+    a: bool,
+    shape: Shape,
+    other: usize,
+}
+
+impl CustomOp1 for SplitChannels {
+    fn name(&self) -> &'static str {
+        "cat-channels-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice(s, l, "cat_channels backward")?;
+        let n = self.shape.elem_count();
+        let batch = self.shape.dims().first().copied().unwrap_or(1).max(1);
+        if g.len() != n + self.other {
+            candle_core::bail!(
+                "cat_channels backward: gradient {:?} for part {:?}",
+                l.dims(),
+                self.shape
+            );
+        }
+        let (mine, theirs) = (n / batch, self.other / batch);
+        let mut out = uninit_vec(n);
+        if mine > 0 {
+            out.par_chunks_mut(mine)
+                .zip(g.par_chunks(mine + theirs))
+                .for_each(|(o, gi)| {
+                    let src = if self.a { &gi[..mine] } else { &gi[theirs..] };
+                    for (d, &v) in o.iter_mut().zip(src) {
+                        d.write(v);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(assume_init(out)), self.shape.clone()))
     }
 }
