@@ -39,7 +39,13 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     if use_fused(x) {
         let x = x.contiguous()?;
-        Ok(x.apply_op3(weight, bias, GroupNormOp { groups, eps, silu })?)
+        let op = GroupNormOp {
+            groups,
+            eps,
+            silu,
+            stats: std::sync::Mutex::new(None),
+        };
+        Ok(x.apply_op3(weight, bias, op)?)
     } else {
         plain::group_norm(x, weight, bias, groups, eps, silu)
     }
@@ -328,6 +334,9 @@ struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// (mean, 1/std) of every (sample, group), from the forward for the
+    /// backward (which otherwise reads x once more to recompute them).
+    stats: std::sync::Mutex<Option<std::sync::Arc<Vec<(f32, f32)>>>>,
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -359,13 +368,16 @@ impl CustomOp3 for GroupNormOp {
         }
         let s: usize = dims[2..].iter().product();
         let cpg = c / g;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::im2col::uninit_vec(x.len());
+        let mut stats = vec![(0f32, 0f32); x.len() / (cpg * s).max(1)];
         y.par_chunks_mut(cpg * s)
             .zip(x.par_chunks(cpg * s))
+            .zip(stats.par_iter_mut())
             .enumerate()
-            .for_each(|(bg, (yo, xi))| {
+            .for_each(|(bg, ((yo, xi), st))| {
                 super::vmath::simd(|| {
                     let (mean, rstd) = moments(xi, self.eps);
+                    *st = (mean, rstd);
                     let c0 = (bg % g) * cpg;
                     for k in 0..cpg {
                         let (a, sh) = (rstd * w[c0 + k], b[c0 + k] - mean * rstd * w[c0 + k]);
@@ -373,17 +385,23 @@ impl CustomOp3 for GroupNormOp {
                         if self.silu {
                             for (o, &v) in yr.iter_mut().zip(xr) {
                                 let z = v * a + sh;
-                                *o = z * sigmoid(z);
+                                o.write(z * sigmoid(z));
                             }
                         } else {
                             for (o, &v) in yr.iter_mut().zip(xr) {
-                                *o = v * a + sh;
+                                o.write(v * a + sh);
                             }
                         }
                     }
                 })
             });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        if let Ok(mut slot) = self.stats.lock() {
+            *slot = Some(std::sync::Arc::new(stats));
+        }
+        Ok((
+            CpuStorage::F32(super::im2col::assume_init(y)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -402,6 +420,7 @@ impl CustomOp3 for GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,
                 silu: self.silu,
+                stats: self.stats.lock().ok().and_then(|s| s.clone()),
             },
         )?;
         split3(flat, x.shape(), w.elem_count())
@@ -413,6 +432,8 @@ struct GroupNormBwd {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// The forward's (mean, 1/std) per (sample, group), when it kept them.
+    stats: Option<std::sync::Arc<Vec<(f32, f32)>>>,
 }
 
 impl CustomOp3 for GroupNormBwd {
@@ -439,17 +460,26 @@ impl CustomOp3 for GroupNormBwd {
         let s: usize = dims[2..].iter().product();
         let cpg = c / g;
         let n = x.len();
-        let mut dx = vec![0f32; n];
+        let stats = self
+            .stats
+            .as_deref()
+            .filter(|st| st.len() * cpg * s == n && cpg * s > 0);
+        // [dx; dw; db] in one buffer (dw, db summed into below).
+        let mut out = vec![0f32; n + 2 * c];
         // Per-(sample, channel) partial sums of dw and db, reduced over the batch below.
         let mut part = vec![0f32; bsz * c * 2];
-        dx.par_chunks_mut(cpg * s)
+        out[..n]
+            .par_chunks_mut(cpg * s)
             .zip(part.par_chunks_mut(cpg * 2))
             .enumerate()
             .for_each(|(bg, (dxo, pw))| {
                 super::vmath::simd(|| {
                     let xi = &x[bg * cpg * s..(bg + 1) * cpg * s];
                     let gi = &dy[bg * cpg * s..(bg + 1) * cpg * s];
-                    let (mean, rstd) = moments(xi, self.eps);
+                    let (mean, rstd) = match stats {
+                        Some(st) => st[bg],
+                        None => moments(xi, self.eps),
+                    };
                     let c0 = (bg % g) * cpg;
                     // Pass 1: dxhat = dz · w (dz: the gradient before the
                     // affine) into dxo as scratch, and per channel dw = Σ dz·xhat,
@@ -480,8 +510,6 @@ impl CustomOp3 for GroupNormBwd {
                     }
                 })
             });
-        let mut out = dx;
-        out.resize(n + 2 * c, 0.0);
         for bi in 0..bsz {
             for ch in 0..c {
                 out[n + ch] += part[(bi * c + ch) * 2];
