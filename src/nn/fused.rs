@@ -252,8 +252,10 @@ fn sigmoid(z: f32) -> f32 {
 /// Exact GELU and its derivative at x.
 #[inline]
 fn gelu_and_grad(x: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + super::vmath::erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = super::vmath::exp(-0.5 * x * x) * 0.398_942_3; // 1/sqrt(2π)
+    // e^(−x²/2): the density's exponential, and erf's at x/√2.
+    let e = super::vmath::exp(-0.5 * x * x);
+    let cdf = 0.5 * (1.0 + super::vmath::erf_given_exp(x * std::f32::consts::FRAC_1_SQRT_2, e));
+    let pdf = e * 0.398_942_3; // 1/sqrt(2π)
     (x * cdf, cdf + x * pdf)
 }
 
@@ -330,13 +332,16 @@ fn split3(
 // GroupNorm (+ SiLU)
 // ---------------------------------------------------------------------------
 
+/// (mean, 1/std) per (sample, group) of a GroupNorm input.
+type GroupStats = std::sync::Arc<Vec<(f32, f32)>>;
+
 struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
     /// (mean, 1/std) of every (sample, group), from the forward for the
     /// backward (which otherwise reads x once more to recompute them).
-    stats: std::sync::Mutex<Option<std::sync::Arc<Vec<(f32, f32)>>>>,
+    stats: std::sync::Mutex<Option<GroupStats>>,
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -433,7 +438,7 @@ struct GroupNormBwd {
     eps: f64,
     silu: bool,
     /// The forward's (mean, 1/std) per (sample, group), when it kept them.
-    stats: Option<std::sync::Arc<Vec<(f32, f32)>>>,
+    stats: Option<GroupStats>,
 }
 
 impl CustomOp3 for GroupNormBwd {
@@ -752,7 +757,7 @@ impl CustomOp1 for GegluOp {
         }
         let d = d2 / 2;
         let rows = h.len() / d2.max(1);
-        let mut y = vec![0f32; rows * d];
+        let mut y = super::im2col::uninit_vec(rows * d);
         let rb = row_block(rows);
         y.par_chunks_mut(rb * d)
             .zip(h.par_chunks(rb * d2))
@@ -761,14 +766,17 @@ impl CustomOp1 for GegluOp {
                     for (yr, hr) in yb.chunks_mut(d).zip(hb.chunks(d2)) {
                         let (a, gate) = hr.split_at(d);
                         for ((o, &av), &gv) in yr.iter_mut().zip(a).zip(gate) {
-                            *o = av * gelu_and_grad(gv).0;
+                            o.write(av * gelu_and_grad(gv).0);
                         }
                     }
                 })
             });
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = d;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        Ok((
+            CpuStorage::F32(super::im2col::assume_init(y)),
+            Shape::from(out_dims),
+        ))
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

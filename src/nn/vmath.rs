@@ -58,12 +58,19 @@ pub fn exp(x: f32) -> f32 {
 /// erf(x), Abramowitz & Stegun 7.1.26 (absolute error below 5e-7 in f32).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_given_exp(x, exp(-x * x))
+}
+
+/// erf(x) from `e` = e^(−x²), which the caller may need for itself (the
+/// Gaussian density in GELU's derivative is the same exponential).
+#[inline(always)]
+pub fn erf_given_exp(x: f32, e: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
+    let y = 1.0 - poly * e;
     y.copysign(x)
 }
 
