@@ -91,7 +91,8 @@ pub fn configure() {
 /// while there is none, until the guard is dropped. Created anywhere else
 /// (a test thread, one-thread pool) it does nothing. The price is CPU time:
 /// the other cores spin through the caller's serial stretches, as an OpenMP
-/// runtime's threads do.
+/// runtime's threads do; a spinning worker gives its core to any other
+/// process that wants it (`sched_yield`) every 64 idle rounds.
 pub struct KeepWarm {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -115,9 +116,19 @@ impl KeepWarm {
                         return;
                     }
                     SPINNING.fetch_add(1, Ordering::Relaxed);
+                    let mut idle = 0u32;
                     while !done.load(Ordering::Relaxed) {
                         if let Some(rayon::Yield::Idle) = rayon::yield_now() {
-                            std::hint::spin_loop();
+                            idle += 1;
+                            if idle % 64 == 0 {
+                                // Lets other processes on this core run
+                                // (returns at once when none is waiting).
+                                std::thread::yield_now();
+                            } else {
+                                std::hint::spin_loop();
+                            }
+                        } else {
+                            idle = 0;
                         }
                     }
                     SPINNING.fetch_sub(1, Ordering::Relaxed);
