@@ -120,7 +120,7 @@ impl KeepWarm {
                     while !done.load(Ordering::Relaxed) {
                         if let Some(rayon::Yield::Idle) = rayon::yield_now() {
                             idle += 1;
-                            if idle % 64 == 0 {
+                            if idle.is_multiple_of(64) {
                                 // Lets other processes on this core run
                                 // (returns at once when none is waiting).
                                 std::thread::yield_now();
