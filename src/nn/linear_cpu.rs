@@ -127,21 +127,24 @@ pub(crate) fn grad_weight_bias(
             }
         }
     };
+    // dw = dyᵀ x over n rows.
+    let product = |dw: &mut [f32], dy: &[f32], x: &[f32], n: usize, par: bool| {
+        matmul_into(
+            dw,
+            input,
+            false,
+            View::rows(dy, n, output).t(),
+            View::rows(x, n, input),
+            par,
+        );
+    };
     let (dw, db) = if blocks > 1 && output * input * blocks <= rows * (input + output) {
         let zero = || (vec![0f32; output * input], vec![0f64; output]);
         dy.par_chunks(rb * output.max(1))
             .zip(x.par_chunks(rb * input.max(1)))
             .map(|(dyb, xb)| {
                 let (mut dw, mut db) = zero();
-                let n = dyb.len() / output.max(1);
-                matmul_into(
-                    &mut dw,
-                    input,
-                    false,
-                    View::rows(dyb, n, output).t(),
-                    View::rows(xb, n, input),
-                    false,
-                );
+                product(&mut dw, dyb, xb, dyb.len() / output.max(1), false);
                 bias_sums(dyb, &mut db);
                 (dw, db)
             })
@@ -152,14 +155,7 @@ pub(crate) fn grad_weight_bias(
             })
     } else {
         let mut dw = vec![0f32; output * input];
-        matmul_into(
-            &mut dw,
-            input,
-            false,
-            View::rows(dy, rows, output).t(),
-            View::rows(x, rows, input),
-            true,
-        );
+        product(&mut dw, dy, x, rows, true);
         let db = dy
             .par_chunks(rb * output.max(1))
             .map(|dyb| {
