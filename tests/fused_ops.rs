@@ -386,3 +386,33 @@ fn layout_ops_match_plain() {
     let err = layout::tokens_to_map(&randn(&[1, 6, 2], 1), 2, 2).unwrap_err();
     assert!(err.to_string().contains("6 tokens"), "{err}");
 }
+
+/// Empty tensors through the CPU ops give what candle's ops give (an empty
+/// or zero result), never a panic.
+#[test]
+fn empty_inputs_match_plain() {
+    use dreambooth::nn::layout;
+    let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let e = z(&[2, 0, 3, 3]);
+    assert_eq!(
+        layout::upsample_nearest_2x(&e).unwrap().dims(),
+        [2, 0, 6, 6]
+    );
+    assert_eq!(layout::map_to_tokens(&e).unwrap().dims(), [2, 9, 0]);
+    assert_eq!(
+        layout::tokens_to_map(&z(&[2, 9, 0]), 3, 3).unwrap().dims(),
+        [2, 0, 3, 3]
+    );
+    let a = randn(&[2, 3, 3, 3], 7);
+    let cat = layout::cat_channels(&a, &e).unwrap();
+    assert_eq!(rel_err(&cat, &a), 0.0);
+    // No rows: an empty result.
+    let y = fused::linear(&z(&[0, 5]), &randn(&[3, 5], 8), Some(&randn(&[3], 9))).unwrap();
+    assert_eq!(y.dims(), [0, 3]);
+    // No input features: whatever candle does (an error today), not a panic.
+    let (x, w, b) = (z(&[4, 0]), z(&[3, 0]), randn(&[3], 10));
+    assert_eq!(
+        fused::linear(&x, &w, Some(&b)).is_ok(),
+        plain::linear(&x, &w, Some(&b)).is_ok()
+    );
+}

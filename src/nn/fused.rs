@@ -110,7 +110,8 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// matmul → bias add → reshape, each of which candle's backward gives a
 /// zero-filled gradient buffer and an add.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if !(use_fused(x) && use_fused(weight)) {
+    // Empty operands (nothing to multiply) take candle's path too.
+    if !(use_fused(x) && use_fused(weight)) || x.elem_count() == 0 || weight.elem_count() == 0 {
         return plain::linear(x, weight, bias);
     }
     let x = x.contiguous()?;

@@ -21,7 +21,7 @@ use crate::Result;
 /// (B, C, H, W) → (B, 2H, 2W), every pixel repeated 2×2 (PyTorch's
 /// `interpolate(scale_factor=2, mode="nearest")`).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
-    if !use_fused(x) || x.rank() != 4 {
+    if !use_fused(x) || x.rank() != 4 || x.elem_count() == 0 {
         return plain::upsample_nearest_2x(x);
     }
     Ok(x.contiguous()?.apply_op1(Upsample2x)?)
@@ -30,7 +30,7 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
 /// (B, C, H, W) → (B, H·W, C): a feature map as a token sequence.
 pub fn map_to_tokens(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if !use_fused(x) {
+    if !use_fused(x) || x.elem_count() == 0 {
         return plain::map_to_tokens(x);
     }
     let op = BatchTranspose {
@@ -49,7 +49,7 @@ pub fn tokens_to_map(t: &Tensor, h: usize, w: usize) -> Result<Tensor> {
             "tokens_to_map: {n} tokens are not a {h}×{w} map"
         )));
     }
-    if !use_fused(t) {
+    if !use_fused(t) || t.elem_count() == 0 {
         return plain::tokens_to_map(t, h, w);
     }
     let op = BatchTranspose {
@@ -67,7 +67,8 @@ pub fn tokens_to_map(t: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (da, db) = (a.dims(), b.dims());
     let agree = da.len() == db.len() && da.len() >= 2 && da[0] == db[0] && da[2..] == db[2..];
-    if !(use_fused(a) && use_fused(b) && agree) {
+    // Empty inputs (nothing to copy) take candle's path too.
+    if !(use_fused(a) && use_fused(b) && agree && a.elem_count() > 0 && b.elem_count() > 0) {
         return plain::cat_channels(a, b);
     }
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, CatChannels)?)
