@@ -91,6 +91,12 @@ pub struct StepArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// With --compare-pytorch: repeat the PyTorch-then-ours pair this many
+    /// times and print every pair's step ratio and their median (on a
+    /// shared machine single pairs scatter by ±15%). Our process keeps its
+    /// peak memory between rounds: use it with models that fit twice.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     #[command(flatten)]
     pub pytorch: PytorchArgs,
 }
@@ -290,6 +296,38 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
             None
         },
     };
+    if a.rounds == 0 {
+        anyhow::bail!("--rounds must be at least 1");
+    }
+    let mut ratios: Vec<f64> = Vec::new();
+    for round in 0..a.rounds {
+        if a.rounds > 1 {
+            println!("round {}/{}", round + 1, a.rounds);
+        }
+        if let Some(r) = step_round(&a, &opts, &device)? {
+            ratios.push(r);
+        }
+    }
+    if ratios.len() > 1 {
+        let line: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "step ratio ours/pytorch over {} rounds: {}  median {:.2}",
+            ratios.len(),
+            line.join(" "),
+            dreambooth::bench::median(ratios)
+        );
+    }
+    Ok(())
+}
+
+/// One round of `bench step`: the PyTorch twin (with --compare-pytorch),
+/// then ours; returns the step-time ratio ours / PyTorch when both ran.
+fn step_round(
+    a: &StepArgs,
+    opts: &StepBenchOptions,
+    device: &candle_core::Device,
+) -> anyhow::Result<Option<f64>> {
+    let (arch, res) = (&opts.arch, opts.res);
     // The PyTorch twin runs first: our process keeps its peak memory after
     // the benchmark (mimalloc's purging is off), and two full SD 1.5
     // fine-tuning processes do not fit side by side in memory.
@@ -311,7 +349,7 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         ],
     )?;
     println!("load average before ours: {}", load_average());
-    let r = bench_step(&opts, &device, &mut |l| println!("{l}"))?;
+    let r = bench_step(opts, device, &mut |l| println!("{l}"))?;
     let m = &r.median;
     let rss = gib(r.peak_rss.map(|b| b as f64));
     println!(
@@ -348,7 +386,9 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
             m.total() / pt,
             m.cpu / pc
         );
+        println!("load average after: {}", load_average());
+        return Ok(Some(m.total() / pt));
     }
     println!("load average after: {}", load_average());
-    Ok(())
+    Ok(None)
 }
