@@ -190,6 +190,12 @@ fn conv2d_bias_matches_plain() {
         (vec![4, 2, 5, 6], 3, 3, 1, 1),
         (vec![4, 3, 6, 6], 5, 1, 1, 0),
         (vec![2, 2, 3, 3], 2, 3, 1, 2),
+        // Output widths with fixed-size row moves in im2col / col2im (4, 8,
+        // 16, 32) and one without (12).
+        (vec![4, 3, 5, 8], 4, 3, 1, 1),
+        (vec![2, 2, 3, 16], 3, 3, 1, 1),
+        (vec![1, 2, 2, 32], 2, 3, 1, 1),
+        (vec![4, 2, 3, 12], 3, 3, 1, 1),
     ] {
         let c = x_shape[1];
         let x = randn(&x_shape, 21);
@@ -219,6 +225,60 @@ fn conv2d_bias_matches_plain() {
             &ff,
             &pf,
             &[x, w, b],
+        );
+    }
+}
+
+/// Gradients when only some inputs are trained: the input image fixed (a
+/// UNet's conv_in), or the weight frozen (LoRA's base layer). Each takes a
+/// different backward path from the all-trained case; all must agree with it.
+#[test]
+fn conv2d_partial_grads_match_full() {
+    for (b, k, padding) in [(4, 3, 1), (5, 1, 0), (1, 3, 1)] {
+        let x = randn(&[b, 3, 5, 4], 71);
+        let w = randn(&[4, 3, k, k], 72);
+        let bias = randn(&[4], 73);
+        let r = randn(&[b, 4, 5, 4], 74);
+        let grads = |train_x: bool, train_w: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let wv = Var::from_tensor(&w).unwrap();
+            let bv = Var::from_tensor(&bias).unwrap();
+            let xt = if train_x {
+                xv.as_tensor().clone()
+            } else {
+                x.clone()
+            };
+            let wt = if train_w {
+                wv.as_tensor().clone()
+            } else {
+                w.clone()
+            };
+            let y = dreambooth::nn::conv_cpu::conv2d_bias(&xt, &wt, bv.as_tensor(), 1, padding)
+                .unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                g.get(&xt).cloned(),
+                g.get(&wt).cloned(),
+                g.get(bv.as_tensor()).cloned().expect("bias gradient"),
+            )
+        };
+        let (dx, dw, db) = grads(true, true);
+        let (dx, dw) = (dx.expect("input gradient"), dw.expect("weight gradient"));
+        let (no_dx, dw_only, db1) = grads(false, true);
+        assert!(no_dx.is_none(), "a fixed input got a gradient");
+        assert!(
+            rel_err(&dw_only.expect("weight gradient"), &dw) < 1e-5,
+            "b {b} k {k}: dW"
+        );
+        let (dx_only, no_dw, db2) = grads(true, false);
+        assert!(no_dw.is_none(), "a frozen weight got a gradient");
+        assert!(
+            rel_err(&dx_only.expect("input gradient"), &dx) < 1e-5,
+            "b {b} k {k}: dX"
+        );
+        assert!(
+            rel_err(&db1, &db) < 1e-5 && rel_err(&db2, &db) < 1e-5,
+            "b {b} k {k}: db"
         );
     }
 }

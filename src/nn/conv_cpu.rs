@@ -85,22 +85,64 @@ where
     }
 }
 
-/// `dst` ← `src` for the short runs of im2col (an output row of an image):
-/// fixed-size moves, where `copy_from_slice` would call memcpy per row.
+/// `dst` (runs of `w` floats, one after another) ← run r of `src` at
+/// `r·stride` (im2col at stride 1: an output row's window row is one run of
+/// the padded input). The widths of UNet feature maps get fixed-size moves.
 #[inline(always)]
-fn copy_short(dst: &mut [f32], src: &[f32]) {
-    let n = dst.len();
-    let src = &src[..n];
-    let mut i = 0;
-    while i + 8 <= n {
-        let s: &[f32; 8] = src[i..i + 8].try_into().expect("8 elements");
-        let d: &mut [f32; 8] = (&mut dst[i..i + 8]).try_into().expect("8 elements");
-        *d = *s;
-        i += 8;
+fn gather_runs(dst: &mut [f32], src: &[f32], w: usize, stride: usize) {
+    #[inline(always)]
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32], stride: usize) {
+        for (r, d) in dst.chunks_exact_mut(N).enumerate() {
+            let s: &[f32; N] = src[r * stride..r * stride + N]
+                .try_into()
+                .expect("N floats");
+            let d: &mut [f32; N] = d.try_into().expect("N floats");
+            *d = *s;
+        }
     }
-    while i < n {
-        dst[i] = src[i];
-        i += 1;
+    match w {
+        4 => fixed::<4>(dst, src, stride),
+        8 => fixed::<8>(dst, src, stride),
+        16 => fixed::<16>(dst, src, stride),
+        32 => fixed::<32>(dst, src, stride),
+        64 => fixed::<64>(dst, src, stride),
+        _ => {
+            for (r, d) in dst.chunks_exact_mut(w).enumerate() {
+                d.copy_from_slice(&src[r * stride..r * stride + w]);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`gather_runs`]: run r of `acc` at `r·stride` += the r-th
+/// `w`-float run of `src`.
+#[inline(always)]
+fn scatter_add_runs(acc: &mut [f32], src: &[f32], w: usize, stride: usize) {
+    #[inline(always)]
+    fn fixed<const N: usize>(acc: &mut [f32], src: &[f32], stride: usize) {
+        for (r, s) in src.chunks_exact(N).enumerate() {
+            let s: &[f32; N] = s.try_into().expect("N floats");
+            let a: &mut [f32; N] = (&mut acc[r * stride..r * stride + N])
+                .try_into()
+                .expect("N floats");
+            for (a, s) in a.iter_mut().zip(s) {
+                *a += s;
+            }
+        }
+    }
+    match w {
+        4 => fixed::<4>(acc, src, stride),
+        8 => fixed::<8>(acc, src, stride),
+        16 => fixed::<16>(acc, src, stride),
+        32 => fixed::<32>(acc, src, stride),
+        64 => fixed::<64>(acc, src, stride),
+        _ => {
+            for (r, s) in src.chunks_exact(w).enumerate() {
+                for (a, s) in acc[r * stride..r * stride + w].iter_mut().zip(s) {
+                    *a += s;
+                }
+            }
+        }
     }
 }
 
@@ -153,14 +195,14 @@ fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], pad: &mut Vec<f32>, paral
             let (ch, ij) = (r / kk, r % kk);
             let (i, j) = (ij / g.kw, ij % g.kw);
             let plane = &src[ch * hp * wp..(ch + 1) * hp * wp];
+            if g.stride == 1 {
+                gather_runs(row, &plane[i * wp + j..], wo, wp);
+                return;
+            }
             for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
                 let at = (oy * g.stride + i) * wp + j;
-                if g.stride == 1 {
-                    copy_short(dst, &plane[at..at + wo]);
-                } else {
-                    for (ox, v) in dst.iter_mut().enumerate() {
-                        *v = plane[at + ox * g.stride];
-                    }
+                for (ox, v) in dst.iter_mut().enumerate() {
+                    *v = plane[at + ox * g.stride];
                 }
             }
         },
@@ -182,16 +224,14 @@ fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let row = &cols[(ch * kk + i * g.kw + j) * l..][..l];
+                if g.stride == 1 {
+                    scatter_add_runs(&mut acc[i * wp + j..], row, wo, wp);
+                    continue;
+                }
                 for (oy, src) in row.chunks_exact(wo).enumerate() {
                     let at = (oy * g.stride + i) * wp + j;
-                    if g.stride == 1 {
-                        for (a, &v) in acc[at..at + wo].iter_mut().zip(src) {
-                            *a += v;
-                        }
-                    } else {
-                        for (ox, &v) in src.iter().enumerate() {
-                            acc[at + ox * g.stride] += v;
-                        }
+                    for (ox, &v) in src.iter().enumerate() {
+                        acc[at + ox * g.stride] += v;
                     }
                 }
             }
@@ -304,12 +344,7 @@ fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
                     dwt
                 },
             )
-            .reduce_with(|mut a, b| {
-                for (a, b) in a.iter_mut().zip(&b) {
-                    *a += b;
-                }
-                a
-            })
+            .reduce_with(add_into)
             .unwrap_or_else(|| vec![0f32; k * o])
     } else {
         let (mut dwt, mut s) = (vec![0f32; k * o], Scratch::default());
@@ -318,13 +353,7 @@ fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
         }
         dwt
     };
-    let mut dw = vec![0f32; o * k];
-    for (ki, row) in dwt.chunks_exact(o.max(1)).enumerate() {
-        for (oi, &v) in row.iter().enumerate() {
-            dw[oi * k + ki] = v;
-        }
-    }
-    dw
+    transpose_kxo(&dwt, k, o)
 }
 
 /// dX_b (C, H, W) = col2im(Wᵀ · dY_b) for every image.
@@ -355,6 +384,64 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
         }
     }
     assume_init(dx)
+}
+
+/// Both backward products in one pass over the images, for batches spread
+/// over threads ([`Dims::per_image_threads`]): per image, its columns and
+/// `dWᵀ += cols · dY_bᵀ`, then `dX_b = col2im(Wᵀ · dY_b)` while dY_b is still
+/// in cache. One parallel region instead of two (one tail of uneven work
+/// instead of two). Returns (dX (B, C, H, W), dW (O, C·kh·kw)).
+fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>) {
+    let (k, l, o) = (d.k(), d.l(), d.o);
+    let img = d.c * d.h * d.w;
+    let mut dx = uninit_vec(d.b * img);
+    let dwt = dx
+        .par_chunks_mut(img)
+        .zip(x.par_chunks(img))
+        .zip(dy.par_chunks(o * l))
+        .fold(
+            || vec![0f32; k * o],
+            |mut dwt, ((dx_b, x_b), dy_b)| {
+                with_scratch(|s| {
+                    let dy_v = View::rows(dy_b, o, l);
+                    let cols = image_cols(x_b, d, s, false);
+                    matmul_into(&mut dwt, o, true, View::rows(cols, k, l), dy_v.t(), false);
+                    let dx_b = init_rows(dx_b, img, |_| 0.0);
+                    let wt_t = View::rows(wt, o, k).t();
+                    if d.pointwise() {
+                        matmul_into(dx_b, l, false, wt_t, dy_v, false);
+                    } else {
+                        let dcols = &mut s[0];
+                        dcols.resize(k * l, 0.0);
+                        matmul_into(dcols, l, false, wt_t, dy_v, false);
+                        col2im_image(dcols, d, dx_b, false);
+                    }
+                });
+                dwt
+            },
+        )
+        .reduce_with(add_into)
+        .unwrap_or_else(|| vec![0f32; k * o]);
+    (assume_init(dx), transpose_kxo(&dwt, k, o))
+}
+
+/// `a += b`, elementwise (per-thread partial sums of a weight gradient).
+fn add_into(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    for (a, b) in a.iter_mut().zip(&b) {
+        *a += b;
+    }
+    a
+}
+
+/// dW (O, K) from its transpose dWᵀ (K, O).
+fn transpose_kxo(dwt: &[f32], k: usize, o: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; o * k];
+    for (ki, row) in dwt.chunks_exact(o.max(1)).enumerate() {
+        for (oi, &v) in row.iter().enumerate() {
+            dw[oi * k + ki] = v;
+        }
+    }
+    dw
 }
 
 /// The forward node: inputs x (B, C, H, W), weight (O, C, kh, kw), bias (O,).
@@ -438,6 +525,24 @@ impl CustomOp3 for ConvBiasOp {
         } else {
             None
         };
+        if x.track_op() && weight.track_op() && d.per_image_threads() {
+            let both = ConvGradBoth {
+                d,
+                dw: std::sync::Mutex::new(None),
+            };
+            let dx = x
+                .detach()
+                .apply_op3_no_bwd(&weight.detach(), &grad, &both)?;
+            let dw = both
+                .dw
+                .into_inner()
+                .map_err(|_| candle_core::Error::Msg("conv2d backward: poisoned lock".into()))?
+                .ok_or_else(|| {
+                    candle_core::Error::Msg("conv2d backward: no weight gradient".into())
+                })?;
+            let dw = Tensor::from_vec(dw, weight.shape(), weight.device())?;
+            return Ok((Some(dx), Some(dw), db));
+        }
         let dw = if weight.track_op() {
             let dw = x
                 .detach()
@@ -502,6 +607,48 @@ impl CustomOp2 for ConvGrad {
                 Shape::from((d.b, d.c, d.h, d.w)),
             ),
         })
+    }
+}
+
+/// Both backward products in one pass ([`grad_input_weight`]): inputs
+/// (x, weight, dy), output dX; the weight gradient is left in `dw` for the
+/// caller (a custom op has one output).
+struct ConvGradBoth {
+    d: Dims,
+    dw: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for ConvGradBoth {
+    fn name(&self) -> &'static str {
+        "conv2d-grad-input-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.d;
+        let x = f32_slice(s1, l1, "input")?;
+        let wt = f32_slice(s2, l2, "weight")?;
+        let dy = f32_slice(s3, l3, "output gradient")?;
+        if dy.len() != d.b * d.o * d.l()
+            || x.len() != d.b * d.c * d.h * d.w
+            || wt.len() != d.o * d.k()
+        {
+            candle_core::bail!("conv2d backward: gradient {:?} for {d:?}", l3.dims());
+        }
+        let (dx, dw) = grad_input_weight(x, wt, dy, &d);
+        *self
+            .dw
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv2d backward: poisoned lock".into()))? =
+            Some(dw);
+        Ok((CpuStorage::F32(dx), Shape::from((d.b, d.c, d.h, d.w))))
     }
 }
 
