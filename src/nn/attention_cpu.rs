@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{View, matmul_into, matmul_into_raw};
+use super::im2col::par_zeros;
 
 /// The f32 elements of a contiguous CPU tensor.
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -152,7 +153,7 @@ where
 }
 
 fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32) -> Vec<f32> {
-    let mut out = vec![0f32; d.b * d.n * d.c];
+    let mut out = par_zeros(d.b * d.n * d.c);
     let dst = SharedOut(out.as_mut_ptr());
     for_pairs(d, |bi, h, [p, _], par| {
         probabilities(q, k, d, (bi, h), p, par, scale);
@@ -175,7 +176,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32) -> Vec<f32> {
 /// Flat [dq (B, N, C); dk (B, M, C); dv (B, M, C)].
 fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32) -> Vec<f32> {
     let (nq, nk) = (d.b * d.n * d.c, d.b * d.m * d.c);
-    let mut grads = vec![0f32; nq + 2 * nk];
+    let mut grads = par_zeros(nq + 2 * nk);
     let base = grads.as_mut_ptr();
     // SAFETY: the three regions are disjoint parts of `grads`.
     let (dq, dk, dv) = unsafe {

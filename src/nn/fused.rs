@@ -12,6 +12,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::im2col::{assume_init, uninit_vec, zeroed};
 use crate::Result;
 
 /// Whether `x` takes the fused path: f32 on the CPU, unless
@@ -471,7 +472,7 @@ impl CustomOp3 for GroupNormBwd {
             .as_deref()
             .filter(|st| st.len() * cpg * s == n && cpg * s > 0);
         // [dx; dw; db] in one buffer (dw, db summed into below).
-        let mut out = vec![0f32; n + 2 * c];
+        let mut out = uninit_vec(n + 2 * c);
         // Per-(sample, channel) partial sums of dw and db, reduced over the batch below.
         let mut part = vec![0f32; bsz * c * 2];
         out[..n]
@@ -479,6 +480,7 @@ impl CustomOp3 for GroupNormBwd {
             .zip(part.par_chunks_mut(cpg * 2))
             .enumerate()
             .for_each(|(bg, (dxo, pw))| {
+                let dxo = zeroed(dxo);
                 super::vmath::simd(|| {
                     let xi = &x[bg * cpg * s..(bg + 1) * cpg * s];
                     let gi = &dy[bg * cpg * s..(bg + 1) * cpg * s];
@@ -516,6 +518,8 @@ impl CustomOp3 for GroupNormBwd {
                     }
                 })
             });
+        zeroed(&mut out[n..]);
+        let mut out = assume_init(out);
         for bi in 0..bsz {
             for ch in 0..c {
                 out[n + ch] += part[(bi * c + ch) * 2];
@@ -559,11 +563,12 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = uninit_vec(x.len());
         let rb = row_block(x.len() / d.max(1));
         y.par_chunks_mut(rb * d)
             .zip(x.par_chunks(rb * d))
             .for_each(|(yb, xb)| {
+                let yb = zeroed(yb);
                 super::vmath::simd(|| {
                     for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
                         let (mean, rstd) = moments(xr, self.eps);
@@ -573,7 +578,7 @@ impl CustomOp3 for LayerNormOp {
                     }
                 })
             });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(assume_init(y)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -614,11 +619,13 @@ impl CustomOp3 for LayerNormBwd {
         let d = w.len();
         let n = x.len();
         let rb = row_block(n / d.max(1));
-        let mut dx = vec![0f32; n];
-        let parts: Vec<Vec<f32>> = dx
+        // [dx; dw; db] in one buffer (no reallocation copy of dx at the end).
+        let mut out = uninit_vec(n + 2 * d);
+        let parts: Vec<Vec<f32>> = out[..n]
             .par_chunks_mut(rb * d)
             .zip(x.par_chunks(rb * d).zip(dy.par_chunks(rb * d)))
             .map(|(dxb, (xb, gb))| {
+                let dxb = zeroed(dxb);
                 super::vmath::simd(|| {
                     let mut p = vec![0f32; 2 * d];
                     let (pw, pb) = p.split_at_mut(d);
@@ -650,8 +657,8 @@ impl CustomOp3 for LayerNormBwd {
                 })
             })
             .collect();
-        let mut out = dx;
-        out.resize(n + 2 * d, 0.0);
+        zeroed(&mut out[n..]);
+        let mut out = assume_init(out);
         for p in parts {
             for (o, v) in out[n..].iter_mut().zip(p) {
                 *o += v;
@@ -678,11 +685,12 @@ impl CustomOp1 for SoftmaxOp {
         let x = slice(s, l, "softmax")?;
         let d = *l.dims().last().unwrap_or(&1);
         let scale = self.scale as f32;
-        let mut y = vec![0f32; x.len()];
+        let mut y = uninit_vec(x.len());
         let rb = row_block(x.len() / d.max(1));
         y.par_chunks_mut(rb * d)
             .zip(x.par_chunks(rb * d))
             .for_each(|(yb, xb)| {
+                let yb = zeroed(yb);
                 super::vmath::simd(|| {
                     for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
                         yr.copy_from_slice(xr);
@@ -690,7 +698,7 @@ impl CustomOp1 for SoftmaxOp {
                     }
                 })
             });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(assume_init(y)), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -720,11 +728,12 @@ impl CustomOp2 for SoftmaxBwd {
         let g = slice(s2, l2, "softmax bwd")?;
         let d = *l1.dims().last().unwrap_or(&1);
         let scale = self.scale as f32;
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = uninit_vec(y.len());
         let rb = row_block(y.len() / d.max(1));
         dx.par_chunks_mut(rb * d)
             .zip(y.par_chunks(rb * d).zip(g.par_chunks(rb * d)))
             .for_each(|(db, (yb, gb))| {
+                let db = zeroed(db);
                 super::vmath::simd(|| {
                     for ((dr, yr), gr) in db.chunks_mut(d).zip(yb.chunks(d)).zip(gb.chunks(d)) {
                         let dot = super::vmath::dot(yr, gr);
@@ -734,7 +743,7 @@ impl CustomOp2 for SoftmaxBwd {
                     }
                 })
             });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((CpuStorage::F32(assume_init(dx)), l1.shape().clone()))
     }
 }
 
@@ -805,11 +814,12 @@ impl CustomOp2 for GegluBwd {
         let d2 = *l1.dims().last().unwrap_or(&0);
         let d = d2 / 2;
         let rows = h.len() / d2.max(1);
-        let mut dh = vec![0f32; h.len()];
+        let mut dh = uninit_vec(h.len());
         let rb = row_block(rows);
         dh.par_chunks_mut(rb * d2)
             .zip(h.par_chunks(rb * d2).zip(g.par_chunks(rb * d)))
             .for_each(|(db, (hb, gb))| {
+                let db = zeroed(db);
                 super::vmath::simd(|| {
                     for ((dr, hr), gr) in db.chunks_mut(d2).zip(hb.chunks(d2)).zip(gb.chunks(d)) {
                         let (a, gate) = hr.split_at(d);
@@ -823,7 +833,7 @@ impl CustomOp2 for GegluBwd {
                     }
                 })
             });
-        Ok((CpuStorage::F32(dh), l1.shape().clone()))
+        Ok((CpuStorage::F32(assume_init(dh)), l1.shape().clone()))
     }
 }
 
@@ -908,12 +918,13 @@ impl CustomOp2 for BiasAddOp {
                 b.len()
             );
         }
-        let mut out = vec![0f32; y.len()];
+        let mut out = uninit_vec(y.len());
         let row = c * inner;
         let rb = row_block(y.len() / row.max(1));
         out.par_chunks_mut(rb * row)
             .zip(y.par_chunks(rb * row))
             .for_each(|(ob, yb)| {
+                let ob = zeroed(ob);
                 super::vmath::simd(|| {
                     for (or, yr) in ob.chunks_mut(row).zip(yb.chunks(row)) {
                         if inner == 1 {
@@ -931,7 +942,7 @@ impl CustomOp2 for BiasAddOp {
                     }
                 })
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(assume_init(out)), l1.shape().clone()))
     }
 
     fn bwd(

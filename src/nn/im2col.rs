@@ -252,6 +252,25 @@ pub(crate) fn assume_init(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
 }
 
+/// An uninitialized chunk zero-filled and returned initialized: each task of
+/// a parallel loop clears its own part of an output buffer (in cache, on its
+/// own thread) instead of one serial zero fill of the whole buffer first.
+pub(crate) fn zeroed(buf: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    init_rows(buf, buf.len(), |_| 0.0)
+}
+
+/// `vec![0f32; n]` zero-filled on rayon's threads, for outputs written in
+/// scattered pieces (attention heads' columns) that [`zeroed`] per task
+/// cannot cover.
+pub(crate) fn par_zeros(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v = uninit_vec(n);
+    v.par_chunks_mut(16 * 1024).for_each(|c| {
+        zeroed(c);
+    });
+    assume_init(v)
+}
+
 /// Writes `value(i)` into every `row_len`-element row i of an uninitialized
 /// buffer and returns it initialized (a per-task fill where the data is used
 /// next, instead of zeroing the whole buffer when it is allocated).

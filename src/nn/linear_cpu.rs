@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{View, matmul_into};
-use super::im2col::{assume_init, uninit_vec};
+use super::im2col::{assume_init, uninit_vec, zeroed};
 
 /// Sizes of one layer application.
 #[derive(Clone, Copy, Debug)]
@@ -78,14 +78,15 @@ pub(crate) fn grad_input(dy: &[f32], w: &[f32], d: Dims) -> Vec<f32> {
         input,
         output,
     } = d;
-    let mut dx = vec![0f32; rows * input];
     if input == 0 {
-        return dx;
+        return Vec::new();
     }
+    let mut dx = uninit_vec(rows * input);
     let rb = row_block(rows);
     dx.par_chunks_mut(rb * input)
         .zip(dy.par_chunks(rb * output.max(1)))
         .for_each(|(dxb, dyb)| {
+            let dxb = zeroed(dxb);
             let n = dxb.len() / input;
             matmul_into(
                 dxb,
@@ -96,7 +97,7 @@ pub(crate) fn grad_input(dy: &[f32], w: &[f32], d: Dims) -> Vec<f32> {
                 false,
             );
         });
-    dx
+    assume_init(dx)
 }
 
 /// dW (out, in) = dyᵀ x and, with `with_bias`, db (out) = Σ_rows dy.
