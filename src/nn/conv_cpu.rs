@@ -386,22 +386,29 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     assume_init(dx)
 }
 
-/// Both backward products in one pass over the images, for batches spread
-/// over threads ([`Dims::per_image_threads`]): per image, its columns and
-/// `dWᵀ += cols · dY_bᵀ`, then `dX_b = col2im(Wᵀ · dY_b)` while dY_b is still
-/// in cache. One parallel region instead of two (one tail of uneven work
-/// instead of two). Returns (dX (B, C, H, W), dW (O, C·kh·kw)).
-fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>) {
+/// All three backward products in one pass over the images, for batches
+/// spread over threads ([`Dims::per_image_threads`]): per image, its columns
+/// and `dWᵀ += cols · dY_bᵀ`, its bias gradient (dY_b summed over pixels),
+/// then `dX_b = col2im(Wᵀ · dY_b)`, while dY_b is still in cache. One parallel
+/// region instead of three (one tail of uneven work instead of three).
+/// Returns dX (B, C, H, W), dW (O, C·kh·kw) and the bias gradient per image
+/// and channel (B, O).
+fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> [Vec<f32>; 3] {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let img = d.c * d.h * d.w;
     let mut dx = uninit_vec(d.b * img);
+    let mut db = vec![0f32; d.b * o];
     let dwt = dx
         .par_chunks_mut(img)
         .zip(x.par_chunks(img))
         .zip(dy.par_chunks(o * l))
+        .zip(db.par_chunks_mut(o))
         .fold(
             || vec![0f32; k * o],
-            |mut dwt, ((dx_b, x_b), dy_b)| {
+            |mut dwt, (((dx_b, x_b), dy_b), db_b)| {
+                for (v, row) in db_b.iter_mut().zip(dy_b.chunks_exact(l)) {
+                    *v = super::vmath::simd(|| super::vmath::sum(row)) as f32;
+                }
                 with_scratch(|s| {
                     let dy_v = View::rows(dy_b, o, l);
                     let cols = image_cols(x_b, d, s, false);
@@ -422,7 +429,7 @@ fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>, 
         )
         .reduce_with(add_into)
         .unwrap_or_else(|| vec![0f32; k * o]);
-    (assume_init(dx), transpose_kxo(&dwt, k, o))
+    [assume_init(dx), transpose_kxo(&dwt, k, o), db]
 }
 
 /// `a += b`, elementwise (per-thread partial sums of a weight gradient).
@@ -509,6 +516,39 @@ impl CustomOp3 for ConvBiasOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.dims(), weight.dims())?;
         let grad = grad.contiguous()?;
+        if x.track_op() && weight.track_op() && d.per_image_threads() {
+            let both = ConvGradBoth {
+                d,
+                dw_db: std::sync::Mutex::new(None),
+            };
+            let dx = x
+                .detach()
+                .apply_op3_no_bwd(&weight.detach(), &grad, &both)?;
+            let (dw, db) = both
+                .dw_db
+                .into_inner()
+                .map_err(|_| candle_core::Error::Msg("conv2d backward: poisoned lock".into()))?
+                .ok_or_else(|| {
+                    candle_core::Error::Msg("conv2d backward: no weight gradient".into())
+                })?;
+            let dw = Tensor::from_vec(dw, weight.shape(), weight.device())?;
+            let db = if !bias.track_op() {
+                None
+            } else if bias.elem_count() == d.o {
+                // One bias for every image: sum the per-image sums.
+                let mut sum = vec![0f64; d.o];
+                for row in db.chunks_exact(d.o.max(1)) {
+                    for (s, &v) in sum.iter_mut().zip(row) {
+                        *s += v as f64;
+                    }
+                }
+                let sum: Vec<f32> = sum.into_iter().map(|v| v as f32).collect();
+                Some(Tensor::from_vec(sum, bias.shape(), bias.device())?)
+            } else {
+                Some(Tensor::from_vec(db, bias.shape(), bias.device())?)
+            };
+            return Ok((Some(dx), Some(dw), db));
+        }
         let db = if bias.track_op() {
             let (b, o, ho, wo) = grad.dims4()?;
             // Sum over pixels, and over images too for a shared (O,) bias.
@@ -525,24 +565,6 @@ impl CustomOp3 for ConvBiasOp {
         } else {
             None
         };
-        if x.track_op() && weight.track_op() && d.per_image_threads() {
-            let both = ConvGradBoth {
-                d,
-                dw: std::sync::Mutex::new(None),
-            };
-            let dx = x
-                .detach()
-                .apply_op3_no_bwd(&weight.detach(), &grad, &both)?;
-            let dw = both
-                .dw
-                .into_inner()
-                .map_err(|_| candle_core::Error::Msg("conv2d backward: poisoned lock".into()))?
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("conv2d backward: no weight gradient".into())
-                })?;
-            let dw = Tensor::from_vec(dw, weight.shape(), weight.device())?;
-            return Ok((Some(dx), Some(dw), db));
-        }
         let dw = if weight.track_op() {
             let dw = x
                 .detach()
@@ -610,12 +632,12 @@ impl CustomOp2 for ConvGrad {
     }
 }
 
-/// Both backward products in one pass ([`grad_input_weight`]): inputs
-/// (x, weight, dy), output dX; the weight gradient is left in `dw` for the
-/// caller (a custom op has one output).
+/// The backward products in one pass ([`grad_input_weight`]): inputs
+/// (x, weight, dy), output dX; the weight gradient and the per-image bias
+/// gradient are left in `dw_db` for the caller (a custom op has one output).
 struct ConvGradBoth {
     d: Dims,
-    dw: std::sync::Mutex<Option<Vec<f32>>>,
+    dw_db: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl CustomOp3 for ConvGradBoth {
@@ -642,12 +664,12 @@ impl CustomOp3 for ConvGradBoth {
         {
             candle_core::bail!("conv2d backward: gradient {:?} for {d:?}", l3.dims());
         }
-        let (dx, dw) = grad_input_weight(x, wt, dy, &d);
+        let [dx, dw, db] = grad_input_weight(x, wt, dy, &d);
         *self
-            .dw
+            .dw_db
             .lock()
             .map_err(|_| candle_core::Error::Msg("conv2d backward: poisoned lock".into()))? =
-            Some(dw);
+            Some((dw, db));
         Ok((CpuStorage::F32(dx), Shape::from((d.b, d.c, d.h, d.w))))
     }
 }

@@ -988,7 +988,7 @@ impl CustomOp1 for SumAround {
                             }
                         } else {
                             for (k, o) in p.iter_mut().enumerate() {
-                                *o += gr[k * inner..(k + 1) * inner].iter().sum::<f32>() as f64;
+                                *o += super::vmath::sum(&gr[k * inner..(k + 1) * inner]);
                             }
                         }
                     }
