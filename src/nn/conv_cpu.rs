@@ -65,14 +65,14 @@ impl Dims {
 /// Runs `f(row_index, row, scratch)` over consecutive `len`-element rows of
 /// `buf` (on rayon's threads when `parallel`), compiled for AVX2 + FMA where
 /// the CPU has them; `scratch` is a buffer per task.
-fn for_rows<F>(buf: &mut [f32], len: usize, parallel: bool, f: F)
+fn for_rows<T: Send, F>(buf: &mut [T], len: usize, parallel: bool, f: F)
 where
-    F: Fn(usize, &mut [f32], &mut Vec<f32>) + Send + Sync,
+    F: Fn(usize, &mut [T], &mut Vec<f32>) + Send + Sync,
 {
     if len == 0 {
         return;
     }
-    let f = |i: usize, r: &mut [f32], s: &mut Vec<f32>| super::vmath::simd(|| f(i, r, s));
+    let f = |i: usize, r: &mut [T], s: &mut Vec<f32>| super::vmath::simd(|| f(i, r, s));
     if parallel {
         buf.par_chunks_mut(len)
             .enumerate()
@@ -109,6 +109,35 @@ fn gather_runs(dst: &mut [f32], src: &[f32], w: usize, stride: usize) {
         _ => {
             for (r, d) in dst.chunks_exact_mut(w).enumerate() {
                 d.copy_from_slice(&src[r * stride..r * stride + w]);
+            }
+        }
+    }
+}
+
+/// The reverse of [`gather_runs`]: run r of `dst` at `r·stride` ← the r-th
+/// `w`-float run of `src`.
+#[inline(always)]
+fn put_runs(dst: &mut [f32], src: &[f32], w: usize, stride: usize) {
+    #[inline(always)]
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32], stride: usize) {
+        for (r, s) in src.chunks_exact(N).enumerate() {
+            let s: &[f32; N] = s.try_into().expect("N floats");
+            let d: &mut [f32; N] = (&mut dst[r * stride..r * stride + N])
+                .try_into()
+                .expect("N floats");
+            *d = *s;
+        }
+    }
+    match w {
+        4 => fixed::<4>(dst, src, stride),
+        8 => fixed::<8>(dst, src, stride),
+        16 => fixed::<16>(dst, src, stride),
+        32 => fixed::<32>(dst, src, stride),
+        64 => fixed::<64>(dst, src, stride),
+        0 => {}
+        _ => {
+            for (r, s) in src.chunks_exact(w).enumerate() {
+                dst[r * stride..r * stride + w].copy_from_slice(s);
             }
         }
     }
@@ -165,10 +194,17 @@ fn padded<'a>(x: &'a [f32], d: &Dims, pad: &'a mut Vec<f32>, parallel: bool) -> 
         plane[..p * wp].fill(0.0);
         plane[(p + h) * wp..].fill(0.0);
         let src = &x[ch * h * w..(ch + 1) * h * w];
-        for (dst, row) in plane[p * wp..(p + h) * wp]
-            .chunks_exact_mut(wp)
-            .zip(src.chunks_exact(w))
-        {
+        let rows = &mut plane[p * wp..(p + h) * wp];
+        if p == 1 {
+            // One zero each side (no memset calls), rows as fixed-size moves.
+            put_runs(&mut rows[1..], src, w, wp);
+            for r in rows.chunks_exact_mut(wp) {
+                r[0] = 0.0;
+                r[w + 1] = 0.0;
+            }
+            return;
+        }
+        for (dst, row) in rows.chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
             dst[..p].fill(0.0);
             dst[p..p + w].copy_from_slice(row);
             dst[p + w..].fill(0.0);
@@ -211,8 +247,8 @@ fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], pad: &mut Vec<f32>, paral
 
 /// The adjoint of [`im2col_image`]: dx (C, H, W) = Σ over window positions of
 /// `cols` (C·kh·kw, Ho·Wo), accumulated in a padded plane and cropped;
-/// `dx` is overwritten.
-fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
+/// every element of `dx` is written (it may come uninitialized).
+fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [MaybeUninit<f32>], parallel: bool) {
     let g = d.geom;
     let (h, w, p) = (d.h, d.w, g.padding);
     let (ho, wo) = g.out_hw(h, w);
@@ -240,7 +276,9 @@ fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [f32], parallel: bool) {
             .chunks_exact_mut(w)
             .zip(acc[p * wp..].chunks_exact(wp))
         {
-            dst.copy_from_slice(&src[p..p + w]);
+            for (d, &v) in dst.iter_mut().zip(&src[p..p + w]) {
+                d.write(v);
+            }
         }
     });
 }
@@ -362,9 +400,9 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let img = d.c * d.h * d.w;
     let mut dx = uninit_vec(d.b * img);
     let one = |dy_b: &[f32], dx_b: &mut [MaybeUninit<f32>], s: &mut Scratch, par: bool| {
-        let dx_b = init_rows(dx_b, img, |_| 0.0);
         let wt_t = View::rows(wt, o, k).t();
         if d.pointwise() {
+            let dx_b = init_rows(dx_b, img, |_| 0.0);
             matmul_into(dx_b, l, false, wt_t, View::rows(dy_b, o, l), par);
         } else {
             let dcols = &mut s[0];
@@ -413,9 +451,9 @@ fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> [Vec<f32>; 
                     let dy_v = View::rows(dy_b, o, l);
                     let cols = image_cols(x_b, d, s, false);
                     matmul_into(&mut dwt, o, true, View::rows(cols, k, l), dy_v.t(), false);
-                    let dx_b = init_rows(dx_b, img, |_| 0.0);
                     let wt_t = View::rows(wt, o, k).t();
                     if d.pointwise() {
+                        let dx_b = init_rows(dx_b, img, |_| 0.0);
                         matmul_into(dx_b, l, false, wt_t, dy_v, false);
                     } else {
                         let dcols = &mut s[0];
