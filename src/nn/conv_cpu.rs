@@ -85,6 +85,22 @@ where
     }
 }
 
+/// `$fixed::<N>(args)` for the feature-map widths that get fixed-size moves
+/// (4–64), `$other` for any other width, nothing for width 0.
+macro_rules! by_width {
+    ($w:expr, $fixed:ident($($a:expr),*), $other:block) => {
+        match $w {
+            0 => {}
+            4 => $fixed::<4>($($a),*),
+            8 => $fixed::<8>($($a),*),
+            16 => $fixed::<16>($($a),*),
+            32 => $fixed::<32>($($a),*),
+            64 => $fixed::<64>($($a),*),
+            _ => $other,
+        }
+    };
+}
+
 /// `dst` (runs of `w` floats, one after another) ← run r of `src` at
 /// `r·stride` (im2col at stride 1: an output row's window row is one run of
 /// the padded input). The widths of UNet feature maps get fixed-size moves.
@@ -100,18 +116,11 @@ fn gather_runs(dst: &mut [f32], src: &[f32], w: usize, stride: usize) {
             *d = *s;
         }
     }
-    match w {
-        4 => fixed::<4>(dst, src, stride),
-        8 => fixed::<8>(dst, src, stride),
-        16 => fixed::<16>(dst, src, stride),
-        32 => fixed::<32>(dst, src, stride),
-        64 => fixed::<64>(dst, src, stride),
-        _ => {
-            for (r, d) in dst.chunks_exact_mut(w).enumerate() {
-                d.copy_from_slice(&src[r * stride..r * stride + w]);
-            }
+    by_width!(w, fixed(dst, src, stride), {
+        for (r, d) in dst.chunks_exact_mut(w).enumerate() {
+            d.copy_from_slice(&src[r * stride..r * stride + w]);
         }
-    }
+    })
 }
 
 /// The reverse of [`gather_runs`]: run r of `dst` at `r·stride` ← the r-th
@@ -128,19 +137,11 @@ fn put_runs(dst: &mut [f32], src: &[f32], w: usize, stride: usize) {
             *d = *s;
         }
     }
-    match w {
-        4 => fixed::<4>(dst, src, stride),
-        8 => fixed::<8>(dst, src, stride),
-        16 => fixed::<16>(dst, src, stride),
-        32 => fixed::<32>(dst, src, stride),
-        64 => fixed::<64>(dst, src, stride),
-        0 => {}
-        _ => {
-            for (r, s) in src.chunks_exact(w).enumerate() {
-                dst[r * stride..r * stride + w].copy_from_slice(s);
-            }
+    by_width!(w, fixed(dst, src, stride), {
+        for (r, s) in src.chunks_exact(w).enumerate() {
+            dst[r * stride..r * stride + w].copy_from_slice(s);
         }
-    }
+    })
 }
 
 /// The adjoint of [`gather_runs`]: run r of `acc` at `r·stride` += the r-th
@@ -159,20 +160,13 @@ fn scatter_add_runs(acc: &mut [f32], src: &[f32], w: usize, stride: usize) {
             }
         }
     }
-    match w {
-        4 => fixed::<4>(acc, src, stride),
-        8 => fixed::<8>(acc, src, stride),
-        16 => fixed::<16>(acc, src, stride),
-        32 => fixed::<32>(acc, src, stride),
-        64 => fixed::<64>(acc, src, stride),
-        _ => {
-            for (r, s) in src.chunks_exact(w).enumerate() {
-                for (a, s) in acc[r * stride..r * stride + w].iter_mut().zip(s) {
-                    *a += s;
-                }
+    by_width!(w, fixed(acc, src, stride), {
+        for (r, s) in src.chunks_exact(w).enumerate() {
+            for (a, s) in acc[r * stride..r * stride + w].iter_mut().zip(s) {
+                *a += s;
             }
         }
-    }
+    })
 }
 
 /// The padded height and width of an image (padding on every side).
