@@ -101,6 +101,8 @@ pub struct StepBenchOptions {
     pub seed: u64,
     /// Train LoRA adapters on a frozen UNet instead of every weight.
     pub lora: Option<crate::models::lora::LoraSpec>,
+    /// The UNet's compute dtype (mixed precision: f32 weights and moments).
+    pub precision: crate::nn::Precision,
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +129,8 @@ pub struct StepBenchReport {
     pub batch: usize,
     pub params: usize,
     pub threads: usize,
+    /// The compute dtype's name (`no` for f32).
+    pub precision: &'static str,
     pub steps: Vec<StepTimes>,
     pub median: StepTimes,
     /// Peak resident memory of the process (VmHWM), bytes; None off Linux.
@@ -171,6 +175,7 @@ pub fn bench_step(
     let cfg: UNetConfig = serde_json::from_value(opts.arch.config_json()?)
         .map_err(|e| Error::msg(format!("UNet config: {e}")))?;
     cfg.validate(Path::new(&opts.arch.name()))?;
+    opts.precision.check_device(device)?;
     let vb = Vb::random(opts.seed, device, opts.lora.is_none());
     let mut unet = UNet2DConditionModel::new(&vb, &cfg)?;
     let vars = match &opts.lora {
@@ -189,10 +194,11 @@ pub fn bench_step(
     let b = opts.batch;
     let l = context_len(&cfg);
     log(&format!(
-        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, {} threads",
+        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, mixed precision {}, {} threads",
         opts.arch.name(),
         params as f64 / 1e6,
         cfg.cross_attention_dim,
+        opts.precision.name(),
         crate::nn::cpu::num_threads()
     ));
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -207,7 +213,9 @@ pub fn bench_step(
         let c0 = process_cpu_seconds();
         let warm = crate::nn::cpu::KeepWarm::start();
         let t0 = Instant::now();
-        let pred = unet.forward(&x, &t, &ctx)?;
+        let pred = unet
+            .forward(&opts.precision.cast(&x)?, &t, &ctx)?
+            .to_dtype(DType::F32)?;
         let loss = (pred - &target)?.sqr()?.mean_all()?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
@@ -251,6 +259,7 @@ pub fn bench_step(
         batch: b,
         params,
         threads: crate::nn::cpu::num_threads(),
+        precision: opts.precision.name(),
         steps,
         median,
         peak_rss: peak_rss_bytes(),

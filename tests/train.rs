@@ -160,6 +160,7 @@ fn error(model: &StableDiffusion, p: &Probe, prompt: &str) -> f64 {
         &ctx,
         &p.timesteps,
         &p.noise,
+        dreambooth::nn::Precision::F32,
     )
     .unwrap();
     per.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64
@@ -260,18 +261,31 @@ fn assert_identical(
 
 #[test]
 fn denoising_error_goes_down() {
+    check_error_goes_down("loss", "no");
+}
+
+/// The same with the UNet computing in f16 (mixed precision, loss scaling).
+#[test]
+fn denoising_error_goes_down_in_fp16_mixed_precision() {
+    check_error_goes_down("loss-fp16", "fp16");
+}
+
+fn check_error_goes_down(name: &str, mixed_precision: &str) {
     init();
-    let dir = tmp("loss");
+    let dir = tmp(name);
     let photos = instance_dir(&dir.join("instance"), 3);
     let mut cfg = config(&dir.join("instance"), &dir.join("out"));
     cfg.resolution = Some(32);
     cfg.max_train_steps = 20;
+    cfg.mixed_precision = mixed_precision.into();
     let base = load(&tiny_sd1());
     let p = probe(&base, &photos, 32, 1);
     let before = error(&base, &p, INSTANCE_PROMPT);
     let (model, outcome, _) = run(&cfg, None);
     let after = error(&model, &p, INSTANCE_PROMPT);
-    println!("denoising error at fixed noise: {before:.4} → {after:.4} after 20 steps");
+    println!(
+        "denoising error at fixed noise ({mixed_precision}): {before:.4} → {after:.4} after 20 steps"
+    );
     assert_eq!(outcome.final_step, 20);
     assert!(after < 0.7 * before, "error {before:.4} → {after:.4}");
 
@@ -407,6 +421,14 @@ fn check_resume(name: &str, k: u64, tweak: impl Fn(&mut TrainConfig)) {
     assert_eq!((stopped.final_step, steps.len() as u64), (k, k));
     let ckpt = stopped.last_checkpoint.expect("a checkpoint at the stop");
     assert!(ckpt.join("state.json").is_file());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    // An f16 run keeps its loss scale in the checkpoint; others have none.
+    assert_eq!(
+        state["loss_scaler"]["scale"].as_f64().is_some(),
+        cfg.mixed_precision == "fp16",
+        "{state}"
+    );
     cfg.resume = Some("latest".into());
     let (resumed, outcome, steps) = run(&cfg, None);
     assert!(!outcome.interrupted);
@@ -430,6 +452,11 @@ fn check_resume(name: &str, k: u64, tweak: impl Fn(&mut TrainConfig)) {
 #[test]
 fn resumed_run_is_bit_identical() {
     check_resume("resume", 3, |_| {});
+}
+
+#[test]
+fn resumed_run_is_bit_identical_in_fp16_mixed_precision() {
+    check_resume("resume-fp16", 3, |cfg| cfg.mixed_precision = "fp16".into());
 }
 
 #[test]
@@ -762,6 +789,14 @@ fn out_of_range_options_are_one_line_errors() {
     fails(
         &with(base.clone(), &["--class-sampler", "magic"]),
         &["magic"],
+    );
+    fails(
+        &with(base.clone(), &["--mixed-precision", "fp8"]),
+        &["--mixed-precision", "fp8"],
+    );
+    fails(
+        &with(base.clone(), &["--mixed-precision", "bf16"]),
+        &["bf16", "CUDA"],
     );
     fails(
         &with(base, &["--with-prior-preservation"]),

@@ -85,6 +85,10 @@ pub struct StepArgs {
     /// LoRA targets: attn, attn+ff, all-linear, optionally +conv.
     #[arg(long, default_value = "attn")]
     pub lora_targets: String,
+    /// The UNet's compute dtype: f32 (default), bf16 (GPU) or fp16; with
+    /// bf16 / fp16 weights and AdamW state stay f32 (mixed precision).
+    #[arg(long, visible_alias = "mixed-precision", default_value = "f32")]
+    pub dtype: String,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     #[arg(long, default_value_t = 5)]
@@ -295,7 +299,14 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         } else {
             None
         },
+        precision: dreambooth::nn::Precision::parse(&a.dtype)?,
     };
+    if opts.precision != dreambooth::nn::Precision::F32 && a.pytorch.compare_pytorch.is_some() {
+        anyhow::bail!(
+            "--compare-pytorch runs the f32 twin only; drop --dtype {} to compare",
+            a.dtype
+        );
+    }
     if a.rounds == 0 {
         anyhow::bail!("--rounds must be at least 1");
     }

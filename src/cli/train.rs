@@ -143,6 +143,10 @@ pub struct Args {
     /// peft (diffusers' pytorch_lora_weights.safetensors), kohya (lora_kohya.safetensors) or both.
     #[arg(long)]
     pub lora_format: Option<String>,
+    /// The UNet's compute dtype: no (f32, default), bf16 (GPU) or fp16 (with
+    /// dynamic loss scaling); weights and optimizer state stay f32.
+    #[arg(long)]
+    pub mixed_precision: Option<String>,
     /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
     /// Not part of the configuration (a run resumes on any device).
     #[arg(long)]
@@ -207,7 +211,8 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         lora_rank,
         lora_dropout,
         lora_targets,
-        lora_format
+        lora_format,
+        mixed_precision
     );
     set_opt!(
         cfg,

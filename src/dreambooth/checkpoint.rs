@@ -21,6 +21,9 @@ pub struct CheckpointState {
     pub seed: u64,
     /// Optimizer step counters (bias correction) per parameter group.
     pub optimizer_steps: BTreeMap<String, u64>,
+    /// The f16 loss scaler's state (absent for f32 / bf16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::optim::LossScaler>,
 }
 
 /// One parameter group: its name ("unet", "text_encoder"), vars and optimizer.

@@ -79,6 +79,9 @@ pub struct TrainConfig {
     pub lora_targets: String,
     /// The LoRA files written at the end: `peft`, `kohya` or `both`.
     pub lora_format: String,
+    /// The UNet's compute dtype while training: `no` (f32), `bf16` (GPU) or
+    /// `fp16` (with dynamic loss scaling); weights and optimizer state stay f32.
+    pub mixed_precision: String,
 }
 
 impl Default for TrainConfig {
@@ -135,6 +138,7 @@ impl Default for TrainConfig {
             lora_dropout: 0.0,
             lora_targets: "attn".into(),
             lora_format: "both".into(),
+            mixed_precision: "no".into(),
         }
     }
 }
@@ -255,6 +259,9 @@ impl TrainConfig {
                         .into(),
                 );
             }
+        }
+        if let Err(e) = crate::nn::Precision::parse(&self.mixed_precision) {
+            return bad(format!("--mixed-precision: {e}"));
         }
         if self.class_sampler.parse::<SamplerKind>().is_err() {
             return bad(format!(

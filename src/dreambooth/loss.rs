@@ -7,9 +7,12 @@ use candle_core::{DType, Tensor};
 use crate::Result;
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::models::UNet2DConditionModel;
+use crate::nn::Precision;
 
 /// Per-sample mean squared error (B,) of the UNet's prediction on
 /// `latents` noised with `noise` at `timesteps`, conditioned on `context`.
+/// The UNet computes in `precision` (mixed precision: bf16 / f16 activations,
+/// f32 weights); noise, target and the error are f32.
 pub fn denoising_loss(
     unet: &UNet2DConditionModel,
     schedule: &NoiseSchedule,
@@ -17,11 +20,14 @@ pub fn denoising_loss(
     context: &Tensor,
     timesteps: &[usize],
     noise: &Tensor,
+    precision: Precision,
 ) -> Result<Tensor> {
     let noisy = schedule.add_noise(latents, noise, timesteps)?;
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(t, timesteps.len(), latents.device())?;
-    let pred = unet.forward(&noisy, &t, context)?;
+    let pred = unet
+        .forward(&precision.cast(&noisy)?, &t, context)?
+        .to_dtype(DType::F32)?;
     let target = schedule.target(latents, noise, timesteps)?;
     per_sample_mse(&pred, &target)
 }

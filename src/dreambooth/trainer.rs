@@ -28,7 +28,10 @@ use super::export;
 use super::loss::{denoising_loss, min_snr_weights};
 use crate::diffusion::{GenerateOptions, NoiseSchedule, SamplerKind, generate};
 use crate::models::{LoadOptions, StableDiffusion, lora};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_factor, grad_norm};
+use crate::nn::Precision;
+use crate::optim::{
+    AdamW, AdamWConfig, LossScaler, LrSchedule, ScaledStep, clip_factor, grad_norm,
+};
 use crate::util::randn;
 use crate::{Error, Result};
 
@@ -341,6 +344,23 @@ pub fn train_model(
         }
     ));
 
+    // Mixed precision: the UNet computes in bf16 / f16 on f32 master weights;
+    // f16 scales the loss so small gradients survive.
+    let precision = Precision::parse(&cfg.mixed_precision)?;
+    precision.check_device(&model.device)?;
+    let mut scaler = LossScaler::for_precision(precision);
+    if precision != Precision::F32 {
+        (ev.log)(&format!(
+            "mixed precision: UNet in {} with f32 weights and optimizer state{}",
+            precision.name(),
+            if scaler.enabled {
+                ", dynamic loss scaling"
+            } else {
+                ""
+            }
+        ));
+    }
+
     // Resume.
     let ckpt_root = out.join("checkpoints");
     let mut start = 0u64;
@@ -366,6 +386,11 @@ pub fn train_model(
             ));
         }
         start = state.step;
+        if let Some(s) = state.loss_scaler
+            && scaler.enabled
+        {
+            scaler = s;
+        }
         (ev.log)(&format!("resumed from {} at step {start}", dir.display()));
     }
 
@@ -377,7 +402,11 @@ pub fn train_model(
         .open(&log_path)
         .map_err(|e| Error::io(&log_path, e))?;
 
-    let save_ckpt = |step: u64, unet_opt: &mut AdamW, te_opt: &mut AdamW| -> Result<PathBuf> {
+    let save_ckpt = |step: u64,
+                     unet_opt: &mut AdamW,
+                     te_opt: &mut AdamW,
+                     scaler: &LossScaler|
+     -> Result<PathBuf> {
         let mut steps = BTreeMap::from([(unet_group.to_string(), unet_opt.step)]);
         let mut groups = vec![Group {
             name: unet_group,
@@ -396,6 +425,7 @@ pub fn train_model(
             step,
             seed: cfg.seed,
             optimizer_steps: steps,
+            loss_scaler: scaler.enabled.then(|| scaler.clone()),
         };
         checkpoint::save(&ckpt_root, &state, &groups, cfg.checkpoints_total_limit)
     };
@@ -462,6 +492,7 @@ pub fn train_model(
                 &context,
                 &timesteps,
                 &noise,
+                precision,
             )?;
             if let Some(g) = cfg.snr_gamma {
                 per = (per * min_snr_weights(&noise_schedule, &timesteps, g, &model.device)?)?;
@@ -475,7 +506,11 @@ pub fn train_model(
             }
             l_inst += loss_inst.to_scalar::<f32>()? as f64 / accum as f64;
             l_total += loss.to_scalar::<f32>()? as f64 / accum as f64;
-            let grads = (loss / accum as f64)?.backward()?;
+            let mut loss = (loss / accum as f64)?;
+            if scaler.enabled {
+                loss = (loss * scaler.scale)?;
+            }
+            let grads = loss.backward()?;
             if let Some(d) = &dropout {
                 d.end_step();
             }
@@ -491,13 +526,28 @@ pub fn train_model(
                 )?;
             }
         }
-        let norm = grad_norm(acc.values())?;
-        let scale = clip_factor(norm, cfg.max_grad_norm);
+        let scaled_norm = grad_norm(acc.values())?;
         let lr = unet_sched.lr(step);
         let (te_acc, unet_acc): (BTreeMap<_, _>, BTreeMap<_, _>) =
             acc.into_iter().partition(|(k, _)| k.starts_with("te:"));
-        unet_opt.step_map(&unet_acc, lr, scale)?;
-        if cfg.train_text_encoder {
+        let (norm, scale, skip) = match scaler.update(scaled_norm) {
+            ScaledStep::Apply { unscale } => {
+                let norm = scaled_norm * unscale;
+                (norm, clip_factor(norm, cfg.max_grad_norm) * unscale, false)
+            }
+            ScaledStep::Skip => {
+                (ev.log)(&format!(
+                    "step {}: f16 gradients overflowed; update skipped, loss scale now {}",
+                    step + 1,
+                    scaler.scale
+                ));
+                (f64::NAN, 0.0, true)
+            }
+        };
+        if !skip {
+            unet_opt.step_map(&unet_acc, lr, scale)?;
+        }
+        if cfg.train_text_encoder && !skip {
             let te_acc: BTreeMap<String, Tensor> = te_acc
                 .into_iter()
                 .map(|(k, g)| (k["te:".len()..].to_string(), g))
@@ -524,7 +574,7 @@ pub fn train_model(
             && step.is_multiple_of(cfg.checkpointing_steps)
             && step < cfg.max_train_steps
         {
-            let p = save_ckpt(step, &mut unet_opt, &mut te_opt)?;
+            let p = save_ckpt(step, &mut unet_opt, &mut te_opt, &scaler)?;
             (ev.log)(&format!("checkpoint saved: {}", p.display()));
             last_ckpt = Some(p);
         }
@@ -537,7 +587,7 @@ pub fn train_model(
             (ev.log)(&format!("validation images: {}", p.display()));
         }
         if ev.stop.load(Ordering::SeqCst) && step < cfg.max_train_steps {
-            let p = save_ckpt(step, &mut unet_opt, &mut te_opt)?;
+            let p = save_ckpt(step, &mut unet_opt, &mut te_opt, &scaler)?;
             (ev.log)(&format!(
                 "interrupted at step {step}: checkpoint saved to {} (continue with --resume latest)",
                 p.display()

@@ -165,7 +165,9 @@ impl UNet2DConditionModel {
     }
 
     /// `sample` (B, C, H, W); `timesteps` (B,) f32, one per sample (fractional
-    /// values allowed); `context` (B, L, cross_attention_dim).
+    /// values allowed); `context` (B, L, cross_attention_dim). The layers
+    /// compute in `sample`'s dtype (f32, or bf16 / f16 for mixed precision:
+    /// [`crate::nn::precision`]); the output has that dtype.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let timesteps = if timesteps.elem_count() == 1 && b > 1 {
@@ -179,6 +181,10 @@ impl UNet2DConditionModel {
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
         )?;
+        // Mixed precision: the model computes in the sample's dtype
+        // (diffusers: `t_emb.to(dtype=sample.dtype)`).
+        let t_emb = crate::nn::precision::like(&t_emb, sample)?;
+        let context = &crate::nn::precision::like(context, sample)?;
         let emb = self.time_embedding.forward(&t_emb)?;
 
         let mut h = self.conv_in.forward(sample)?;

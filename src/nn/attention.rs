@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+use super::precision::like;
 use crate::Result;
 
 /// Softmax over the last dimension.
@@ -21,7 +22,7 @@ pub fn scaled_dot_product_attention(
 ) -> Result<Tensor> {
     let scores = q.matmul(&k.t()?)?;
     let p = match mask {
-        Some(m) => softmax_last_dim(&(scores * scale)?.broadcast_add(m)?)?,
+        Some(m) => softmax_last_dim(&(&scores * scale)?.broadcast_add(&like(m, &scores)?)?)?,
         None => super::fused::softmax_last_dim(&scores, scale)?,
     };
     Ok(p.matmul(v)?)

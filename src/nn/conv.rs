@@ -79,19 +79,21 @@ impl Conv2d {
         }
         let k = self.weight.dim(2)?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+        // Mixed precision: the f32 weight in the activation's dtype.
+        let weight = &super::precision::like(&self.weight, x)?;
         let y = if k == 1 && self.stride == 1 && self.padding == 0 && cpu_f32 {
-            super::im2col::conv2d_1x1(x, &self.weight)?
+            super::im2col::conv2d_1x1(x, weight)?
         } else if k == 1 && self.stride == 1 && self.padding == 0 {
             // A 1×1 convolution is a matmul over channels: cheaper than im2col.
             let (b, c, h, w) = x.dims4()?;
-            let o = self.weight.dim(0)?;
-            let w2 = self.weight.reshape((o, c))?;
+            let o = weight.dim(0)?;
+            let w2 = weight.reshape((o, c))?;
             let x2 = x.reshape((b, c, h * w))?;
             w2.broadcast_matmul(&x2)?.reshape((b, o, h, w))?
         } else if cpu_f32 {
-            super::im2col::conv2d_im2col(x, &self.weight, self.stride, self.padding)?
+            super::im2col::conv2d_im2col(x, weight, self.stride, self.padding)?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            x.conv2d(weight, self.padding, self.stride, 1, 1)?
         };
         let y = match &self.lora {
             Some(lora) => (y + lora.forward_conv(x, self.stride, self.padding)?)?,

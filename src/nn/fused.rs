@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 use super::im2col::{assume_init, uninit_vec, zeroed};
+use super::precision::{in_f32, is_half};
 use crate::Result;
 
 /// Whether `x` takes the fused path: f32 on the CPU, unless
@@ -38,6 +39,10 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    if is_half(x) {
+        // Mixed precision: statistics in f32, the result in x's dtype.
+        return in_f32(x, |x| group_norm(x, weight, bias, groups, eps, silu));
+    }
     if use_fused(x) {
         let x = x.contiguous()?;
         let op = GroupNormOp {
@@ -54,6 +59,9 @@ pub fn group_norm(
 
 /// LayerNorm over the last dimension with affine `weight`, `bias` (D,).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_half(x) {
+        return in_f32(x, |x| layer_norm(x, weight, bias, eps));
+    }
     if use_fused(x) {
         let x = x.contiguous()?;
         Ok(x.apply_op3(weight, bias, LayerNormOp { eps })?)
@@ -64,6 +72,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// softmax(scale · x) over the last dimension (scale > 0).
 pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if is_half(x) {
+        return in_f32(x, |x| softmax_last_dim(x, scale));
+    }
     if use_fused(x) {
         let x = x.contiguous()?;
         Ok(x.apply_op1(SoftmaxOp { scale })?)
@@ -144,6 +155,7 @@ pub mod plain {
     use candle_core::{D, Tensor};
 
     use crate::Result;
+    use crate::nn::precision::like;
 
     pub fn group_norm(
         x: &Tensor,
@@ -203,9 +215,10 @@ pub mod plain {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
+        let weight = like(weight, x)?;
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&like(b, &y)?)?,
             None => y,
         };
         let mut out = dims;
@@ -216,7 +229,7 @@ pub mod plain {
     pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
         let mut shape = vec![1usize; y.rank()];
         shape[dim] = bias.elem_count();
-        Ok(y.broadcast_add(&bias.reshape(shape)?)?)
+        Ok(y.broadcast_add(&like(bias, y)?.reshape(shape)?)?)
     }
 }
 

@@ -48,7 +48,9 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = super::lora::matmul(&x2, &self.weight.t()?)?;
+        // Mixed precision: the f32 weight in the activation's dtype.
+        let weight = super::precision::like(&self.weight, x)?;
+        let mut y = super::lora::matmul(&x2, &weight.t()?)?;
         if let Some(lora) = &self.lora {
             y = (y + lora.forward_linear(&x2)?)?;
         }

@@ -133,12 +133,13 @@ impl Lora {
     /// scale · B(A(x)) for a linear layer's input `x` (rows, in) → (rows, out).
     pub fn forward_linear(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.drop(x)?;
-        let mut h = matmul(&x, &self.down.t()?)?;
+        let like = super::precision::like;
+        let mut h = matmul(&x, &like(&self.down, &x)?.t()?)?;
         let s = self.scale();
         if s != 1.0 {
             h = (h * s)?;
         }
-        Ok(matmul(&h, &self.up.t()?)?)
+        Ok(matmul(&h, &like(&self.up, &h)?.t()?)?)
     }
 
     /// scale · B(A(x)) for a convolution's input `x` (B, C, H, W), A applied

@@ -476,7 +476,16 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
             .collect();
         let noise = randn(&mut rng, latents.dims(), &device)?;
         let loss =
-            denoising_loss(&unet, &schedule, &latents, &context, &timesteps, &noise)?.mean_all()?;
+            denoising_loss(
+                &unet,
+                &schedule,
+                &latents,
+                &context,
+                &timesteps,
+                &noise,
+                crate::nn::Precision::F32,
+            )?
+            .mean_all()?;
         let grads = loss.backward()?;
         let norm = grad_norm(opt.grads(&grads).map(|(_, g)| g))?;
         opt.step(&grads, sched.lr(step as u64), clip_factor(norm, 1.0))?;

@@ -1,0 +1,121 @@
+//! Mixed precision (nn::precision): the UNet computing in f16 on f32 master
+//! weights gives diffusers' f32 outputs and gradients to f16 rounding, every
+//! weight's gradient arrives in f32, norms and softmax keep f32 statistics,
+//! and the trainer runs f16 with loss scaling (bf16, which candle's CPU matmul
+//! lacks, is refused on the CPU with a message).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{fixtures, load, rel_err};
+use dreambooth::models::UNet2DConditionModel;
+use dreambooth::nn::{Precision, fused};
+
+#[test]
+fn unet_in_f16_matches_diffusers_f32_outputs_and_gradients() {
+    for name in ["sd1", "sd2"] {
+        let fx = load(&format!("parity/{name}_unet.safetensors"));
+        let dir = fixtures().join(format!("tiny-{name}")).join("unet");
+        let (unet, vb) = UNet2DConditionModel::load(&dir, &Device::Cpu, true).unwrap();
+        let sample = Var::from_tensor(&fx["sample"]).unwrap();
+        let context = Var::from_tensor(&fx["context"]).unwrap();
+        let x16 = Precision::F16.cast(&sample).unwrap();
+        let out16 = unet.forward(&x16, &fx["timesteps"], &context).unwrap();
+        assert_eq!(out16.dtype(), DType::F16, "{name}: output in the compute dtype");
+        let out = out16.to_dtype(DType::F32).unwrap();
+        let e = rel_err(&out, &fx["out"]);
+        // f16 keeps 11 significant bits (2^-11 ≈ 4.9e-4 per rounding).
+        eprintln!("{name}: f16 output vs diffusers f32: {e:.2e}");
+        assert!(e < 5e-3, "{name}: f16 output vs diffusers f32: {e:.2e}");
+        assert!(e > 1e-6, "{name}: the forward did not run in f16 ({e:.2e})");
+
+        let loss = (out * &fx["r"]).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let gs = grads.get(&sample).unwrap();
+        assert_eq!(gs.dtype(), DType::F32);
+        let e = rel_err(gs, &fx["grad.sample"]);
+        assert!(e < 1e-2, "{name}: grad sample {e:.2e}");
+        let e = rel_err(grads.get(&context).unwrap(), &fx["grad.context"]);
+        assert!(e < 1e-2, "{name}: grad context {e:.2e}");
+        let vars = vb.vars();
+        let mut checked = 0;
+        let mut worst = 0f64;
+        for (k, v) in fx
+            .iter()
+            .filter(|(k, _)| k.starts_with("grad.") && *k != "grad.sample" && *k != "grad.context")
+        {
+            let key = &k["grad.".len()..];
+            let g = grads.get(&vars[key]).unwrap();
+            assert_eq!(g.dtype(), DType::F32, "{name}: {key} gradient dtype");
+            let e = rel_err(g, v);
+            assert!(e < 2e-2, "{name}: grad {key} {e:.2e}");
+            worst = worst.max(e);
+            checked += 1;
+        }
+        assert!(checked >= 6);
+        eprintln!("{name}: worst of {checked} weight gradients vs diffusers f32: {worst:.2e}");
+        // The master weights stay f32 and every one of them gets a gradient.
+        for (k, var) in &vars {
+            assert_eq!(var.dtype(), DType::F32, "{name}: {k} master weight");
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no gradient for {k}"));
+            assert_eq!(g.dtype(), DType::F32, "{name}: {k}");
+            assert_eq!(g.dims(), var.dims(), "{name}: {k}");
+        }
+    }
+}
+
+fn randn(dims: &[usize], seed: u64) -> Tensor {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    dreambooth::util::randn(&mut rng, dims, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn half_inputs_normalize_and_softmax_in_f32() {
+    // (2, 8, 5, 3) with a large offset: the statistics of f16 values
+    // computed in f16 would lose the small spread around the mean.
+    let x = (randn(&[2, 8, 5, 3], 1) + 300.0).unwrap();
+    let x16 = x.to_dtype(DType::F16).unwrap();
+    let w = randn(&[8], 2);
+    let b = randn(&[8], 3);
+    let reference = |x: &Tensor| fused::group_norm(x, &w, &b, 4, 1e-5, true).unwrap();
+    // The reference sees the same f16-rounded input, in f32.
+    let want = reference(&x16.to_dtype(DType::F32).unwrap());
+    let got = reference(&x16);
+    assert_eq!(got.dtype(), DType::F16);
+    let e = rel_err(&got.to_dtype(DType::F32).unwrap(), &want);
+    assert!(e < 2e-3, "group norm f16: {e:.2e}");
+
+    let h = randn(&[3, 7, 16], 4).to_dtype(DType::F16).unwrap();
+    let (lw, lb) = (randn(&[16], 5), randn(&[16], 6));
+    let want = fused::layer_norm(&h.to_dtype(DType::F32).unwrap(), &lw, &lb, 1e-5).unwrap();
+    let got = fused::layer_norm(&h, &lw, &lb, 1e-5).unwrap();
+    assert_eq!(got.dtype(), DType::F16);
+    assert!(rel_err(&got.to_dtype(DType::F32).unwrap(), &want) < 2e-3);
+
+    let s = (randn(&[2, 4, 9], 7) * 20.0)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let want = fused::softmax_last_dim(&s.to_dtype(DType::F32).unwrap(), 0.5).unwrap();
+    let got = fused::softmax_last_dim(&s, 0.5).unwrap();
+    assert_eq!(got.dtype(), DType::F16);
+    assert!(rel_err(&got.to_dtype(DType::F32).unwrap(), &want) < 2e-3);
+}
+
+#[test]
+fn precision_names_and_bf16_on_cpu() {
+    assert_eq!(Precision::parse("no").unwrap(), Precision::F32);
+    assert_eq!(Precision::parse("BF16").unwrap(), Precision::Bf16);
+    assert_eq!(Precision::parse("fp16").unwrap(), Precision::F16);
+    let e = Precision::parse("fp8").unwrap_err().to_string();
+    assert!(e.contains("fp8"), "{e}");
+    let e = Precision::Bf16
+        .check_device(&Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CUDA"), "{e}");
+    assert!(Precision::F16.check_device(&Device::Cpu).is_ok());
+}
