@@ -21,7 +21,11 @@ fn unet_in_f16_matches_diffusers_f32_outputs_and_gradients() {
         let context = Var::from_tensor(&fx["context"]).unwrap();
         let x16 = Precision::F16.cast(&sample).unwrap();
         let out16 = unet.forward(&x16, &fx["timesteps"], &context).unwrap();
-        assert_eq!(out16.dtype(), DType::F16, "{name}: output in the compute dtype");
+        assert_eq!(
+            out16.dtype(),
+            DType::F16,
+            "{name}: output in the compute dtype"
+        );
         let out = out16.to_dtype(DType::F32).unwrap();
         let e = rel_err(&out, &fx["out"]);
         // f16 keeps 11 significant bits (2^-11 ≈ 4.9e-4 per rounding).

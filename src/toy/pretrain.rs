@@ -475,17 +475,16 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
             .map(|_| rng.random_range(0..n_train))
             .collect();
         let noise = randn(&mut rng, latents.dims(), &device)?;
-        let loss =
-            denoising_loss(
-                &unet,
-                &schedule,
-                &latents,
-                &context,
-                &timesteps,
-                &noise,
-                crate::nn::Precision::F32,
-            )?
-            .mean_all()?;
+        let loss = denoising_loss(
+            &unet,
+            &schedule,
+            &latents,
+            &context,
+            &timesteps,
+            &noise,
+            crate::nn::Precision::F32,
+        )?
+        .mean_all()?;
         let grads = loss.backward()?;
         let norm = grad_norm(opt.grads(&grads).map(|(_, g)| g))?;
         opt.step(&grads, sched.lr(step as u64), clip_factor(norm, 1.0))?;
