@@ -135,6 +135,22 @@ pub struct StepBenchReport {
     pub median: StepTimes,
     /// Peak resident memory of the process (VmHWM), bytes; None off Linux.
     pub peak_rss: Option<u64>,
+    /// On a GPU: the most device memory in use (total − free) seen at the end
+    /// of a forward, a backward or an update, bytes (a lower bound on the peak).
+    pub gpu_memory: Option<u64>,
+}
+
+/// Device memory in use on a CUDA `device` (None on the CPU and in CPU builds).
+pub fn gpu_memory_in_use(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::memory_in_use(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
 }
 
 /// Text-context length the architecture is trained with (CLIP's 77 for SD).
@@ -209,6 +225,12 @@ pub fn bench_step(
     let t = Tensor::from_vec(t, b, device)?;
 
     let mut steps = Vec::new();
+    let mut gpu_memory: Option<u64> = None;
+    let mut see_gpu = || {
+        if let Some(m) = gpu_memory_in_use(device) {
+            gpu_memory = Some(gpu_memory.unwrap_or(0).max(m));
+        }
+    };
     for i in 0..opts.warmup + opts.steps {
         let c0 = process_cpu_seconds();
         let warm = crate::nn::cpu::KeepWarm::start();
@@ -219,13 +241,16 @@ pub fn bench_step(
         let loss = (pred - &target)?.sqr()?.mean_all()?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
+        see_gpu();
         let grads = loss.backward()?;
         device.synchronize()?;
         let t2 = Instant::now();
+        see_gpu();
         opt.step(&grads, 1e-5, 1.0)?;
         drop(grads);
         device.synchronize()?;
         let t3 = Instant::now();
+        see_gpu();
         drop(warm);
         let st = StepTimes {
             forward: (t1 - t0).as_secs_f64(),
@@ -263,6 +288,7 @@ pub fn bench_step(
         steps,
         median,
         peak_rss: peak_rss_bytes(),
+        gpu_memory,
     })
 }
 

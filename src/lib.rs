@@ -6,6 +6,8 @@
 //! procedural world and the bundled tiny model.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod diffusion;
 pub mod dreambooth;
 pub mod error;
@@ -14,6 +16,7 @@ pub mod image_io;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod selftest;
 pub mod tokenizer;
 pub mod toy;
 pub mod util;

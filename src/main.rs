@@ -32,6 +32,8 @@ enum Command {
     Identifier(cli::identifier::Args),
     /// Fold LoRA files into a model and write it (diffusers folder or single file).
     Merge(cli::merge::Args),
+    /// Check a device's kernels against the CPU (on a GPU machine: `selftest --device cuda`).
+    Selftest(cli::selftest::Args),
     /// Personalize a model on a few photos of a subject (DreamBooth).
     Train(Box<cli::train::Args>),
     /// The procedural toy world and the bundled tiny model.
@@ -48,6 +50,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Identifier(a) => cli::identifier::run(a),
         Command::Merge(a) => cli::merge::run(a),
+        Command::Selftest(a) => cli::selftest::run(a),
         Command::Train(a) => cli::train::run(*a),
         Command::Toy(a) => cli::toy::run(a),
     });

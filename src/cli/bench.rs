@@ -372,6 +372,13 @@ fn step_round(
         m.total(),
         m.cpu
     );
+    if let Some(g) = r.gpu_memory {
+        println!(
+            "ours    {:.2} it/s, GPU memory in use (most seen after forward, backward or the update) {}",
+            1.0 / m.total(),
+            gib(Some(g as f64))
+        );
+    }
 
     if let Some(v) = pytorch {
         let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);

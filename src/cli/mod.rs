@@ -8,6 +8,7 @@ pub mod generate;
 pub mod identifier;
 pub mod merge;
 pub mod paper;
+pub mod selftest;
 pub mod toy;
 pub mod train;
 

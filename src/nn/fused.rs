@@ -216,7 +216,8 @@ pub mod plain {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
         let weight = like(weight, x)?;
-        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        // A frozen weight (LoRA, a frozen text encoder) gets no gradient computed.
+        let y = crate::nn::lora::matmul(&x.reshape((rows, in_dim))?, &weight.t()?)?;
         let y = match bias {
             Some(b) => y.broadcast_add(&like(b, &y)?)?,
             None => y,

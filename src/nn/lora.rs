@@ -186,8 +186,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         && b.rank() == 2
         && a.dim(1)? == b.dim(0)?
         && a.dtype() == b.dtype()
-        && b.device().is_cpu()
-        && super::fused::use_fused(a);
+        && ((b.device().is_cpu() && super::fused::use_fused(a))
+            || (cfg!(feature = "cuda") && a.device().is_cuda() && b.device().is_cuda()));
     if ta != tb && fits {
         if ta {
             a.apply_op1(FrozenMatmul {
@@ -220,6 +220,28 @@ impl CustomOp1 for FrozenMatmul {
         let (os, ol) = self.other.storage_and_layout();
         let Storage::Cpu(oc) = &*os else {
             candle_core::bail!("frozen-matmul: the other operand is not on the CPU")
+        };
+        let (lhs, ll, rhs, rl) = if self.tracked_lhs {
+            (s, l, oc, ol)
+        } else {
+            (oc, ol, s, l)
+        };
+        let (m, k) = ll.shape().dims2()?;
+        let (_, n) = rl.shape().dims2()?;
+        let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    /// The same product on the GPU (cuBLAS through candle's storage).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (os, ol) = self.other.storage_and_layout();
+        let Storage::Cuda(oc) = &*os else {
+            candle_core::bail!("frozen-matmul: the other operand is not on the GPU")
         };
         let (lhs, ll, rhs, rl) = if self.tracked_lhs {
             (s, l, oc, ol)

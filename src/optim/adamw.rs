@@ -140,7 +140,8 @@ impl AdamW {
             let Some(g) = grads.get(key) else {
                 continue;
             };
-            if self.fused && fused_applies(slot, g) {
+            let on_gpu = cfg!(feature = "cuda") && slot.var.device().is_cuda();
+            if self.fused && (fused_applies(slot, g) || on_gpu && cuda_applies(slot, g)) {
                 let k = FusedScalars {
                     grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
                     beta1: c.beta1 as f32,
@@ -152,7 +153,11 @@ impl AdamW {
                     decay: (1.0 - lr * c.weight_decay) as f32,
                     step_size: step_size as f32,
                 };
-                fused_step(slot, g, &k)?;
+                if on_gpu {
+                    cuda_step(slot, g, &k)?;
+                } else {
+                    fused_step(slot, g, &k)?;
+                }
                 continue;
             }
             let g = if grad_scale != 1.0 {
@@ -205,16 +210,16 @@ impl AdamW {
 /// The f32 constants of one fused AdamW step, each rounded from f64 exactly
 /// as candle's `tensor * f64` / `tensor + f64` (affine) ops round them.
 #[derive(Clone, Copy, Debug)]
-struct FusedScalars {
-    grad_scale: Option<f32>,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    inv_bc2_sqrt: f32,
-    eps: f32,
-    decay: f32,
-    step_size: f32,
+pub(crate) struct FusedScalars {
+    pub(crate) grad_scale: Option<f32>,
+    pub(crate) beta1: f32,
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) inv_bc2_sqrt: f32,
+    pub(crate) eps: f32,
+    pub(crate) decay: f32,
+    pub(crate) step_size: f32,
 }
 
 /// Whether the fused update can run for this slot and gradient: f32 on the
@@ -228,6 +233,29 @@ fn fused_applies(slot: &Slot, g: &Tensor) -> bool {
         && [p, &slot.m, &slot.v]
             .iter()
             .all(|t| t.layout().contiguous_offsets().is_some())
+}
+
+/// Whether the CUDA kernel ([`crate::cuda::adamw`]) can run this update.
+#[cfg(feature = "cuda")]
+fn cuda_applies(slot: &Slot, g: &Tensor) -> bool {
+    crate::cuda::adamw::applies(slot.var.as_tensor(), &slot.m, &slot.v, g)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_applies(_: &Slot, _: &Tensor) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_step(slot: &Slot, g: &Tensor, k: &FusedScalars) -> Result<()> {
+    crate::cuda::adamw::step(slot.var.as_tensor(), &slot.m, &slot.v, g, k)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_step(_: &Slot, _: &Tensor, _: &FusedScalars) -> Result<()> {
+    Err(crate::Error::msg(
+        "fused AdamW: built without the cuda feature",
+    ))
 }
 
 /// Runs `f` on the contiguous f32 data of `t`, borrowed mutably (through

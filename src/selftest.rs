@@ -1,0 +1,264 @@
+//! `dreambooth selftest --device D`: the paths a device takes, checked
+//! against the CPU's f32 reference in one command — for a GPU machine, where
+//! `cargo test` does not run: the fused AdamW kernel against the plain
+//! update and the CPU, the toy UNet's outputs and every weight gradient in
+//! f32 and in mixed precision (bf16 on a GPU, f16 on the CPU), and LoRA on a
+//! frozen base (only adapters get gradients, equal to the CPU's).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::models::UNet2DConditionModel;
+use crate::models::config::UNetConfig;
+use crate::nn::{Precision, Vb};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::{Error, Result};
+
+/// One comparison: the worst relative L2 error over what it compares.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub rel_err: f64,
+    pub tol: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.rel_err <= self.tol
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ over f64 copies on the CPU (0 when both are zero).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let f = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    };
+    let (a, b) = (f(a)?, f(b)?);
+    if a.len() != b.len() {
+        return Err(Error::msg("selftest: compared tensors differ in size"));
+    }
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    Ok(if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    })
+}
+
+/// Runs every check on `device`; `log` gets a line per check.
+pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let mut push = |c: Check, log: &mut dyn FnMut(&str)| {
+        log(&format!(
+            "{:<62} rel err {:.2e}  (tolerance {:.0e})  {}",
+            c.name,
+            c.rel_err,
+            c.tol,
+            if c.passed() { "ok" } else { "FAILED" }
+        ));
+        checks.push(c);
+    };
+    for c in adamw_checks(device)? {
+        push(c, log);
+    }
+    let half = if device.is_cpu() {
+        Precision::F16
+    } else {
+        Precision::Bf16
+    };
+    for c in unet_checks(device, Precision::F32)? {
+        push(c, log);
+    }
+    for c in unet_checks(device, half)? {
+        push(c, log);
+    }
+    for c in lora_checks(device)? {
+        push(c, log);
+    }
+    Ok(checks)
+}
+
+fn randn(seed: u64, dims: &[usize], device: &Device) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Ok(crate::util::randn(&mut rng, dims, &Device::Cpu)?.to_device(device)?)
+}
+
+/// Three AdamW steps (one with a gradient scale) on parameters of a few
+/// shapes: the fused update against the plain one on `device`, and against
+/// the CPU's fused update.
+fn adamw_checks(device: &Device) -> Result<Vec<Check>> {
+    let shapes: [&[usize]; 3] = [&[4099], &[64, 33], &[7]];
+    let run = |dev: &Device, fused: bool| -> Result<BTreeMap<String, Tensor>> {
+        let mut vars = BTreeMap::new();
+        for (i, s) in shapes.iter().enumerate() {
+            vars.insert(
+                format!("p{i}"),
+                Var::from_tensor(&randn(10 + i as u64, s, dev)?)?,
+            );
+        }
+        let mut opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+        )?;
+        opt.fused = fused;
+        for step in 0..3u64 {
+            let grads: BTreeMap<String, Tensor> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Ok((format!("p{i}"), randn(100 * step + i as u64, s, dev)?)))
+                .collect::<Result<_>>()?;
+            opt.step_map(&grads, 1e-2, if step == 1 { 0.5 } else { 1.0 })?;
+        }
+        let mut out: BTreeMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        out.extend(opt.state());
+        Ok(out)
+    };
+    let fused = run(device, true)?;
+    let plain = run(device, false)?;
+    let cpu = run(&Device::Cpu, true)?;
+    let worst = |a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>| -> Result<f64> {
+        let mut w = 0f64;
+        for (k, t) in a {
+            w = w.max(rel_err(t, &b[k])?);
+        }
+        Ok(w)
+    };
+    Ok(vec![
+        Check {
+            name: "AdamW: fused update vs plain ops (weights, moments)".into(),
+            rel_err: worst(&fused, &plain)?,
+            tol: 1e-6,
+        },
+        Check {
+            name: "AdamW: fused update on the device vs the CPU".into(),
+            rel_err: worst(&fused, &cpu)?,
+            tol: 1e-6,
+        },
+    ])
+}
+
+struct UNetRun {
+    out: Tensor,
+    grads: BTreeMap<String, Tensor>,
+}
+
+/// The toy UNet (random weights, seed 7) on `device`: output of a fixed
+/// input and the gradients of sum(out · r) w.r.t. the input and every
+/// trainable tensor (`lora`: adapters on a frozen base).
+fn toy_unet(device: &Device, precision: Precision, lora: bool) -> Result<UNetRun> {
+    let cfg: UNetConfig = serde_json::from_value(crate::toy::pretrain::unet_config())
+        .map_err(|e| Error::msg(format!("toy UNet config: {e}")))?;
+    let vb = Vb::random(7, device, !lora);
+    let mut unet = UNet2DConditionModel::new(&vb, &cfg)?;
+    let vars = if lora {
+        let spec = crate::models::lora::LoraSpec {
+            rank: 4,
+            alpha: 4.0,
+            seed: 3,
+            ..Default::default()
+        };
+        let vars = crate::models::lora::attach_trainable_unet(&mut unet, &spec, device)?;
+        // peft starts B at zero; nonzero B makes every adapter's A gradient nonzero.
+        for (k, v) in &vars {
+            if k.ends_with("lora_B.weight") {
+                v.set(&(randn(5, v.dims(), device)? * 0.1)?)?;
+            }
+        }
+        vars
+    } else {
+        vb.vars()
+    };
+    let b = 2;
+    let x = Var::from_tensor(&randn(1, &[b, cfg.in_channels, 16, 16], device)?)?;
+    let ctx = randn(
+        2,
+        &[b, crate::toy::pretrain::MAX_TOKENS, cfg.cross_attention_dim],
+        device,
+    )?;
+    let t = Tensor::from_vec(vec![10f32, 700.0], b, device)?;
+    let out = unet
+        .forward(&precision.cast(x.as_tensor())?, &t, &ctx)?
+        .to_dtype(DType::F32)?;
+    let r = randn(3, out.dims(), device)?;
+    let grads = (&out * r)?.sum_all()?.backward()?;
+    let mut g = BTreeMap::new();
+    g.insert(
+        "input".to_string(),
+        grads
+            .get(&x)
+            .ok_or_else(|| Error::msg("selftest: no input gradient"))?
+            .clone(),
+    );
+    for (k, v) in &vars {
+        let gk = grads
+            .get(v)
+            .ok_or_else(|| Error::msg(format!("selftest: no gradient for {k}")))?;
+        if gk.dtype() != DType::F32 {
+            return Err(Error::msg(format!(
+                "selftest: gradient of {k} is {:?}, not f32",
+                gk.dtype()
+            )));
+        }
+        g.insert(k.clone(), gk.clone());
+    }
+    Ok(UNetRun { out, grads: g })
+}
+
+fn compare_unet(name: &str, got: &UNetRun, want: &UNetRun, tol: (f64, f64)) -> Result<Vec<Check>> {
+    let mut worst = 0f64;
+    for (k, g) in &want.grads {
+        let h = got
+            .grads
+            .get(k)
+            .ok_or_else(|| Error::msg(format!("selftest: {name}: no gradient for {k}")))?;
+        worst = worst.max(rel_err(h, g)?);
+    }
+    Ok(vec![
+        Check {
+            name: format!("{name}: output"),
+            rel_err: rel_err(&got.out, &want.out)?,
+            tol: tol.0,
+        },
+        Check {
+            name: format!("{name}: worst of {} gradients", want.grads.len()),
+            rel_err: worst,
+            tol: tol.1,
+        },
+    ])
+}
+
+fn unet_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
+    let want = toy_unet(&Device::Cpu, Precision::F32, false)?;
+    let got = toy_unet(device, precision, false)?;
+    let (name, tol) = match precision {
+        Precision::F32 => ("toy UNet f32 vs CPU f32", (1e-4, 1e-4)),
+        // 8 significant bits (bf16) / 11 (f16) per rounding, over the network.
+        Precision::Bf16 => ("toy UNet bf16 (f32 weights) vs CPU f32", (3e-2, 8e-2)),
+        Precision::F16 => ("toy UNet f16 (f32 weights) vs CPU f32", (5e-3, 2e-2)),
+    };
+    compare_unet(name, &got, &want, tol)
+}
+
+fn lora_checks(device: &Device) -> Result<Vec<Check>> {
+    let want = toy_unet(&Device::Cpu, Precision::F32, true)?;
+    let got = toy_unet(device, Precision::F32, true)?;
+    compare_unet(
+        "toy UNet LoRA (frozen base) vs CPU",
+        &got,
+        &want,
+        (1e-4, 1e-4),
+    )
+}
