@@ -339,6 +339,8 @@ pub struct SampleBenchOptions {
     /// Untimed batches first (first-call allocation, caches).
     pub warmup: usize,
     pub seed: u64,
+    /// The UNet's dtype while sampling ([`StableDiffusion::set_unet_precision`]).
+    pub precision: crate::nn::Precision,
 }
 
 #[derive(Clone, Debug)]
@@ -375,7 +377,8 @@ pub fn bench_sample(
         ));
     }
     let t0 = Instant::now();
-    let model = StableDiffusion::load(&opts.model, device, LoadOptions::default())?;
+    let mut model = StableDiffusion::load(&opts.model, device, LoadOptions::default())?;
+    model.set_unet_precision(opts.precision)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let gen_opts = |n: usize, seed: u64| GenerateOptions {
         prompts: vec![opts.prompt.clone(); n],
@@ -389,12 +392,13 @@ pub fn bench_sample(
     };
     let (width, height) = image_size(&model, &gen_opts(1, 0))?;
     log(&format!(
-        "bench sample: {} ({width}x{height}), {} images, batch {}, DDIM {} steps, guidance {}, {} threads",
+        "bench sample: {} ({width}x{height}), {} images, batch {}, DDIM {} steps, guidance {}, mixed precision {}, {} threads",
         opts.model.display(),
         opts.images,
         opts.batch,
         opts.steps,
         opts.guidance,
+        opts.precision.name(),
         crate::nn::cpu::num_threads()
     ));
     for i in 0..opts.warmup {

@@ -123,3 +123,59 @@ fn precision_names_and_bf16_on_cpu() {
     assert!(e.contains("CUDA"), "{e}");
     assert!(Precision::F16.check_device(&Device::Cpu).is_ok());
 }
+
+/// Sampling with the bundled tiny model's UNet converted to f16 follows the
+/// f32 run: the same images to within f16 rounding, not bit-identical.
+#[test]
+fn sampling_with_an_f16_unet_follows_f32() {
+    use dreambooth::diffusion::{GenerateOptions, SamplerKind, generate};
+    use dreambooth::models::{LoadOptions, StableDiffusion};
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-model");
+    let load = || StableDiffusion::load(&dir, &Device::Cpu, LoadOptions::default()).unwrap();
+    let opts = GenerateOptions {
+        steps: 10,
+        sampler: SamplerKind::Ddim,
+        guidance_scale: 5.0,
+        seed: 3,
+        batch_size: 2,
+        ..GenerateOptions::new("a photo of a red ball on the beach", 2)
+    };
+    let f32_run = generate(&load(), &opts, &mut |_| {}).unwrap();
+    let mut half = load();
+    half.set_unet_precision(Precision::F16).unwrap();
+    assert_eq!(half.unet.conv_in.weight.dtype(), DType::F16);
+    let f16_run = generate(&half, &opts, &mut |_| {}).unwrap();
+    assert_eq!(f16_run.latents.dtype(), DType::F32);
+    let e = rel_err(&f16_run.latents, &f32_run.latents);
+    println!("f16 UNet sampling: final latents vs f32 {e:.2e}");
+    assert!(e > 1e-6 && e < 3e-2, "{e:.2e}");
+    for (a, b) in f16_run.images.iter().zip(&f32_run.images) {
+        let mse: f64 = a
+            .image
+            .as_raw()
+            .iter()
+            .zip(b.image.as_raw())
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            / a.image.as_raw().len() as f64;
+        let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
+        println!("  image PSNR vs f32: {psnr:.1} dB");
+        assert!(psnr > 30.0, "PSNR {psnr:.1} dB");
+    }
+
+    // A model being trained keeps its f32 master weights.
+    let mut trainable = StableDiffusion::load(
+        &dir,
+        &Device::Cpu,
+        LoadOptions {
+            train_unet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = trainable
+        .set_unet_precision(Precision::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("f32"), "{e}");
+}

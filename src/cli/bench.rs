@@ -55,6 +55,9 @@ pub struct SampleArgs {
     /// `cpu`, `cuda` or `cuda:N` (GPUs need a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The UNet's dtype: f32 (default), bf16 (GPU) or fp16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     #[command(flatten)]
     pub pytorch: PytorchArgs,
 }
@@ -220,7 +223,14 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         guidance: a.guidance,
         warmup: a.warmup,
         seed: a.seed,
+        precision: dreambooth::nn::Precision::parse(&a.dtype)?,
     };
+    if opts.precision != dreambooth::nn::Precision::F32 && a.pytorch.compare_pytorch.is_some() {
+        anyhow::bail!(
+            "--compare-pytorch runs the f32 twin only; drop --dtype {} to compare",
+            a.dtype
+        );
+    }
     println!("load average before: {}", load_average());
     let r = bench_sample(&opts, &device, &mut |l| println!("{l}"))?;
     println!(

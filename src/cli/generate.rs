@@ -73,11 +73,16 @@ pub struct Args {
     /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// The UNet's dtype: f32 (default), bf16 (GPU) or fp16; latents, guidance
+    /// and the sampler stay f32.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Cheap checks first: a typo should not wait for the model to load.
     let sampler: SamplerKind = args.sampler.parse()?;
+    let precision = dreambooth::nn::Precision::parse(&args.dtype)?;
     let loras = dreambooth::models::lora::pair_scales(&args.lora, &args.lora_scale)?;
     let model_path = match &args.model {
         Some(p) => p.clone(),
@@ -91,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let f = dreambooth::models::lora::merge_file(&mut model, path, *scale)?;
         eprintln!("{}", dreambooth::models::lora::describe(&f, *scale));
     }
+    model.set_unet_precision(precision)?;
 
     let latents = match &args.latents {
         Some(p) => Some(read_latents(p, &device)?),

@@ -306,6 +306,7 @@ pub fn denoise(
         let (_, c, h, w) = x0.dims4()?;
         (c, h, w)
     };
+    let unet_dtype = model.unet.conv_in.weight.dtype();
     let _warm = crate::nn::cpu::KeepWarm::start();
     for i in 0..steps {
         let t = sampler.timesteps()[i];
@@ -316,7 +317,14 @@ pub fn denoise(
             x_in
         };
         let ts = Tensor::full(t as f32, x_in.dim(0)?, &dev)?;
-        let out = model.unet.forward(&x_in, &ts, &context)?.detach();
+        // The UNet computes in its weights' dtype (f32, or bf16 / f16 after
+        // `set_unet_precision`); guidance and the sampler stay in f32.
+        let x_in = crate::nn::precision::cast(&x_in, unet_dtype)?;
+        let out = model
+            .unet
+            .forward(&x_in, &ts, &context)?
+            .detach()
+            .to_dtype(DType::F32)?;
         let pred = if uncond.is_some() {
             let u = out.narrow(0, 0, b)?;
             let c = out.narrow(0, b, b)?;

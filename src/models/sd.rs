@@ -246,6 +246,35 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// Converts the UNet's weights to `precision`'s dtype for sampling (bf16 /
+    /// f16 on a GPU: half the memory and bandwidth); the UNet then computes in
+    /// it ([`crate::nn::precision`]) and the pipeline keeps latents, guidance
+    /// and the sampler in f32. Only for a model that is not being trained
+    /// (training keeps f32 master weights), and before LoRA adapters are
+    /// attached (they stay f32 and are cast per call).
+    pub fn set_unet_precision(&mut self, precision: crate::nn::Precision) -> Result<()> {
+        let dtype = precision.dtype();
+        if self.unet.conv_in.weight.dtype() == dtype {
+            return Ok(());
+        }
+        precision.check_device(&self.device)?;
+        if self.unet_vb.is_trainable() {
+            return Err(Error::msg(
+                "a UNet being trained keeps f32 weights; use mixed precision instead",
+            ));
+        }
+        let tensors = self
+            .unet_vb
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let vb = Vb::from_tensors(&self.unet_vb.path(), tensors, &self.device, false);
+        self.unet = UNet2DConditionModel::new(&vb, &self.unet.config)?;
+        self.unet_vb = vb;
+        Ok(())
+    }
+
     /// The UNet's config.
     pub fn unet_config(&self) -> &UNetConfig {
         &self.unet.config

@@ -16,6 +16,10 @@ use super::im2col::{assume_init, uninit_vec, zeroed};
 use super::precision::{in_f32, is_half};
 use crate::Result;
 
+fn to_f32(t: &Tensor) -> Result<Tensor> {
+    super::precision::cast(t, DType::F32)
+}
+
 /// Whether `x` takes the fused path: f32 on the CPU, unless
 /// `DREAMBOOTH_NO_FUSED` is set (to measure or debug the plain ops).
 pub fn use_fused(x: &Tensor) -> bool {
@@ -41,7 +45,9 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     if is_half(x) {
         // Mixed precision: statistics in f32, the result in x's dtype.
-        return in_f32(x, |x| group_norm(x, weight, bias, groups, eps, silu));
+        // (Weights stay f32 for training; a bf16 inference model's are upcast.)
+        let (w, b) = (&to_f32(weight)?, &to_f32(bias)?);
+        return in_f32(x, |x| group_norm(x, w, b, groups, eps, silu));
     }
     if use_fused(x) {
         let x = x.contiguous()?;
@@ -60,7 +66,8 @@ pub fn group_norm(
 /// LayerNorm over the last dimension with affine `weight`, `bias` (D,).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if is_half(x) {
-        return in_f32(x, |x| layer_norm(x, weight, bias, eps));
+        let (w, b) = (&to_f32(weight)?, &to_f32(bias)?);
+        return in_f32(x, |x| layer_norm(x, w, b, eps));
     }
     if use_fused(x) {
         let x = x.contiguous()?;
