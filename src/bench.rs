@@ -192,8 +192,21 @@ pub fn bench_step(
         .map_err(|e| Error::msg(format!("UNet config: {e}")))?;
     cfg.validate(Path::new(&opts.arch.name()))?;
     opts.precision.check_device(device)?;
-    let vb = Vb::random(opts.seed, device, opts.lora.is_none());
+    let half_base = opts.lora.is_some() && opts.precision != crate::nn::Precision::F32;
+    // (A random store records its tensors only when trainable.)
+    let mut vb = Vb::random(opts.seed, device, opts.lora.is_none() || half_base);
     let mut unet = UNet2DConditionModel::new(&vb, &cfg)?;
+    if half_base {
+        // As the trainer does: a frozen base in the compute dtype.
+        let dt = opts.precision.dtype();
+        let tensors = vb
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dt)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        vb = Vb::from_tensors(Path::new("unet"), tensors, device, false);
+        unet = UNet2DConditionModel::new(&vb, &cfg)?;
+    }
     let vars = match &opts.lora {
         Some(spec) => crate::models::lora::attach_trainable_unet(&mut unet, spec, device)?,
         None => vb.vars(),

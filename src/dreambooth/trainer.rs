@@ -139,6 +139,12 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
         },
     )?;
     if let Some(spec) = &spec {
+        // LoRA with mixed precision: the frozen base is stored in the compute
+        // dtype (half the memory, no per-step casts), the adapters stay f32.
+        let precision = crate::nn::Precision::parse(&cfg.mixed_precision)?;
+        if precision != crate::nn::Precision::F32 {
+            model.set_unet_precision(precision)?;
+        }
         lora::attach_trainable(&mut model, spec)?;
     }
     Ok(model)

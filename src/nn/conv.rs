@@ -55,7 +55,10 @@ impl Conv2d {
     /// broadcast add over the whole output and its backward).
     pub fn forward_add_channels(&self, x: &Tensor, extra: &Tensor) -> Result<Tensor> {
         let (b, o) = extra.dims2()?;
-        if super::fused::use_fused(x) && super::fused::use_fused(extra) {
+        if super::fused::use_fused(x)
+            && super::fused::use_fused(extra)
+            && super::fused::use_fused(&self.weight)
+        {
             let bias = match &self.bias {
                 Some(bias) => extra.broadcast_add(&bias.reshape((1, o))?)?,
                 None => extra.clone(),
@@ -68,7 +71,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::fused::use_fused(x) {
+        if super::fused::use_fused(x) && super::fused::use_fused(&self.weight) {
             return match &self.bias {
                 Some(b) => self.forward_cpu(x, b),
                 None => {

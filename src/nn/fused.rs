@@ -43,11 +43,11 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    // Affine weights in f32 (a bf16 / f16 inference model's are upcast).
+    let (weight, bias) = (&to_f32(weight)?, &to_f32(bias)?);
     if is_half(x) {
         // Mixed precision: statistics in f32, the result in x's dtype.
-        // (Weights stay f32 for training; a bf16 inference model's are upcast.)
-        let (w, b) = (&to_f32(weight)?, &to_f32(bias)?);
-        return in_f32(x, |x| group_norm(x, w, b, groups, eps, silu));
+        return in_f32(x, |x| group_norm(x, weight, bias, groups, eps, silu));
     }
     if use_fused(x) {
         let x = x.contiguous()?;
@@ -65,9 +65,9 @@ pub fn group_norm(
 
 /// LayerNorm over the last dimension with affine `weight`, `bias` (D,).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (weight, bias) = (&to_f32(weight)?, &to_f32(bias)?);
     if is_half(x) {
-        let (w, b) = (&to_f32(weight)?, &to_f32(bias)?);
-        return in_f32(x, |x| layer_norm(x, w, b, eps));
+        return in_f32(x, |x| layer_norm(x, weight, bias, eps));
     }
     if use_fused(x) {
         let x = x.contiguous()?;
@@ -104,6 +104,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 /// y + bias broadcast along dimension `dim` of y (bias has y.dim(dim) entries):
 /// dim = 1 for a conv's NCHW output, the last dim for a linear layer.
 pub fn add_bias(y: &Tensor, bias: &Tensor, dim: usize) -> Result<Tensor> {
+    let bias = &super::precision::like(bias, y)?;
     if use_fused(y) {
         let y = y.contiguous()?;
         Ok(y.apply_op2(bias, BiasAddOp { dim })?)
