@@ -39,7 +39,8 @@ pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: &FusedScalars) ->
                 if pb - pa != n || mb - ma != n || vb - va != n {
                     candle_core::bail!("fused AdamW (CUDA): sizes differ");
                 }
-                let func = super::func(dev, "dreambooth_adamw_f32")?;
+                let func =
+                    dev.get_or_load_custom_func("dreambooth_adamw_f32", super::MODULE, super::PTX)?;
                 let mut pv = ps.slice_mut(pa..pb);
                 let mut mv = ms.slice_mut(ma..mb);
                 let mut vv = vs.slice_mut(va..vb);

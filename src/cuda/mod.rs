@@ -14,13 +14,6 @@ pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx
 /// The name candle caches our module under.
 pub(crate) const MODULE: &str = "dreambooth_kernels";
 
-/// A kernel of ours, loaded once per device.
-pub(crate) fn func(
-    dev: &CudaDevice,
-    name: &str,
-) -> candle_core::Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(name, MODULE, PTX)
-}
 
 /// Whether `t` is a contiguous f32 tensor on a CUDA device.
 pub(crate) fn is_cuda_f32(t: &Tensor) -> bool {
