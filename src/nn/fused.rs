@@ -16,8 +16,13 @@ use super::im2col::{assume_init, uninit_vec, zeroed};
 use super::precision::{in_f32, is_half};
 use crate::Result;
 
+/// A 16-bit tensor upcast to f32; others (f32, f64) as they are.
 fn to_f32(t: &Tensor) -> Result<Tensor> {
-    super::precision::cast(t, DType::F32)
+    if is_half(t) {
+        super::precision::cast(t, DType::F32)
+    } else {
+        Ok(t.clone())
+    }
 }
 
 /// Whether `x` takes the fused path: f32 on the CPU, unless
