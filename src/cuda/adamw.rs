@@ -12,7 +12,7 @@ use crate::optim::adamw::FusedScalars;
 
 /// Whether the kernel applies: weight, moments and gradient contiguous f32
 /// tensors of one shape on a CUDA device.
-pub fn applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
+pub(crate) fn applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
     [p, m, v]
         .iter()
         .all(|t| super::is_cuda_f32(t) && t.dims() == p.dims())
@@ -22,7 +22,7 @@ pub fn applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
 }
 
 /// One update of `p` with moments `m`, `v` from gradient `g`, in place.
-pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: &FusedScalars) -> crate::Result<()> {
+pub(crate) fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: &FusedScalars) -> crate::Result<()> {
     let g = g.contiguous()?;
     let (gs, gl) = g.storage_and_layout();
     let (Storage::Cuda(gc), Some((ga, gb))) = (&*gs, gl.contiguous_offsets()) else {
