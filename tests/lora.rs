@@ -419,6 +419,30 @@ fn frozen_matmul_matches_candle() {
     assert!(ga.get(&c).is_none());
 }
 
+/// Whether any element of `t` is nonzero.
+fn nonzero(t: &Tensor) -> bool {
+    t.abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        > 0.0
+}
+
+/// Two 40×40 patterned photos in `dir/instance`.
+fn instance_photos(dir: &Path) -> PathBuf {
+    let inst = dir.join("instance");
+    std::fs::create_dir_all(&inst).unwrap();
+    for i in 0..2u8 {
+        let img = image::RgbImage::from_fn(40, 40, |x, y| {
+            image::Rgb([(x * 6) as u8 ^ (i * 90), (y * 6) as u8, 128])
+        });
+        img.save(inst.join(format!("p{i}.png"))).unwrap();
+    }
+    inst
+}
+
 fn lora_config(instance: &Path, out: &Path) -> TrainConfig {
     TrainConfig {
         model: Some(fixtures().join("tiny-sd1")),
@@ -476,14 +500,7 @@ fn run(
 #[test]
 fn lora_training_run() {
     let dir = tmp("train");
-    let inst = dir.join("instance");
-    std::fs::create_dir_all(&inst).unwrap();
-    for i in 0..2u8 {
-        let img = image::RgbImage::from_fn(40, 40, |x, y| {
-            image::Rgb([(x * 6) as u8 ^ (i * 90), (y * 6) as u8, 128])
-        });
-        img.save(inst.join(format!("p{i}.png"))).unwrap();
-    }
+    let inst = instance_photos(&dir);
     let cfg = lora_config(&inst, &dir.join("full"));
     let (sd, out) = run(&cfg, None);
     assert!(out.model_dir.is_none());
@@ -518,16 +535,7 @@ fn lora_training_run() {
     }
     let vars = lora::trainable_vars(&sd);
     let b = &vars["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"];
-    assert!(
-        b.as_tensor()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 0.0
-    );
+    assert!(nonzero(b.as_tensor()));
 
     // Resume from step 2 → the same adapters at step 4.
     let cfg2 = TrainConfig {
@@ -574,14 +582,7 @@ fn lora_training_run() {
 #[test]
 fn lora_training_in_fp16_mixed_precision() {
     let dir = tmp("train-fp16");
-    let inst = dir.join("instance");
-    std::fs::create_dir_all(&inst).unwrap();
-    for i in 0..2u8 {
-        let img = image::RgbImage::from_fn(40, 40, |x, y| {
-            image::Rgb([(x * 6) as u8 ^ (i * 90), (y * 6) as u8, 128])
-        });
-        img.save(inst.join(format!("p{i}.png"))).unwrap();
-    }
+    let inst = instance_photos(&dir);
     let cfg = TrainConfig {
         mixed_precision: "fp16".into(),
         train_text_encoder: false,
@@ -597,16 +598,7 @@ fn lora_training_in_fp16_mixed_precision() {
     let mut moved = 0;
     for (k, v) in &vars {
         assert_eq!(v.dtype(), candle_core::DType::F32, "{k}");
-        if k.ends_with("lora_B.weight")
-            && v.as_tensor()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        {
+        if k.ends_with("lora_B.weight") && nonzero(v.as_tensor()) {
             moved += 1;
         }
     }

@@ -22,7 +22,13 @@ pub(crate) fn applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
 }
 
 /// One update of `p` with moments `m`, `v` from gradient `g`, in place.
-pub(crate) fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: &FusedScalars) -> crate::Result<()> {
+pub(crate) fn step(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    k: &FusedScalars,
+) -> crate::Result<()> {
     let g = g.contiguous()?;
     let (gs, gl) = g.storage_and_layout();
     let (Storage::Cuda(gc), Some((ga, gb))) = (&*gs, gl.contiguous_offsets()) else {

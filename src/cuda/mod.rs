@@ -14,7 +14,6 @@ pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx
 /// The name candle caches our module under.
 pub(crate) const MODULE: &str = "dreambooth_kernels";
 
-
 /// Whether `t` is a contiguous f32 tensor on a CUDA device.
 pub(crate) fn is_cuda_f32(t: &Tensor) -> bool {
     t.device().is_cuda()

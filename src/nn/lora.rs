@@ -211,6 +211,28 @@ struct FrozenMatmul {
     tracked_lhs: bool,
 }
 
+impl FrozenMatmul {
+    /// The product on one backend's storage: `s` (layout `l`) is the tracked
+    /// operand, `o` (layout `ol`) the other one.
+    fn product<S: BackendStorage>(
+        &self,
+        s: &S,
+        l: &Layout,
+        o: &S,
+        ol: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (lhs, ll, rhs, rl) = if self.tracked_lhs {
+            (s, l, o, ol)
+        } else {
+            (o, ol, s, l)
+        };
+        let (m, k) = ll.shape().dims2()?;
+        let (_, n) = rl.shape().dims2()?;
+        let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -221,15 +243,7 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cpu(oc) = &*os else {
             candle_core::bail!("frozen-matmul: the other operand is not on the CPU")
         };
-        let (lhs, ll, rhs, rl) = if self.tracked_lhs {
-            (s, l, oc, ol)
-        } else {
-            (oc, ol, s, l)
-        };
-        let (m, k) = ll.shape().dims2()?;
-        let (_, n) = rl.shape().dims2()?;
-        let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
-        Ok((out, Shape::from((m, n))))
+        self.product(s, l, oc, ol)
     }
 
     /// The same product on the GPU (cuBLAS through candle's storage).
@@ -243,15 +257,7 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cuda(oc) = &*os else {
             candle_core::bail!("frozen-matmul: the other operand is not on the GPU")
         };
-        let (lhs, ll, rhs, rl) = if self.tracked_lhs {
-            (s, l, oc, ol)
-        } else {
-            (oc, ol, s, l)
-        };
-        let (m, k) = ll.shape().dims2()?;
-        let (_, n) = rl.shape().dims2()?;
-        let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
-        Ok((out, Shape::from((m, n))))
+        self.product(s, l, oc, ol)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
