@@ -1,9 +1,10 @@
 //! `dreambooth selftest --device D`: the paths a device takes, checked
 //! against the CPU's f32 reference in one command — for a GPU machine, where
 //! `cargo test` does not run: the fused AdamW kernel against the plain
-//! update and the CPU, the toy UNet's outputs and every weight gradient in
-//! f32 and in mixed precision (bf16 on a GPU, f16 on the CPU), and LoRA on a
-//! frozen base (only adapters get gradients, equal to the CPU's).
+//! update and the CPU, the convolution's GEMM backward against candle's, the
+//! toy UNet's outputs and every weight gradient in f32 and in mixed precision
+//! (bf16 on a GPU, f16 on the CPU), and LoRA on a frozen base (only adapters
+//! get gradients, equal to the CPU's).
 
 use std::collections::BTreeMap;
 
@@ -66,6 +67,9 @@ pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
         checks.push(c);
     };
     for c in adamw_checks(device)? {
+        push(c, log);
+    }
+    for c in conv_checks(device)? {
         push(c, log);
     }
     let half = if device.is_cpu() {
@@ -146,6 +150,46 @@ fn adamw_checks(device: &Device) -> Result<Vec<Check>> {
             name: "AdamW: fused update on the device vs the CPU".into(),
             rel_err: worst(&fused, &cpu)?,
             tol: 1e-6,
+        },
+    ])
+}
+
+/// The GPU convolution (candle's forward, GEMM backward on recomputed
+/// columns: `nn::conv_gemm`) on `device` against candle's conv2d and its
+/// autograd on the CPU, stride 1 and 2.
+fn conv_checks(device: &Device) -> Result<Vec<Check>> {
+    let mut worst_y = 0f64;
+    let mut worst_g = 0f64;
+    for (seed, stride) in [(40u64, 1usize), (41, 2)] {
+        let run = |dev: &Device, ours: bool| -> Result<(Tensor, Tensor, Tensor)> {
+            let x = Var::from_tensor(&randn(seed, &[2, 8, 12, 12], dev)?)?;
+            let w = Var::from_tensor(&randn(seed + 1, &[6, 8, 3, 3], dev)?)?;
+            let y = if ours {
+                crate::nn::conv_gemm::conv2d(x.as_tensor(), w.as_tensor(), stride, 1)?
+            } else {
+                x.as_tensor().conv2d(w.as_tensor(), 1, stride, 1, 1)?
+            };
+            let r = randn(seed + 2, y.dims(), dev)?;
+            let g = (&y * r)?.sum_all()?.backward()?;
+            let gx = g.get(&x).ok_or_else(|| Error::msg("no conv dx"))?.clone();
+            let gw = g.get(&w).ok_or_else(|| Error::msg("no conv dw"))?.clone();
+            Ok((y, gx, gw))
+        };
+        let (y, gx, gw) = run(device, true)?;
+        let (y0, gx0, gw0) = run(&Device::Cpu, false)?;
+        worst_y = worst_y.max(rel_err(&y, &y0)?);
+        worst_g = worst_g.max(rel_err(&gx, &gx0)?).max(rel_err(&gw, &gw0)?);
+    }
+    Ok(vec![
+        Check {
+            name: "conv (GEMM backward) vs candle on the CPU: output".into(),
+            rel_err: worst_y,
+            tol: 1e-5,
+        },
+        Check {
+            name: "conv (GEMM backward) vs candle on the CPU: dx, dw".into(),
+            rel_err: worst_g,
+            tol: 1e-5,
         },
     ])
 }

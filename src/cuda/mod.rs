@@ -64,3 +64,63 @@ pub fn memory_in_use(device: &candle_core::Device) -> Option<u64> {
     let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
     Some(total.saturating_sub(free) as u64)
 }
+
+/// Runs `dreambooth_{kind}_{dtype}` (`im2col` or `col2im` in `kernels.cu`)
+/// on the contiguous input `s` into a new buffer of `out_len` elements;
+/// `dims` are the kernel's size arguments (B, C, H, W, KH, KW, stride, pad,
+/// HO, WO).
+pub(crate) fn columns_kernel(
+    kind: &str,
+    s: &CudaStorage,
+    l: &Layout,
+    out_len: usize,
+    dims: [usize; 10],
+) -> candle_core::Result<CudaStorage> {
+    use candle_core::DType;
+    use candle_core::backend::BackendStorage;
+    match s.dtype() {
+        DType::F32 => columns::<f32>(kind, "f32", s, l, out_len, dims),
+        DType::BF16 => columns::<half::bf16>(kind, "bf16", s, l, out_len, dims),
+        DType::F16 => columns::<half::f16>(kind, "f16", s, l, out_len, dims),
+        d => candle_core::bail!("{kind}: unsupported dtype {d:?} on the GPU"),
+    }
+}
+
+fn columns<
+    T: candle_core::cuda_backend::CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+>(
+    kind: &str,
+    suffix: &str,
+    s: &CudaStorage,
+    l: &Layout,
+    out_len: usize,
+    dims: [usize; 10],
+) -> candle_core::Result<CudaStorage> {
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{kind}: input is not contiguous");
+    };
+    let dev = &s.device;
+    let src = s.as_cuda_slice::<T>()?.slice(a..b);
+    let mut out = dev.alloc_zeros::<T>(out_len.max(1))?;
+    let name = format!("dreambooth_{kind}_{suffix}");
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&mut out);
+    for d in &dims {
+        builder.arg(d);
+    }
+    let blocks = out_len.div_ceil(256).clamp(1, 1 << 16) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel reads the input's elements and writes out_len outputs.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}

@@ -95,6 +95,9 @@ impl Conv2d {
             w2.broadcast_matmul(&x2)?.reshape((b, o, h, w))?
         } else if cpu_f32 {
             super::im2col::conv2d_im2col(x, weight, self.stride, self.padding)?
+        } else if x.device().is_cuda() && super::conv_gemm::enabled() {
+            // GEMM backward on recomputed columns instead of candle's naive one.
+            super::conv_gemm::conv2d(x, weight, self.stride, self.padding)?
         } else {
             x.conv2d(weight, self.padding, self.stride, 1, 1)?
         };

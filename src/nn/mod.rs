@@ -5,6 +5,7 @@ pub mod attention;
 pub mod attention_cpu;
 pub mod conv;
 pub mod conv_cpu;
+pub mod conv_gemm;
 pub mod cpu;
 pub mod embedding;
 pub mod fused;
