@@ -236,9 +236,12 @@ fn fused_applies(slot: &Slot, g: &Tensor) -> bool {
 }
 
 /// Whether the CUDA kernel ([`crate::cuda::adamw`]) can run this update.
+/// (`DREAMBOOTH_NO_FUSED` turns it off, as it does the CPU kernels.)
 #[cfg(feature = "cuda")]
 fn cuda_applies(slot: &Slot, g: &Tensor) -> bool {
-    crate::cuda::adamw::applies(slot.var.as_tensor(), &slot.m, &slot.v, g)
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*DISABLED.get_or_init(|| std::env::var_os("DREAMBOOTH_NO_FUSED").is_some())
+        && crate::cuda::adamw::applies(slot.var.as_tensor(), &slot.m, &slot.v, g)
 }
 
 #[cfg(not(feature = "cuda"))]
