@@ -157,6 +157,8 @@ pub fn train(
     ev: &mut Events,
 ) -> Result<(StableDiffusion, TrainOutcome)> {
     cfg.validate()?;
+    // Before loading anything: bf16 needs a GPU.
+    crate::nn::Precision::parse(&cfg.mixed_precision)?.check_device(device)?;
     let model = load_model(cfg, device)?;
     let outcome = train_model(cfg, &model, ev)?;
     Ok((model, outcome))
