@@ -198,13 +198,7 @@ pub fn bench_step(
     let mut unet = UNet2DConditionModel::new(&vb, &cfg)?;
     if half_base {
         // As the trainer does: a frozen base in the compute dtype.
-        let dt = opts.precision.dtype();
-        let tensors = vb
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(dt)?)))
-            .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        vb = Vb::from_tensors(Path::new("unet"), tensors, device, false);
+        vb = vb.converted(opts.precision.dtype())?;
         unet = UNet2DConditionModel::new(&vb, &cfg)?;
     }
     let vars = match &opts.lora {

@@ -128,6 +128,15 @@ pub struct PytorchArgs {
 }
 
 impl PytorchArgs {
+    /// `--dtype`, which must be f32 when the (f32) PyTorch twin runs too.
+    fn precision(&self, dtype: &str) -> anyhow::Result<dreambooth::nn::Precision> {
+        let p = dreambooth::nn::Precision::parse(dtype)?;
+        if p != dreambooth::nn::Precision::F32 && self.compare_pytorch.is_some() {
+            bail!("--compare-pytorch runs the f32 twin only; drop --dtype {dtype} to compare");
+        }
+        Ok(p)
+    }
+
     /// With `--compare-pytorch`, runs the twin (`--pytorch-script`, else
     /// `tools/bench/{default_script}`) with `args` and returns its JSON
     /// result; without it, `None`.
@@ -223,14 +232,8 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         guidance: a.guidance,
         warmup: a.warmup,
         seed: a.seed,
-        precision: dreambooth::nn::Precision::parse(&a.dtype)?,
+        precision: a.pytorch.precision(&a.dtype)?,
     };
-    if opts.precision != dreambooth::nn::Precision::F32 && a.pytorch.compare_pytorch.is_some() {
-        anyhow::bail!(
-            "--compare-pytorch runs the f32 twin only; drop --dtype {} to compare",
-            a.dtype
-        );
-    }
     println!("load average before: {}", load_average());
     let r = bench_sample(&opts, &device, &mut |l| println!("{l}"))?;
     println!(
@@ -309,14 +312,8 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         } else {
             None
         },
-        precision: dreambooth::nn::Precision::parse(&a.dtype)?,
+        precision: a.pytorch.precision(&a.dtype)?,
     };
-    if opts.precision != dreambooth::nn::Precision::F32 && a.pytorch.compare_pytorch.is_some() {
-        anyhow::bail!(
-            "--compare-pytorch runs the f32 twin only; drop --dtype {} to compare",
-            a.dtype
-        );
-    }
     if a.rounds == 0 {
         anyhow::bail!("--rounds must be at least 1");
     }

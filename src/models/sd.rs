@@ -263,13 +263,7 @@ impl StableDiffusion {
                 "a UNet being trained keeps f32 weights; use mixed precision instead",
             ));
         }
-        let tensors = self
-            .unet_vb
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
-            .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        let vb = Vb::from_tensors(&self.unet_vb.path(), tensors, &self.device, false);
+        let vb = self.unet_vb.converted(dtype)?;
         self.unet = UNet2DConditionModel::new(&vb, &self.unet.config)?;
         self.unet_vb = vb;
         Ok(())

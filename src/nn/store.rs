@@ -277,6 +277,23 @@ impl Vb {
         out
     }
 
+    /// A frozen store holding every tensor of this one converted to `dtype`
+    /// (a model rebuilt from it computes in that dtype: an inference or
+    /// frozen-base copy for mixed precision).
+    pub fn converted(&self, dtype: DType) -> Result<Self> {
+        let tensors = self
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(Self::from_tensors(
+            &self.path(),
+            tensors,
+            &self.inner.device,
+            false,
+        ))
+    }
+
     /// The trainable parameters created so far, by state-dict key.
     pub fn vars(&self) -> BTreeMap<String, Var> {
         self.inner.vars.lock().unwrap().clone()
