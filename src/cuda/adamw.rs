@@ -5,7 +5,7 @@
 //! 860M parameters on an H100, per DESIGN.md).
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{Storage, Tensor};
 
 use crate::optim::adamw::FusedScalars;
@@ -66,15 +66,8 @@ pub(crate) fn step(
                 b.arg(&k.eps);
                 b.arg(&k.decay);
                 b.arg(&k.step_size);
-                // Grid-stride loop: a grid of at most 65535 blocks covers any size.
-                let blocks = n.div_ceil(256).clamp(1, 65535) as u32;
-                let cfg = LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
                 // SAFETY: the kernel reads and writes n elements of each view.
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { b.launch(super::grid_stride(n)) }.w()?;
                 Ok(())
             })
         })

@@ -14,6 +14,17 @@ pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx
 /// The name candle caches our module under.
 pub(crate) const MODULE: &str = "dreambooth_kernels";
 
+/// The launch shape of our grid-stride kernels for `n` elements: 256-thread
+/// blocks, at most 65535 of them (each thread loops over the rest).
+pub(crate) fn grid_stride(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65535) as u32;
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Whether `t` is a contiguous f32 tensor on a CUDA device.
 pub(crate) fn is_cuda_f32(t: &Tensor) -> bool {
     t.device().is_cuda()
@@ -99,7 +110,7 @@ fn columns<
     dims: [usize; 10],
 ) -> candle_core::Result<CudaStorage> {
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("{kind}: input is not contiguous");
     };
@@ -114,13 +125,7 @@ fn columns<
     for d in &dims {
         builder.arg(d);
     }
-    let blocks = out_len.div_ceil(256).clamp(1, 1 << 16) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the kernel reads the input's elements and writes out_len outputs.
-    unsafe { builder.launch(cfg) }.w()?;
+    unsafe { builder.launch(grid_stride(out_len)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

@@ -183,6 +183,11 @@ impl TrainConfig {
     }
 
     /// Checks ranges and combinations; the error names the option.
+    /// `mixed_precision` parsed.
+    pub fn precision(&self) -> Result<crate::nn::Precision> {
+        crate::nn::Precision::parse(&self.mixed_precision)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::msg(format!("invalid option: {m}")));
         if self.instance_prompt.trim().is_empty() {
@@ -260,7 +265,7 @@ impl TrainConfig {
                 );
             }
         }
-        if let Err(e) = crate::nn::Precision::parse(&self.mixed_precision) {
+        if let Err(e) = self.precision() {
             return bad(format!("--mixed-precision: {e}"));
         }
         if self.class_sampler.parse::<SamplerKind>().is_err() {

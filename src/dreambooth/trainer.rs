@@ -141,8 +141,8 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
     if let Some(spec) = &spec {
         // LoRA with mixed precision: the frozen base is stored in the compute
         // dtype (half the memory, no per-step casts), the adapters stay f32.
-        let precision = crate::nn::Precision::parse(&cfg.mixed_precision)?;
-        if precision != crate::nn::Precision::F32 {
+        let precision = cfg.precision()?;
+        if precision != Precision::F32 {
             model.set_unet_precision(precision)?;
         }
         lora::attach_trainable(&mut model, spec)?;
@@ -158,7 +158,7 @@ pub fn train(
 ) -> Result<(StableDiffusion, TrainOutcome)> {
     cfg.validate()?;
     // Before loading anything: bf16 needs a GPU.
-    crate::nn::Precision::parse(&cfg.mixed_precision)?.check_device(device)?;
+    cfg.precision()?.check_device(device)?;
     let model = load_model(cfg, device)?;
     let outcome = train_model(cfg, &model, ev)?;
     Ok((model, outcome))
@@ -354,7 +354,7 @@ pub fn train_model(
 
     // Mixed precision: the UNet computes in bf16 / f16 on f32 master weights;
     // f16 scales the loss so small gradients survive.
-    let precision = Precision::parse(&cfg.mixed_precision)?;
+    let precision = cfg.precision()?;
     precision.check_device(&model.device)?;
     let mut scaler = LossScaler::for_precision(precision);
     if precision != Precision::F32 {

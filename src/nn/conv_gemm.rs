@@ -38,10 +38,6 @@ impl Geom {
         self.b * self.c * self.kh * self.kw * self.ho * self.wo
     }
 
-    fn input_len(&self) -> usize {
-        self.b * self.c * self.h * self.w
-    }
-
     /// The kernels' size arguments.
     #[cfg(feature = "cuda")]
     fn dims(&self) -> [usize; 10] {
@@ -84,31 +80,59 @@ impl Geom {
     }
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    super::fused::slice(s, l, what)
+/// Which way a [`Columns`] op goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    /// x (B, C, H, W) → columns (B, C·kh·kw, Ho·Wo).
+    Im2Col,
+    /// Column gradients (B, C·kh·kw, Ho·Wo) → input gradient (B, C, H, W),
+    /// each input pixel the sum of the columns that read it.
+    Col2Im,
 }
 
-/// x (B, C, H, W) → columns (B, C·kh·kw, Ho·Wo).
-struct Im2Col(Geom);
+/// im2col or col2im of one convolution (no backward: used inside one).
+struct Columns(Geom, Dir);
 
-impl CustomOp1 for Im2Col {
+impl Columns {
+    /// The kernel's name part (`dreambooth_{kind}_{dtype}`).
+    #[cfg(feature = "cuda")]
+    fn kind(&self) -> &'static str {
+        match self.1 {
+            Dir::Im2Col => "im2col",
+            Dir::Col2Im => "col2im",
+        }
+    }
+
+    fn out_shape(&self) -> Shape {
+        let g = self.0;
+        match self.1 {
+            Dir::Im2Col => Shape::from((g.b, g.c * g.kh * g.kw, g.ho * g.wo)),
+            Dir::Col2Im => Shape::from((g.b, g.c, g.h, g.w)),
+        }
+    }
+}
+
+impl CustomOp1 for Columns {
     fn name(&self) -> &'static str {
-        "conv-gemm-im2col"
+        match self.1 {
+            Dir::Im2Col => "conv-gemm-im2col",
+            Dir::Col2Im => "conv-gemm-col2im",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = f32_data(s, l, "conv-gemm im2col")?;
-        let mut cols = vec![0f32; g.cols_len()];
-        for (i, src) in g.pairs() {
-            if let Some(j) = src {
-                cols[i] = x[j];
+        let src = super::fused::slice(s, l, self.name())?;
+        let shape = self.out_shape();
+        let mut out = vec![0f32; shape.elem_count()];
+        for (col, pixel) in self.0.pairs() {
+            if let Some(px) = pixel {
+                match self.1 {
+                    Dir::Im2Col => out[col] = src[px],
+                    Dir::Col2Im => out[px] += src[col],
+                }
             }
         }
-        Ok((
-            CpuStorage::F32(cols),
-            Shape::from((g.b, g.c * g.kh * g.kw, g.ho * g.wo)),
-        ))
+        Ok((CpuStorage::F32(out), shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -117,41 +141,10 @@ impl CustomOp1 for Im2Col {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let g = self.0;
-        let out = crate::cuda::columns_kernel("im2col", s, l, g.cols_len(), g.dims())?;
-        Ok((out, Shape::from((g.b, g.c * g.kh * g.kw, g.ho * g.wo))))
-    }
-}
-
-/// Column gradients (B, C·kh·kw, Ho·Wo) → input gradient (B, C, H, W).
-struct Col2Im(Geom);
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "conv-gemm-col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let cols = f32_data(s, l, "conv-gemm col2im")?;
-        let mut dx = vec![0f32; g.input_len()];
-        for (i, src) in g.pairs() {
-            if let Some(j) = src {
-                dx[j] += cols[i];
-            }
-        }
-        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let g = self.0;
-        let out = crate::cuda::columns_kernel("col2im", s, l, g.input_len(), g.dims())?;
-        Ok((out, Shape::from((g.b, g.c, g.h, g.w))))
+        let shape = self.out_shape();
+        let out =
+            crate::cuda::columns_kernel(self.kind(), s, l, shape.elem_count(), self.0.dims())?;
+        Ok((out, shape))
     }
 }
 
@@ -203,7 +196,10 @@ impl CustomOp3 for ConvGemm {
         let (o, ck, l) = (w.dim(0)?, g.c * g.kh * g.kw, g.ho * g.wo);
         let dy = grad.contiguous()?.reshape((g.b, o, l))?;
         let dw = if w.track_op() {
-            let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
+            let cols = x
+                .detach()
+                .contiguous()?
+                .apply_op1_no_bwd(&Columns(g, Dir::Im2Col))?;
             // Per image (O, L)·(L, CK), summed over the batch in f32.
             let per = dy.matmul(&cols.transpose(1, 2)?)?;
             let sum = per.to_dtype(DType::F32)?.sum(0)?.to_dtype(w.dtype())?;
@@ -214,7 +210,7 @@ impl CustomOp3 for ConvGemm {
         let dx = if x.track_op() {
             let w2 = w.detach().reshape((o, ck))?;
             let dcols = w2.t()?.broadcast_matmul(&dy)?.contiguous()?;
-            Some(dcols.apply_op1_no_bwd(&Col2Im(g))?)
+            Some(dcols.apply_op1_no_bwd(&Columns(g, Dir::Col2Im))?)
         } else {
             None
         };

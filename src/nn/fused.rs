@@ -28,10 +28,14 @@ fn to_f32(t: &Tensor) -> Result<Tensor> {
 /// Whether `x` takes the fused path: f32 on the CPU, unless
 /// `DREAMBOOTH_NO_FUSED` is set (to measure or debug the plain ops).
 pub fn use_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && !disabled()
+}
+
+/// `DREAMBOOTH_NO_FUSED` is set: plain candle ops instead of our kernels
+/// (CPU and GPU), to measure or debug.
+pub fn disabled() -> bool {
     static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && !*DISABLED.get_or_init(|| std::env::var_os("DREAMBOOTH_NO_FUSED").is_some())
+    *DISABLED.get_or_init(|| std::env::var_os("DREAMBOOTH_NO_FUSED").is_some())
 }
 
 // ---------------------------------------------------------------------------

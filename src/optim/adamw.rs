@@ -239,8 +239,7 @@ fn fused_applies(slot: &Slot, g: &Tensor) -> bool {
 /// (`DREAMBOOTH_NO_FUSED` turns it off, as it does the CPU kernels.)
 #[cfg(feature = "cuda")]
 fn cuda_applies(slot: &Slot, g: &Tensor) -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*DISABLED.get_or_init(|| std::env::var_os("DREAMBOOTH_NO_FUSED").is_some())
+    !crate::nn::fused::disabled()
         && crate::cuda::adamw::applies(slot.var.as_tensor(), &slot.m, &slot.v, g)
 }
 
