@@ -2,6 +2,8 @@
 //! against the CPU's f32 reference in one command — for a GPU machine, where
 //! `cargo test` does not run: the fused AdamW kernel against the plain
 //! update and the CPU, the convolution's GEMM backward against candle's, the
+//! fused GroupNorm+SiLU, LayerNorm, softmax and GEGLU (f32 and half) against
+//! the plain ops, the
 //! toy UNet's outputs and every weight gradient in f32 and in mixed precision
 //! (bf16 on a GPU, f16 on the CPU), and LoRA on a frozen base (only adapters
 //! get gradients, equal to the CPU's).
@@ -77,6 +79,11 @@ pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
     } else {
         Precision::Bf16
     };
+    for p in [Precision::F32, half] {
+        for c in fused_op_checks(device, p)? {
+            push(c, log);
+        }
+    }
     for c in unet_checks(device, Precision::F32)? {
         push(c, log);
     }
@@ -192,6 +199,118 @@ fn conv_checks(device: &Device) -> Result<Vec<Check>> {
             tol: 1e-5,
         },
     ])
+}
+
+/// GroupNorm + SiLU, LayerNorm, scaled softmax and GEGLU (our CUDA kernels
+/// on a GPU, `src/nn/fused.rs` on the CPU) in `precision`: outputs and the
+/// gradients of every input against the plain ops in f32 on the CPU (inputs
+/// rounded to the precision first).
+fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
+    use crate::nn::fused::{self, plain};
+    type Op = fn(&[Tensor], bool) -> Result<Tensor>;
+    let dtype = precision.dtype();
+    let tol = match precision {
+        Precision::F32 => 1e-5,
+        Precision::Bf16 => 3e-2,
+        Precision::F16 => 5e-3,
+    };
+    // (name, input shapes (the first in `dtype`, the rest f32 parameters), op(inputs, fused))
+    let cases: [(&str, Vec<Vec<usize>>, Op); 4] = [
+        (
+            "group_norm+silu",
+            vec![vec![2, 64, 24, 24], vec![64], vec![64]],
+            |t, f| {
+                if f {
+                    fused::group_norm(&t[0], &t[1], &t[2], 32, 1e-5, true)
+                } else {
+                    plain::group_norm(&t[0], &t[1], &t[2], 32, 1e-5, true)
+                }
+            },
+        ),
+        (
+            "layer_norm",
+            vec![vec![2, 300, 320], vec![320], vec![320]],
+            |t, f| {
+                if f {
+                    fused::layer_norm(&t[0], &t[1], &t[2], 1e-5)
+                } else {
+                    plain::layer_norm(&t[0], &t[1], &t[2], 1e-5)
+                }
+            },
+        ),
+        (
+            "softmax (scale 0.125)",
+            vec![vec![2, 8, 256, 300]],
+            |t, f| {
+                if f {
+                    fused::softmax_last_dim(&t[0], 0.125)
+                } else {
+                    plain::softmax_last_dim(&t[0], 0.125)
+                }
+            },
+        ),
+        ("geglu", vec![vec![2, 256, 640]], |t, f| {
+            if f {
+                fused::geglu(&t[0])
+            } else {
+                plain::geglu(&t[0])
+            }
+        }),
+    ];
+    let mut out = Vec::new();
+    for (i, (name, shapes, op)) in cases.into_iter().enumerate() {
+        let seed = 60 + 10 * i as u64;
+        let run = |dev: &Device, fused_op: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            let mut vars = Vec::new();
+            for (k, dims) in shapes.iter().enumerate() {
+                let mut t = randn(seed + k as u64, dims, &Device::Cpu)?;
+                if k > 0 {
+                    t = (t + 1.0)?;
+                }
+                if k == 0 {
+                    // Rounded to the precision, then in it (device) or f32 (reference).
+                    t = t.to_dtype(dtype)?;
+                    t = if fused_op { t } else { t.to_dtype(DType::F32)? };
+                }
+                vars.push(Var::from_tensor(&t.to_device(dev)?)?);
+            }
+            let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = op(&inputs, fused_op)?;
+            let r = randn(seed + 9, y.dims(), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?
+                .to_device(dev)?;
+            let grads = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+            let mut g = Vec::new();
+            for v in &vars {
+                g.push(
+                    grads
+                        .get(v.as_tensor())
+                        .ok_or_else(|| Error::msg(format!("{name}: an input got no gradient")))?
+                        .clone(),
+                );
+            }
+            Ok((y, g))
+        };
+        let (y, g) = run(device, true)?;
+        let (y0, g0) = run(&Device::Cpu, false)?;
+        let mut worst = 0f64;
+        for (a, b) in g.iter().zip(&g0) {
+            worst = worst.max(rel_err(a, b)?);
+        }
+        let what = format!("{name} {} vs plain ops on the CPU", dtype.as_str());
+        out.push(Check {
+            name: format!("{what}: output"),
+            rel_err: rel_err(&y, &y0)?,
+            tol,
+        });
+        out.push(Check {
+            name: format!("{what}: gradients"),
+            rel_err: worst,
+            tol: 2.0 * tol,
+        });
+    }
+    Ok(out)
 }
 
 struct UNetRun {

@@ -113,3 +113,451 @@ __device__ void col2im(const T* __restrict__ cols, T* __restrict__ dx, size_t B,
 CONV_COLUMNS(f32, float)
 CONV_COLUMNS(bf16, __nv_bfloat16)
 CONV_COLUMNS(f16, __half)
+
+// ---------------------------------------------------------------------------
+// Normalization, softmax and GEGLU (src/cuda/fused.rs; the CPU versions are
+// src/nn/fused.rs). Inputs and outputs in T (f32, bf16 or f16), statistics
+// and reductions in f32, parameter gradients in f32. Every kernel loops over
+// its rows or elements with a grid stride, so any grid is correct and the
+// launch shape only sets the speed; blockDim.x is a power of two <= 1024.
+// Only __syncthreads and shared memory (no warp intrinsics): the CPU
+// simulation in tools/cuda/sim runs these same sources in the tests.
+// ---------------------------------------------------------------------------
+
+#include <math.h>
+
+// The sum / max of v over the block; every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ float block_max(float v, float* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const float r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+// (mean, 1/std) of one row of d elements (two passes: no cancellation).
+template <typename T>
+__device__ void row_moments(const T* xr, size_t d, float eps, float* sh, float* mean,
+                            float* rstd) {
+  float s = 0.0f;
+  for (size_t j = threadIdx.x; j < d; j += blockDim.x) s += to_f(xr[j]);
+  const float m = block_sum(s, sh) / (float)d;
+  float q = 0.0f;
+  for (size_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const float c = to_f(xr[j]) - m;
+    q += c * c;
+  }
+  const float var = block_sum(q, sh) / (float)d;
+  *mean = m;
+  *rstd = 1.0f / sqrtf(var + eps);
+}
+
+// softmax(scale * x) over rows of d; scale > 0.
+template <typename T>
+__device__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, size_t rows, size_t d,
+                            float scale) {
+  __shared__ float sh[1024];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * d;
+    T* yr = y + r * d;
+    float m = -INFINITY;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) m = fmaxf(m, to_f(xr[j]));
+    m = block_max(m, sh);
+    if (m == -INFINITY) m = 0.0f;
+    float s = 0.0f;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) s += expf(scale * (to_f(xr[j]) - m));
+    const float inv = 1.0f / block_sum(s, sh);
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x)
+      yr[j] = from_f<T>(expf(scale * (to_f(xr[j]) - m)) * inv);
+  }
+}
+
+// dx = scale * y * (dy - sum(dy * y)) per row.
+template <typename T>
+__device__ void softmax_bwd(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx,
+                            size_t rows, size_t d, float scale) {
+  __shared__ float sh[1024];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* yr = y + r * d;
+    const T* gr = dy + r * d;
+    float s = 0.0f;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) s += to_f(yr[j]) * to_f(gr[j]);
+    const float dot = block_sum(s, sh);
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x)
+      dx[r * d + j] = from_f<T>(scale * to_f(yr[j]) * (to_f(gr[j]) - dot));
+  }
+}
+
+// LayerNorm over rows of d with affine w, b (f32).
+template <typename T>
+__device__ void layer_norm_fwd(const T* __restrict__ x, const float* __restrict__ w,
+                               const float* __restrict__ b, T* __restrict__ y, size_t rows,
+                               size_t d, float eps) {
+  __shared__ float sh[1024];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * d;
+    float mean, rstd;
+    row_moments(xr, d, eps, sh, &mean, &rstd);
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x)
+      y[r * d + j] = from_f<T>((to_f(xr[j]) - mean) * rstd * w[j] + b[j]);
+  }
+}
+
+// stats[2r], stats[2r + 1] = mean, 1/std of row r.
+template <typename T>
+__device__ void layer_norm_stats(const T* __restrict__ x, float* __restrict__ stats, size_t rows,
+                                 size_t d, float eps) {
+  __shared__ float sh[1024];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float mean, rstd;
+    row_moments(x + r * d, d, eps, sh, &mean, &rstd);
+    if (threadIdx.x == 0) {
+      stats[2 * r] = mean;
+      stats[2 * r + 1] = rstd;
+    }
+  }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, per row.
+template <typename T>
+__device__ void layer_norm_bwd_dx(const T* __restrict__ x, const T* __restrict__ dy,
+                                  const float* __restrict__ w, T* __restrict__ dx, size_t rows,
+                                  size_t d, float eps) {
+  __shared__ float sh[1024];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * d;
+    const T* gr = dy + r * d;
+    float mean, rstd;
+    row_moments(xr, d, eps, sh, &mean, &rstd);
+    float a1 = 0.0f, a2 = 0.0f;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const float g = to_f(gr[j]) * w[j];
+      a1 += g;
+      a2 += g * (to_f(xr[j]) - mean) * rstd;
+    }
+    const float m1 = block_sum(a1, sh) / (float)d;
+    const float m2 = block_sum(a2, sh) / (float)d;
+    for (size_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const float xh = (to_f(xr[j]) - mean) * rstd;
+      dx[r * d + j] = from_f<T>(rstd * (to_f(gr[j]) * w[j] - m1 - xh * m2));
+    }
+  }
+}
+
+// Partial sums of dw = sum dy * xhat and db = sum dy over rows
+// [c * chunk, (c + 1) * chunk): partial[c * 2d + j] and partial[c * 2d + d + j].
+template <typename T>
+__device__ void layer_norm_bwd_params(const T* __restrict__ x, const T* __restrict__ dy,
+                                      const float* __restrict__ stats, float* __restrict__ partial,
+                                      size_t rows, size_t d, size_t chunk, size_t n_chunks) {
+  const size_t total = n_chunks * d;
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += step) {
+    const size_t c = idx / d, j = idx % d;
+    const size_t r1 = (c + 1) * chunk < rows ? (c + 1) * chunk : rows;
+    float sw = 0.0f, sb = 0.0f;
+    for (size_t r = c * chunk; r < r1; ++r) {
+      const float g = to_f(dy[r * d + j]);
+      sw += g * (to_f(x[r * d + j]) - stats[2 * r]) * stats[2 * r + 1];
+      sb += g;
+    }
+    partial[c * 2 * d + j] = sw;
+    partial[c * 2 * d + d + j] = sb;
+  }
+}
+
+// out[k] = sum over c of partial[c * width + k].
+extern "C" __global__ void dreambooth_sum_partials(const float* __restrict__ partial,
+                                                   float* __restrict__ out, size_t n_chunks,
+                                                   size_t width) {
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < width; k += step) {
+    float s = 0.0f;
+    for (size_t c = 0; c < n_chunks; ++c) s += partial[c * width + k];
+    out[k] = s;
+  }
+}
+
+// GroupNorm statistics, split over `parts` blocks per row (rows = B * G of
+// m = C / G * S elements each): partial[3 (r * parts + p) ..] = (sum (x - k),
+// sum (x - k)^2, k) over part p, shifted by the row's first element k.
+template <typename T>
+__device__ void group_norm_stats(const T* __restrict__ x, float* __restrict__ partial, size_t rows,
+                                 size_t m, size_t parts) {
+  __shared__ float sh[1024];
+  const size_t len = (m + parts - 1) / parts;
+  for (size_t item = blockIdx.x; item < rows * parts; item += gridDim.x) {
+    const size_t r = item / parts, p = item % parts;
+    const T* xr = x + r * m;
+    const float k = to_f(xr[0]);
+    const size_t j1 = (p + 1) * len < m ? (p + 1) * len : m;
+    float s1 = 0.0f, s2 = 0.0f;
+    for (size_t j = p * len + threadIdx.x; j < j1; j += blockDim.x) {
+      const float v = to_f(xr[j]) - k;
+      s1 += v;
+      s2 += v * v;
+    }
+    s1 = block_sum(s1, sh);
+    s2 = block_sum(s2, sh);
+    if (threadIdx.x == 0) {
+      partial[3 * item] = s1;
+      partial[3 * item + 1] = s2;
+      partial[3 * item + 2] = k;
+    }
+  }
+}
+
+// stats[2r], stats[2r + 1] = mean, 1/std of row r from its partial sums.
+extern "C" __global__ void dreambooth_group_norm_finalize(const float* __restrict__ partial,
+                                                         float* __restrict__ stats, size_t rows,
+                                                         size_t parts, size_t m, float eps) {
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += step) {
+    double s1 = 0.0, s2 = 0.0;
+    for (size_t p = 0; p < parts; ++p) {
+      s1 += partial[3 * (r * parts + p)];
+      s2 += partial[3 * (r * parts + p) + 1];
+    }
+    const double ms = s1 / (double)m;
+    double var = s2 / (double)m - ms * ms;
+    if (var < 0.0) var = 0.0;
+    stats[2 * r] = (float)(ms + (double)partial[3 * r * parts + 2]);
+    stats[2 * r + 1] = (float)(1.0 / sqrt(var + (double)eps));
+  }
+}
+
+// Index helpers for (B, C, S) tensors split into G groups.
+struct GroupIndex {
+  size_t c, row;
+  __device__ GroupIndex(size_t idx, size_t C, size_t S, size_t G) {
+    const size_t bc = idx / S;
+    c = bc % C;
+    row = (bc / C) * G + c / (C / G);
+  }
+};
+
+// y = silu?((x - mean) * rstd * w[c] + b[c]).
+template <typename T>
+__device__ void group_norm_apply(const T* __restrict__ x, const float* __restrict__ stats,
+                                 const float* __restrict__ w, const float* __restrict__ b,
+                                 T* __restrict__ y, size_t B, size_t C, size_t S, size_t G,
+                                 int silu) {
+  const size_t n = B * C * S;
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += step) {
+    const GroupIndex gi(idx, C, S, G);
+    const float z = (to_f(x[idx]) - stats[2 * gi.row]) * stats[2 * gi.row + 1] * w[gi.c] + b[gi.c];
+    y[idx] = from_f<T>(silu ? z * sigmoid_f(z) : z);
+  }
+}
+
+// The gradient before the affine (through SiLU when fused) at one element,
+// and xhat.
+__device__ __forceinline__ void group_norm_dz(float xv, float gv, float mean, float rstd, float wc,
+                                              float bc, int silu, float* dz, float* xh) {
+  *xh = (xv - mean) * rstd;
+  if (silu) {
+    const float z = *xh * wc + bc;
+    const float s = sigmoid_f(z);
+    *dz = gv * s * (1.0f + z * (1.0f - s));
+  } else {
+    *dz = gv;
+  }
+}
+
+// Per (sample, channel) row of S: chan[2 (b C + c)] = sum dz * xhat,
+// chan[2 (b C + c) + 1] = sum dz.
+template <typename T>
+__device__ void group_norm_bwd_channel(const T* __restrict__ x, const T* __restrict__ dy,
+                                       const float* __restrict__ stats,
+                                       const float* __restrict__ w, const float* __restrict__ b,
+                                       float* __restrict__ chan, size_t B, size_t C, size_t S,
+                                       size_t G, int silu) {
+  __shared__ float sh[1024];
+  for (size_t bc = blockIdx.x; bc < B * C; bc += gridDim.x) {
+    const GroupIndex gi(bc * S, C, S, G);
+    const float mean = stats[2 * gi.row], rstd = stats[2 * gi.row + 1];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (size_t j = threadIdx.x; j < S; j += blockDim.x) {
+      float dz, xh;
+      group_norm_dz(to_f(x[bc * S + j]), to_f(dy[bc * S + j]), mean, rstd, w[gi.c], b[gi.c], silu,
+                    &dz, &xh);
+      s1 += dz * xh;
+      s2 += dz;
+    }
+    s1 = block_sum(s1, sh);
+    s2 = block_sum(s2, sh);
+    if (threadIdx.x == 0) {
+      chan[2 * bc] = s1;
+      chan[2 * bc + 1] = s2;
+    }
+  }
+}
+
+// From the per-(sample, channel) sums: params = [dw (C); db (C)] summed over
+// the batch, and per (sample, group) row coef[2r] = mean(dxhat),
+// coef[2r + 1] = mean(dxhat * xhat) (dxhat = dz * w) over its m elements.
+extern "C" __global__ void dreambooth_group_norm_bwd_reduce(const float* __restrict__ chan,
+                                                           const float* __restrict__ w,
+                                                           float* __restrict__ params,
+                                                           float* __restrict__ coef, size_t B,
+                                                           size_t C, size_t G, size_t m) {
+  const size_t total = C > B * G ? C : B * G;
+  const size_t cpg = C / G;
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+    if (i < C) {
+      float dw = 0.0f, db = 0.0f;
+      for (size_t bi = 0; bi < B; ++bi) {
+        dw += chan[2 * (bi * C + i)];
+        db += chan[2 * (bi * C + i) + 1];
+      }
+      params[i] = dw;
+      params[C + i] = db;
+    }
+    if (i < B * G) {
+      const size_t bi = i / G, c0 = (i % G) * cpg;
+      float s1 = 0.0f, s2 = 0.0f;
+      for (size_t k = 0; k < cpg; ++k) {
+        const size_t ch = bi * C + c0 + k;
+        s1 += w[c0 + k] * chan[2 * ch + 1];
+        s2 += w[c0 + k] * chan[2 * ch];
+      }
+      coef[2 * i] = s1 / (float)m;
+      coef[2 * i + 1] = s2 / (float)m;
+    }
+  }
+}
+
+// dx = rstd * (dz * w[c] - coef[2r] - xhat * coef[2r + 1]).
+template <typename T>
+__device__ void group_norm_bwd_dx(const T* __restrict__ x, const T* __restrict__ dy,
+                                  const float* __restrict__ stats, const float* __restrict__ coef,
+                                  const float* __restrict__ w, const float* __restrict__ b,
+                                  T* __restrict__ dx, size_t B, size_t C, size_t S, size_t G,
+                                  int silu) {
+  const size_t n = B * C * S;
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += step) {
+    const GroupIndex gi(idx, C, S, G);
+    const float rstd = stats[2 * gi.row + 1];
+    float dz, xh;
+    group_norm_dz(to_f(x[idx]), to_f(dy[idx]), stats[2 * gi.row], rstd, w[gi.c], b[gi.c], silu,
+                  &dz, &xh);
+    dx[idx] = from_f<T>(rstd * (dz * w[gi.c] - coef[2 * gi.row] - xh * coef[2 * gi.row + 1]));
+  }
+}
+
+// Exact (erf) GELU and its derivative.
+__device__ __forceinline__ void gelu_and_grad(float x, float* y, float* dy) {
+  const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+  *y = x * cdf;
+  *dy = cdf + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+
+// GEGLU: h's rows of 2d split into (a, gate); y = a * gelu(gate).
+template <typename T>
+__device__ void geglu_fwd(const T* __restrict__ h, T* __restrict__ y, size_t rows, size_t d) {
+  const size_t n = rows * d;
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += step) {
+    const size_t r = idx / d, j = idx % d;
+    float g, dg;
+    gelu_and_grad(to_f(h[r * 2 * d + d + j]), &g, &dg);
+    y[idx] = from_f<T>(to_f(h[r * 2 * d + j]) * g);
+  }
+}
+
+// dh = [dy * gelu(gate); dy * a * gelu'(gate)].
+template <typename T>
+__device__ void geglu_bwd(const T* __restrict__ h, const T* __restrict__ dy, T* __restrict__ dh,
+                          size_t rows, size_t d) {
+  const size_t n = rows * d;
+  const size_t step = (size_t)blockDim.x * gridDim.x;
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += step) {
+    const size_t r = idx / d, j = idx % d;
+    float g, dg;
+    gelu_and_grad(to_f(h[r * 2 * d + d + j]), &g, &dg);
+    const float gv = to_f(dy[idx]);
+    dh[r * 2 * d + j] = from_f<T>(gv * g);
+    dh[r * 2 * d + d + j] = from_f<T>(gv * to_f(h[r * 2 * d + j]) * dg);
+  }
+}
+
+#define FUSED_OPS(NAME, T)                                                                      \
+  extern "C" __global__ void dreambooth_softmax_fwd_##NAME(const T* x, T* y, size_t rows,       \
+                                                           size_t d, float scale) {             \
+    softmax_fwd<T>(x, y, rows, d, scale);                                                       \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_softmax_bwd_##NAME(const T* y, const T* dy, T* dx,      \
+                                                           size_t rows, size_t d, float scale) { \
+    softmax_bwd<T>(y, dy, dx, rows, d, scale);                                                  \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_layer_norm_fwd_##NAME(                                  \
+      const T* x, const float* w, const float* b, T* y, size_t rows, size_t d, float eps) {     \
+    layer_norm_fwd<T>(x, w, b, y, rows, d, eps);                                                \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_layer_norm_stats_##NAME(const T* x, float* stats,       \
+                                                                size_t rows, size_t d,          \
+                                                                float eps) {                    \
+    layer_norm_stats<T>(x, stats, rows, d, eps);                                                \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_layer_norm_bwd_dx_##NAME(                               \
+      const T* x, const T* dy, const float* w, T* dx, size_t rows, size_t d, float eps) {       \
+    layer_norm_bwd_dx<T>(x, dy, w, dx, rows, d, eps);                                           \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_layer_norm_bwd_params_##NAME(                           \
+      const T* x, const T* dy, const float* stats, float* partial, size_t rows, size_t d,       \
+      size_t chunk, size_t n_chunks) {                                                          \
+    layer_norm_bwd_params<T>(x, dy, stats, partial, rows, d, chunk, n_chunks);                  \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_group_norm_stats_##NAME(const T* x, float* partial,     \
+                                                                size_t rows, size_t m,          \
+                                                                size_t parts) {                 \
+    group_norm_stats<T>(x, partial, rows, m, parts);                                            \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_group_norm_apply_##NAME(                                \
+      const T* x, const float* stats, const float* w, const float* b, T* y, size_t B, size_t C, \
+      size_t S, size_t G, int silu) {                                                           \
+    group_norm_apply<T>(x, stats, w, b, y, B, C, S, G, silu);                                   \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_group_norm_bwd_channel_##NAME(                          \
+      const T* x, const T* dy, const float* stats, const float* w, const float* b, float* chan, \
+      size_t B, size_t C, size_t S, size_t G, int silu) {                                       \
+    group_norm_bwd_channel<T>(x, dy, stats, w, b, chan, B, C, S, G, silu);                      \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_group_norm_bwd_dx_##NAME(                               \
+      const T* x, const T* dy, const float* stats, const float* coef, const float* w,           \
+      const float* b, T* dx, size_t B, size_t C, size_t S, size_t G, int silu) {                \
+    group_norm_bwd_dx<T>(x, dy, stats, coef, w, b, dx, B, C, S, G, silu);                       \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_geglu_fwd_##NAME(const T* h, T* y, size_t rows,         \
+                                                         size_t d) {                            \
+    geglu_fwd<T>(h, y, rows, d);                                                                \
+  }                                                                                             \
+  extern "C" __global__ void dreambooth_geglu_bwd_##NAME(const T* h, const T* dy, T* dh,        \
+                                                         size_t rows, size_t d) {               \
+    geglu_bwd<T>(h, dy, dh, rows, d);                                                           \
+  }
+
+FUSED_OPS(f32, float)
+FUSED_OPS(bf16, __nv_bfloat16)
+FUSED_OPS(f16, __half)

@@ -4,6 +4,8 @@
 //! selftest --device cuda` compare against.
 
 pub mod adamw;
+pub(crate) mod exec;
+pub(crate) mod norm_bwd;
 
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, InplaceOp1, Layout, Tensor};

@@ -6,8 +6,9 @@
 //! multi-threaded with rayon, and with a backward that avoids candle's slow
 //! strided reductions (the gradient of a broadcast weight or bias).
 //!
-//! The fused path runs for f32 tensors on the CPU; everything else takes the
-//! plain path, so the CUDA build keeps using candle's ops.
+//! The fused path runs for f32 tensors on the CPU. In `cuda` builds the
+//! norms, softmax and GEGLU also run as our CUDA kernels on the GPU (f32,
+//! bf16, f16; [`use_gpu_kernels`]); everything else takes the plain path.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -29,6 +30,18 @@ fn to_f32(t: &Tensor) -> Result<Tensor> {
 /// `DREAMBOOTH_NO_FUSED` is set (to measure or debug the plain ops).
 pub fn use_fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && !disabled()
+}
+
+/// Whether `x` takes our CUDA kernels for the norms, softmax and GEGLU
+/// (`src/cuda/kernels.cu`, planned by [`super::gpu_plan`]): a `cuda` build,
+/// `x` on a CUDA device in f32, bf16 or f16 (statistics in f32 inside the
+/// kernels, so half-precision inputs need no upcast copy), unless
+/// `DREAMBOOTH_NO_FUSED` is set.
+pub fn use_gpu_kernels(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && super::gpu_plan::suffix(x.dtype()).is_some()
+        && !disabled()
 }
 
 /// `DREAMBOOTH_NO_FUSED` is set: plain candle ops instead of our kernels
@@ -54,6 +67,16 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     // Affine weights in f32 (a bf16 / f16 inference model's are upcast).
     let (weight, bias) = (&to_f32(weight)?, &to_f32(bias)?);
+    if use_gpu_kernels(x) {
+        let op = GroupNormOp {
+            groups,
+            eps,
+            silu,
+            stats: std::sync::Mutex::new(None),
+        };
+        let (w, b) = (weight.contiguous()?, bias.contiguous()?);
+        return Ok(x.contiguous()?.apply_op3(&w, &b, op)?);
+    }
     if is_half(x) {
         // Mixed precision: statistics in f32, the result in x's dtype.
         return in_f32(x, |x| group_norm(x, weight, bias, groups, eps, silu));
@@ -75,6 +98,10 @@ pub fn group_norm(
 /// LayerNorm over the last dimension with affine `weight`, `bias` (D,).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let (weight, bias) = (&to_f32(weight)?, &to_f32(bias)?);
+    if use_gpu_kernels(x) {
+        let (w, b) = (weight.contiguous()?, bias.contiguous()?);
+        return Ok(x.contiguous()?.apply_op3(&w, &b, LayerNormOp { eps })?);
+    }
     if is_half(x) {
         return in_f32(x, |x| layer_norm(x, weight, bias, eps));
     }
@@ -88,6 +115,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// softmax(scale · x) over the last dimension (scale > 0).
 pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_gpu_kernels(x) {
+        return Ok(x.contiguous()?.apply_op1(SoftmaxOp { scale })?);
+    }
     if is_half(x) {
         return in_f32(x, |x| softmax_last_dim(x, scale));
     }
@@ -102,7 +132,7 @@ pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
 /// GEGLU: the last dimension of `h` splits into halves (a, gate);
 /// returns a · gelu(gate) (exact erf GELU).
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    if use_fused(h) {
+    if use_fused(h) || use_gpu_kernels(h) {
         let h = h.contiguous()?;
         Ok(h.apply_op1(GegluOp)?)
     } else {
@@ -450,6 +480,12 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, db) =
+                crate::cuda::norm_bwd::group_norm(x, w, b, grad, self.groups, self.eps, self.silu)?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         let wb = Tensor::cat(&[w, b], 0)?;
         let flat = x.apply_op3_no_bwd(
             &grad.contiguous()?,
@@ -462,6 +498,22 @@ impl CustomOp3 for GroupNormOp {
             },
         )?;
         split3(flat, x.shape(), w.elem_count())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let gs = gpu::groups(l1.dims(), self.groups)?;
+        let plan = super::gpu_plan::group_norm_fwd(gpu::sfx(s1)?, gs, self.eps as f32, self.silu);
+        let y = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2), (s3, l3)])?;
+        Ok((y, l1.shape().clone()))
     }
 }
 
@@ -620,8 +672,29 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, db) = crate::cuda::norm_bwd::layer_norm(x, w, grad, self.eps)?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         let flat = x.apply_op3_no_bwd(&grad.contiguous()?, w, &LayerNormBwd { eps: self.eps })?;
         split3(flat, x.shape(), w.elem_count())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = gpu::rows(l1.dims());
+        let plan = super::gpu_plan::layer_norm_fwd(gpu::sfx(s1)?, rows, d, self.eps as f32);
+        let y = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2), (s3, l3)])?;
+        Ok((y, l1.shape().clone()))
     }
 }
 
@@ -734,7 +807,19 @@ impl CustomOp1 for SoftmaxOp {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let op = SoftmaxBwd { scale: self.scale };
-        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+        let grad = grad.to_dtype(y.dtype())?.contiguous()?;
+        Ok(Some(y.apply_op2_no_bwd(&grad, &op)?))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = gpu::rows(l.dims());
+        let plan = super::gpu_plan::softmax_fwd(gpu::sfx(s)?, rows, d, self.scale as f32);
+        Ok((crate::cuda::exec::run(&plan, &[(s, l)])?, l.shape().clone()))
     }
 }
 
@@ -775,6 +860,20 @@ impl CustomOp2 for SoftmaxBwd {
                 })
             });
         Ok((CpuStorage::F32(assume_init(dx)), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = gpu::rows(l1.dims());
+        let plan = super::gpu_plan::softmax_bwd(gpu::sfx(s1)?, rows, d, self.scale as f32);
+        let dx = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2)])?;
+        Ok((dx, l1.shape().clone()))
     }
 }
 
@@ -821,7 +920,29 @@ impl CustomOp1 for GegluOp {
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(h.apply_op2_no_bwd(&grad.contiguous()?, &GegluBwd)?))
+        let grad = grad.to_dtype(h.dtype())?.contiguous()?;
+        Ok(Some(h.apply_op2_no_bwd(&grad, &GegluBwd)?))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d2) = gpu::rows(l.dims());
+        if !d2.is_multiple_of(2) {
+            candle_core::bail!("geglu: last dimension {d2} is odd");
+        }
+        let plan = super::gpu_plan::geglu_fwd(gpu::sfx(s)?, rows, d2 / 2);
+        let mut out_dims = l.dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = d2 / 2;
+        }
+        Ok((
+            crate::cuda::exec::run(&plan, &[(s, l)])?,
+            Shape::from(out_dims),
+        ))
     }
 }
 
@@ -865,6 +986,20 @@ impl CustomOp2 for GegluBwd {
                 })
             });
         Ok((CpuStorage::F32(assume_init(dh)), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d2) = gpu::rows(l1.dims());
+        let plan = super::gpu_plan::geglu_bwd(gpu::sfx(s1)?, rows, d2 / 2);
+        let dh = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2)])?;
+        Ok((dh, l1.shape().clone()))
     }
 }
 
@@ -1151,6 +1286,40 @@ impl CustomOp3 for LinearOp {
                 (None, None)
             };
             Ok((dx, dw, db))
+        })
+    }
+}
+
+/// Shapes and dtypes of CUDA storage for the launch plans.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+
+    use crate::nn::gpu_plan::{Groups, suffix};
+
+    /// The kernel-name suffix of the storage's dtype.
+    pub(super) fn sfx(s: &candle_core::CudaStorage) -> candle_core::Result<&'static str> {
+        suffix(s.dtype()).ok_or_else(|| {
+            candle_core::Error::Msg(format!("our CUDA kernels do not take {:?}", s.dtype()))
+        })
+    }
+
+    /// (rows, last dimension) of a row-wise op's input.
+    pub(super) fn rows(dims: &[usize]) -> (usize, usize) {
+        let d = dims.last().copied().unwrap_or(1);
+        (dims.iter().product::<usize>() / d.max(1), d)
+    }
+
+    /// The (B, C, S, G) of a GroupNorm input.
+    pub(super) fn groups(dims: &[usize], g: usize) -> candle_core::Result<Groups> {
+        if dims.len() < 2 || g == 0 || !dims[1].is_multiple_of(g) {
+            candle_core::bail!("group_norm: input {dims:?} does not split into {g} groups");
+        }
+        Ok(Groups {
+            b: dims[0],
+            c: dims[1],
+            s: dims[2..].iter().product(),
+            g,
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod embedding;
 pub mod fused;
 mod gemm;
+pub mod gpu_plan;
 pub mod im2col;
 pub mod layout;
 pub mod linear;

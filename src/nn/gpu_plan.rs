@@ -1,0 +1,454 @@
+//! Launch plans for our CUDA normalization, softmax and GEGLU kernels
+//! (`src/cuda/kernels.cu`): which kernels run, in which order, on which
+//! buffers (the op's inputs, then scratch and output buffers), with which
+//! launch shapes and arguments.
+//!
+//! A plan is plain data, built in every build: `src/cuda/exec.rs` runs it on
+//! the GPU (`cuda` feature), and `tests/cuda_sim.rs` runs the same plan on the
+//! CPU through a simulation of the CUDA kernels (`tools/cuda/sim`), so the
+//! kernels, the scratch sizes and the argument order are all checked against
+//! the plain candle ops without a GPU.
+
+/// The element type of a buffer: the op's dtype (f32, bf16 or f16) or f32
+/// (statistics, partial sums, parameter gradients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    T,
+    F32,
+}
+
+/// A buffer of `len` elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub len: usize,
+    pub elem: Elem,
+}
+
+/// One kernel argument.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// A pointer to element `offset` of buffer `id` (inputs first, then scratch).
+    Buf {
+        id: usize,
+        offset: usize,
+    },
+    Usize(usize),
+    F32(f32),
+    I32(i32),
+}
+
+/// One kernel launch: 1-D grid and block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: u32,
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+/// The kernels of one op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The op's inputs (buffer ids 0..).
+    pub inputs: Vec<Buffer>,
+    /// Buffers the plan allocates (ids after the inputs), zero-filled.
+    pub scratch: Vec<Buffer>,
+    pub launches: Vec<Launch>,
+    /// The buffer id of the result.
+    pub output: usize,
+}
+
+/// The kernel-name suffix of a dtype (`f32`, `bf16`, `f16`), if our kernels
+/// have it.
+pub fn suffix(dtype: candle_core::DType) -> Option<&'static str> {
+    match dtype {
+        candle_core::DType::F32 => Some("f32"),
+        candle_core::DType::BF16 => Some("bf16"),
+        candle_core::DType::F16 => Some("f16"),
+        _ => None,
+    }
+}
+
+const MAX_GRID: usize = 65535;
+/// Row kernels' blocks: enough threads for the row, 32 to 256.
+fn row_block(d: usize) -> u32 {
+    d.next_power_of_two().clamp(32, 256) as u32
+}
+fn row_grid(rows: usize) -> u32 {
+    rows.clamp(1, MAX_GRID) as u32
+}
+/// Element-wise kernels: 256-thread blocks, a grid stride past 65535 blocks.
+fn flat_grid(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, MAX_GRID) as u32
+}
+
+fn t(len: usize) -> Buffer {
+    Buffer { len, elem: Elem::T }
+}
+fn f32s(len: usize) -> Buffer {
+    Buffer {
+        len,
+        elem: Elem::F32,
+    }
+}
+fn buf(id: usize) -> Arg {
+    Arg::Buf { id, offset: 0 }
+}
+fn at(id: usize, offset: usize) -> Arg {
+    Arg::Buf { id, offset }
+}
+fn launch(kernel: String, grid: u32, block: u32, args: Vec<Arg>) -> Launch {
+    Launch {
+        kernel,
+        grid,
+        block,
+        args,
+    }
+}
+
+/// softmax(scale · x) over `rows` rows of `d`: inputs [x].
+pub fn softmax_fwd(sfx: &str, rows: usize, d: usize, scale: f32) -> Plan {
+    Plan {
+        inputs: vec![t(rows * d)],
+        scratch: vec![t(rows * d)],
+        launches: vec![launch(
+            format!("dreambooth_softmax_fwd_{sfx}"),
+            row_grid(rows),
+            row_block(d),
+            vec![
+                buf(0),
+                buf(1),
+                Arg::Usize(rows),
+                Arg::Usize(d),
+                Arg::F32(scale),
+            ],
+        )],
+        output: 1,
+    }
+}
+
+/// Its backward: inputs [y, dy] → dx.
+pub fn softmax_bwd(sfx: &str, rows: usize, d: usize, scale: f32) -> Plan {
+    Plan {
+        inputs: vec![t(rows * d), t(rows * d)],
+        scratch: vec![t(rows * d)],
+        launches: vec![launch(
+            format!("dreambooth_softmax_bwd_{sfx}"),
+            row_grid(rows),
+            row_block(d),
+            vec![
+                buf(0),
+                buf(1),
+                buf(2),
+                Arg::Usize(rows),
+                Arg::Usize(d),
+                Arg::F32(scale),
+            ],
+        )],
+        output: 2,
+    }
+}
+
+/// LayerNorm over rows of `d`: inputs [x, w (d, f32), b (d, f32)] → y.
+pub fn layer_norm_fwd(sfx: &str, rows: usize, d: usize, eps: f32) -> Plan {
+    Plan {
+        inputs: vec![t(rows * d), f32s(d), f32s(d)],
+        scratch: vec![t(rows * d)],
+        launches: vec![launch(
+            format!("dreambooth_layer_norm_fwd_{sfx}"),
+            row_grid(rows),
+            row_block(d),
+            vec![
+                buf(0),
+                buf(1),
+                buf(2),
+                buf(3),
+                Arg::Usize(rows),
+                Arg::Usize(d),
+                Arg::F32(eps),
+            ],
+        )],
+        output: 3,
+    }
+}
+
+/// LayerNorm's input gradient: inputs [x, dy, w (f32)] → dx.
+pub fn layer_norm_bwd_dx(sfx: &str, rows: usize, d: usize, eps: f32) -> Plan {
+    Plan {
+        inputs: vec![t(rows * d), t(rows * d), f32s(d)],
+        scratch: vec![t(rows * d)],
+        launches: vec![launch(
+            format!("dreambooth_layer_norm_bwd_dx_{sfx}"),
+            row_grid(rows),
+            row_block(d),
+            vec![
+                buf(0),
+                buf(1),
+                buf(2),
+                buf(3),
+                Arg::Usize(rows),
+                Arg::Usize(d),
+                Arg::F32(eps),
+            ],
+        )],
+        output: 3,
+    }
+}
+
+/// LayerNorm's parameter gradients: inputs [x, dy] → f32 [dw (d); db (d)].
+/// Row statistics first, then partial column sums over chunks of rows, then
+/// their sum.
+pub fn layer_norm_bwd_params(sfx: &str, rows: usize, d: usize, eps: f32) -> Plan {
+    let n_chunks = 65536usize.div_ceil(d.max(1)).clamp(1, rows.max(1));
+    let chunk = rows.max(1).div_ceil(n_chunks);
+    let n_chunks = rows.max(1).div_ceil(chunk);
+    let (stats, partial, out) = (2, 3, 4);
+    Plan {
+        inputs: vec![t(rows * d), t(rows * d)],
+        scratch: vec![f32s(2 * rows), f32s(n_chunks * 2 * d), f32s(2 * d)],
+        launches: vec![
+            launch(
+                format!("dreambooth_layer_norm_stats_{sfx}"),
+                row_grid(rows),
+                row_block(d),
+                vec![
+                    buf(0),
+                    buf(stats),
+                    Arg::Usize(rows),
+                    Arg::Usize(d),
+                    Arg::F32(eps),
+                ],
+            ),
+            launch(
+                format!("dreambooth_layer_norm_bwd_params_{sfx}"),
+                flat_grid(n_chunks * d),
+                256,
+                vec![
+                    buf(0),
+                    buf(1),
+                    buf(stats),
+                    buf(partial),
+                    Arg::Usize(rows),
+                    Arg::Usize(d),
+                    Arg::Usize(chunk),
+                    Arg::Usize(n_chunks),
+                ],
+            ),
+            launch(
+                "dreambooth_sum_partials".into(),
+                flat_grid(2 * d),
+                256,
+                vec![
+                    buf(partial),
+                    buf(out),
+                    Arg::Usize(n_chunks),
+                    Arg::Usize(2 * d),
+                ],
+            ),
+        ],
+        output: out,
+    }
+}
+
+/// The shape of a GroupNorm: (B, C, S) with S the product of the spatial
+/// dimensions, in G groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Groups {
+    pub b: usize,
+    pub c: usize,
+    pub s: usize,
+    pub g: usize,
+}
+
+impl Groups {
+    fn rows(&self) -> usize {
+        self.b * self.g
+    }
+    /// Elements per (sample, group).
+    fn m(&self) -> usize {
+        self.c / self.g * self.s
+    }
+    fn n(&self) -> usize {
+        self.b * self.c * self.s
+    }
+    fn dims(&self) -> [Arg; 4] {
+        [
+            Arg::Usize(self.b),
+            Arg::Usize(self.c),
+            Arg::Usize(self.s),
+            Arg::Usize(self.g),
+        ]
+    }
+    /// Blocks per row for the statistics: enough blocks to fill an H100
+    /// (about 4 per SM), at least 2048 elements each.
+    fn parts(&self) -> usize {
+        528usize
+            .div_ceil(self.rows().max(1))
+            .clamp(1, (self.m() / 2048).max(1))
+    }
+}
+
+/// The two launches that leave (mean, 1/std) of every (sample, group) in
+/// buffer `stats`, from input buffer 0, through buffer `partial`.
+fn group_stats(sfx: &str, gs: Groups, eps: f32, partial: usize, stats: usize) -> [Launch; 2] {
+    let (rows, parts) = (gs.rows(), gs.parts());
+    [
+        launch(
+            format!("dreambooth_group_norm_stats_{sfx}"),
+            row_grid(rows * parts),
+            256,
+            vec![
+                buf(0),
+                buf(partial),
+                Arg::Usize(rows),
+                Arg::Usize(gs.m()),
+                Arg::Usize(parts),
+            ],
+        ),
+        launch(
+            "dreambooth_group_norm_finalize".into(),
+            flat_grid(rows),
+            256,
+            vec![
+                buf(partial),
+                buf(stats),
+                Arg::Usize(rows),
+                Arg::Usize(parts),
+                Arg::Usize(gs.m()),
+                Arg::F32(eps),
+            ],
+        ),
+    ]
+}
+
+fn group_scratch(gs: Groups) -> [Buffer; 2] {
+    [f32s(3 * gs.rows() * gs.parts()), f32s(2 * gs.rows())]
+}
+
+/// GroupNorm (+ SiLU): inputs [x, w (C, f32), b (C, f32)] → y.
+pub fn group_norm_fwd(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
+    let (partial, stats, y) = (3, 4, 5);
+    let [p, s] = group_scratch(gs);
+    let [l1, l2] = group_stats(sfx, gs, eps, partial, stats);
+    let mut args = vec![buf(0), buf(stats), buf(1), buf(2), buf(y)];
+    args.extend(gs.dims());
+    args.push(Arg::I32(silu as i32));
+    Plan {
+        inputs: vec![t(gs.n()), f32s(gs.c), f32s(gs.c)],
+        scratch: vec![p, s, t(gs.n())],
+        launches: vec![
+            l1,
+            l2,
+            launch(
+                format!("dreambooth_group_norm_apply_{sfx}"),
+                flat_grid(gs.n()),
+                256,
+                args,
+            ),
+        ],
+        output: y,
+    }
+}
+
+/// GroupNorm's parameter gradients and the per-row coefficients of its input
+/// gradient: inputs [x, dy, wb = [w; b] (2C, f32)] → f32 [dw (C); db (C);
+/// coef (2·B·G)].
+pub fn group_norm_bwd_params(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
+    let (partial, stats, chan, out) = (3, 4, 5, 6);
+    let [p, s] = group_scratch(gs);
+    let [l1, l2] = group_stats(sfx, gs, eps, partial, stats);
+    let mut args = vec![buf(0), buf(1), buf(stats), at(2, 0), at(2, gs.c), buf(chan)];
+    args.extend(gs.dims());
+    args.push(Arg::I32(silu as i32));
+    let c3 = launch(
+        format!("dreambooth_group_norm_bwd_channel_{sfx}"),
+        row_grid(gs.b * gs.c),
+        row_block(gs.s),
+        args,
+    );
+    let c4 = launch(
+        "dreambooth_group_norm_bwd_reduce".into(),
+        flat_grid(gs.c.max(gs.rows())),
+        256,
+        vec![
+            buf(chan),
+            at(2, 0),
+            at(out, 0),
+            at(out, 2 * gs.c),
+            Arg::Usize(gs.b),
+            Arg::Usize(gs.c),
+            Arg::Usize(gs.g),
+            Arg::Usize(gs.m()),
+        ],
+    );
+    Plan {
+        inputs: vec![t(gs.n()), t(gs.n()), f32s(2 * gs.c)],
+        scratch: vec![p, s, f32s(2 * gs.b * gs.c), f32s(2 * gs.c + 2 * gs.rows())],
+        launches: vec![l1, l2, c3, c4],
+        output: out,
+    }
+}
+
+/// GroupNorm's input gradient: inputs [x, dy, aux = [w; b; dw; db; coef]
+/// (f32, the parameter plan's output after [w; b])] → dx.
+pub fn group_norm_bwd_dx(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
+    let (partial, stats, dx) = (3, 4, 5);
+    let [p, s] = group_scratch(gs);
+    let [l1, l2] = group_stats(sfx, gs, eps, partial, stats);
+    let mut args = vec![
+        buf(0),
+        buf(1),
+        buf(stats),
+        at(2, 4 * gs.c),
+        at(2, 0),
+        at(2, gs.c),
+        buf(dx),
+    ];
+    args.extend(gs.dims());
+    args.push(Arg::I32(silu as i32));
+    Plan {
+        inputs: vec![t(gs.n()), t(gs.n()), f32s(4 * gs.c + 2 * gs.rows())],
+        scratch: vec![p, s, t(gs.n())],
+        launches: vec![
+            l1,
+            l2,
+            launch(
+                format!("dreambooth_group_norm_bwd_dx_{sfx}"),
+                flat_grid(gs.n()),
+                256,
+                args,
+            ),
+        ],
+        output: dx,
+    }
+}
+
+/// GEGLU over rows of 2·d: inputs [h] → y (rows · d).
+pub fn geglu_fwd(sfx: &str, rows: usize, d: usize) -> Plan {
+    Plan {
+        inputs: vec![t(rows * 2 * d)],
+        scratch: vec![t(rows * d)],
+        launches: vec![launch(
+            format!("dreambooth_geglu_fwd_{sfx}"),
+            flat_grid(rows * d),
+            256,
+            vec![buf(0), buf(1), Arg::Usize(rows), Arg::Usize(d)],
+        )],
+        output: 1,
+    }
+}
+
+/// Its backward: inputs [h, dy] → dh (rows · 2d).
+pub fn geglu_bwd(sfx: &str, rows: usize, d: usize) -> Plan {
+    Plan {
+        inputs: vec![t(rows * 2 * d), t(rows * d)],
+        scratch: vec![t(rows * 2 * d)],
+        launches: vec![launch(
+            format!("dreambooth_geglu_bwd_{sfx}"),
+            flat_grid(rows * d),
+            256,
+            vec![buf(0), buf(1), buf(2), Arg::Usize(rows), Arg::Usize(d)],
+        )],
+        output: 2,
+    }
+}
