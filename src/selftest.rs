@@ -2,8 +2,8 @@
 //! against the CPU's f32 reference in one command — for a GPU machine, where
 //! `cargo test` does not run: the fused AdamW kernel against the plain
 //! update and the CPU, the convolution's GEMM backward against candle's, the
-//! fused GroupNorm+SiLU, LayerNorm, softmax and GEGLU (f32 and half) against
-//! the plain ops, the
+//! fused GroupNorm+SiLU, LayerNorm, softmax, GEGLU and attention (f32 and
+//! half) against the plain ops, the
 //! toy UNet's outputs and every weight gradient in f32 and in mixed precision
 //! (bf16 on a GPU, f16 on the CPU), and LoRA on a frozen base (only adapters
 //! get gradients, equal to the CPU's).
@@ -201,11 +201,13 @@ fn conv_checks(device: &Device) -> Result<Vec<Check>> {
     ])
 }
 
-/// GroupNorm + SiLU, LayerNorm, scaled softmax and GEGLU (our CUDA kernels
-/// on a GPU, `src/nn/fused.rs` on the CPU) in `precision`: outputs and the
+/// GroupNorm + SiLU, LayerNorm, scaled softmax, GEGLU and multi-head
+/// attention (our CUDA kernels and the recomputing attention node on a GPU,
+/// `src/nn/fused.rs` and `attention_cpu` on the CPU) in `precision`: outputs and the
 /// gradients of every input against the plain ops in f32 on the CPU (inputs
 /// rounded to the precision first).
 fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
+    use crate::nn::attention::{multi_head_attention, plain_multi_head_attention};
     use crate::nn::fused::{self, plain};
     type Op = fn(&[Tensor], bool) -> Result<Tensor>;
     let dtype = precision.dtype();
@@ -214,11 +216,13 @@ fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> 
         Precision::Bf16 => 3e-2,
         Precision::F16 => 5e-3,
     };
-    // (name, input shapes (the first in `dtype`, the rest f32 parameters), op(inputs, fused))
-    let cases: [(&str, Vec<Vec<usize>>, Op); 4] = [
+    // (name, input shapes, how many of them are data (in `dtype`; the rest
+    // are f32 parameters), op(inputs, fused))
+    let cases: [(&str, Vec<Vec<usize>>, usize, Op); 5] = [
         (
             "group_norm+silu",
             vec![vec![2, 64, 24, 24], vec![64], vec![64]],
+            1,
             |t, f| {
                 if f {
                     fused::group_norm(&t[0], &t[1], &t[2], 32, 1e-5, true)
@@ -230,6 +234,7 @@ fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> 
         (
             "layer_norm",
             vec![vec![2, 300, 320], vec![320], vec![320]],
+            1,
             |t, f| {
                 if f {
                     fused::layer_norm(&t[0], &t[1], &t[2], 1e-5)
@@ -241,6 +246,7 @@ fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> 
         (
             "softmax (scale 0.125)",
             vec![vec![2, 8, 256, 300]],
+            1,
             |t, f| {
                 if f {
                     fused::softmax_last_dim(&t[0], 0.125)
@@ -249,25 +255,37 @@ fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> 
                 }
             },
         ),
-        ("geglu", vec![vec![2, 256, 640]], |t, f| {
+        ("geglu", vec![vec![2, 256, 640]], 1, |t, f| {
             if f {
                 fused::geglu(&t[0])
             } else {
                 plain::geglu(&t[0])
             }
         }),
+        (
+            "attention (8 heads)",
+            vec![vec![2, 256, 320], vec![2, 77, 320], vec![2, 77, 320]],
+            3,
+            |t, f| {
+                let scale = 1.0 / 40f64.sqrt();
+                if f {
+                    multi_head_attention(&t[0], &t[1], &t[2], 8, scale)
+                } else {
+                    plain_multi_head_attention(&t[0], &t[1], &t[2], 8, scale)
+                }
+            },
+        ),
     ];
     let mut out = Vec::new();
-    for (i, (name, shapes, op)) in cases.into_iter().enumerate() {
+    for (i, (name, shapes, n_data, op)) in cases.into_iter().enumerate() {
         let seed = 60 + 10 * i as u64;
         let run = |dev: &Device, fused_op: bool| -> Result<(Tensor, Vec<Tensor>)> {
             let mut vars = Vec::new();
             for (k, dims) in shapes.iter().enumerate() {
                 let mut t = randn(seed + k as u64, dims, &Device::Cpu)?;
-                if k > 0 {
+                if k >= n_data {
                     t = (t + 1.0)?;
-                }
-                if k == 0 {
+                } else {
                     // Rounded to the precision, then in it (device) or f32 (reference).
                     t = t.to_dtype(dtype)?;
                     t = if fused_op { t } else { t.to_dtype(DType::F32)? };

@@ -384,6 +384,29 @@ fn multi_head_attention_matches_plain() {
 }
 
 #[test]
+fn recompute_attention_matches_plain() {
+    // The GPU's attention node (batched GEMMs + fused softmax, probabilities
+    // recomputed in the backward), run here on the CPU.
+    use dreambooth::nn::attention::plain_multi_head_attention;
+    use dreambooth::nn::attention_recompute::multi_head_attention;
+    for (b, n, m, heads, d) in [(2, 6, 6, 2, 3), (2, 5, 3, 3, 4), (1, 33, 7, 1, 5)] {
+        let c = heads * d;
+        let q = randn(&[b, n, c], 51);
+        let k = randn(&[b, m, c], 52);
+        let v = randn(&[b, m, c], 53);
+        let scale = 1.0 / (d as f64).sqrt();
+        let ff = move |t: &[Tensor]| multi_head_attention(&t[0], &t[1], &t[2], heads, scale);
+        let pf = move |t: &[Tensor]| plain_multi_head_attention(&t[0], &t[1], &t[2], heads, scale);
+        check(
+            &format!("recompute attention b {b} n {n} m {m} heads {heads} d {d}"),
+            &ff,
+            &pf,
+            &[q, k, v],
+        );
+    }
+}
+
+#[test]
 fn layout_ops_match_plain() {
     use dreambooth::nn::layout;
     // Sizes that leave partial blocks (20 channels: the transpose writes 16

@@ -39,7 +39,9 @@ pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
 /// Multi-head attention on token-major tensors: q (B, N, H·d), k and v
 /// (B, M, H·d) → (B, N, H·d), softmax(q kᵀ · scale) v per head. On the CPU
 /// (f32) one autograd node that reads the heads in place and keeps no scores
-/// for the backward pass ([`super::attention_cpu`]).
+/// for the backward pass ([`super::attention_cpu`]); on a GPU one node of
+/// batched GEMMs and our fused softmax that keeps no scores either
+/// ([`super::attention_recompute`]).
 pub fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
@@ -47,6 +49,9 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    if super::fused::use_gpu_kernels(q) {
+        return super::attention_recompute::multi_head_attention(q, k, v, heads, scale);
+    }
     if !super::fused::use_fused(q) {
         return plain_multi_head_attention(q, k, v, heads, scale);
     }
