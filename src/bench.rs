@@ -60,6 +60,35 @@ impl Arch {
         }
     }
 
+    /// The architecture's VAE and text encoder configs (random weights), for
+    /// the whole step with encoding: SD 1.5's (CLIP ViT-L/14's text tower) or
+    /// the tiny model's.
+    pub fn encoder_configs(&self) -> Result<(serde_json::Value, serde_json::Value)> {
+        match self {
+            Arch::Sd15 => Ok((sd15_vae_config(), sd15_text_encoder_config())),
+            Arch::Toy => Ok((
+                crate::toy::pretrain::vae_config(),
+                json!({
+                    "vocab_size": 1024,
+                    "hidden_size": 64,
+                    "intermediate_size": 256,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "max_position_embeddings": crate::toy::pretrain::MAX_TOKENS,
+                    "hidden_act": "quick_gelu",
+                    "projection_dim": 64,
+                    "bos_token_id": 1,
+                    "eos_token_id": 2,
+                    "pad_token_id": 2
+                }),
+            )),
+            Arch::Config(p) => Err(Error::msg(format!(
+                "--with-encoders needs --arch sd15 or toy (no VAE or text encoder config beside {})",
+                p.display()
+            ))),
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Arch::Sd15 => "sd15".into(),
@@ -88,6 +117,42 @@ pub fn sd15_unet_config() -> serde_json::Value {
     })
 }
 
+/// SD 1.5's `vae/config.json`.
+pub fn sd15_vae_config() -> serde_json::Value {
+    json!({
+        "_class_name": "AutoencoderKL",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215
+    })
+}
+
+/// SD 1.5's `text_encoder/config.json` (CLIP ViT-L/14's text tower).
+pub fn sd15_text_encoder_config() -> serde_json::Value {
+    json!({
+        "architectures": ["CLIPTextModel"],
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 768,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct StepBenchOptions {
     pub arch: Arch,
@@ -103,10 +168,16 @@ pub struct StepBenchOptions {
     pub lora: Option<crate::models::lora::LoraSpec>,
     /// The UNet's compute dtype (mixed precision: f32 weights and moments).
     pub precision: crate::nn::Precision,
+    /// The whole step: encode the batch's pixels with the VAE and its
+    /// prompts with the text encoder (frozen, in the compute dtype) before
+    /// the UNet step, as the trainer does without cached latents.
+    pub with_encoders: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct StepTimes {
+    /// VAE + text encoding (0 without `with_encoders`).
+    pub encode: f64,
     pub forward: f64,
     pub backward: f64,
     pub optimizer: f64,
@@ -117,7 +188,7 @@ pub struct StepTimes {
 
 impl StepTimes {
     pub fn total(&self) -> f64 {
-        self.forward + self.backward + self.optimizer
+        self.encode + self.forward + self.backward + self.optimizer
     }
 }
 
@@ -150,6 +221,74 @@ pub fn gpu_memory_in_use(device: &Device) -> Option<u64> {
     {
         let _ = device;
         None
+    }
+}
+
+/// The frozen VAE and text encoder of the whole step, with the batch's
+/// pixels and token ids.
+struct Encoders {
+    vae: crate::models::vae::AutoencoderKL,
+    text: crate::models::clip_text::ClipTextModel,
+    pixels: Tensor,
+    ids: Tensor,
+}
+
+impl Encoders {
+    fn new(
+        opts: &StepBenchOptions,
+        device: &Device,
+        b: usize,
+        len: usize,
+        ctx_dim: usize,
+    ) -> Result<Self> {
+        let (vae_json, text_json) = opts.arch.encoder_configs()?;
+        let vae_cfg: crate::models::vae::VaeConfig =
+            serde_json::from_value(vae_json).map_err(|e| Error::msg(format!("VAE config: {e}")))?;
+        let text_cfg: crate::models::clip_text::ClipTextConfig = serde_json::from_value(text_json)
+            .map_err(|e| Error::msg(format!("text encoder config: {e}")))?;
+        if text_cfg.hidden_size != ctx_dim || text_cfg.max_position_embeddings < len {
+            return Err(Error::msg(format!(
+                "the text encoder ({} wide, {} positions) does not fit the UNet's context ({ctx_dim} wide, {len} tokens)",
+                text_cfg.hidden_size, text_cfg.max_position_embeddings
+            )));
+        }
+        // Frozen, in the compute dtype (as the trainer keeps them): drawn
+        // into a recording store, then rebuilt from its converted copy.
+        let build = |vb: &Vb| -> Result<_> {
+            Ok((
+                crate::models::vae::AutoencoderKL::new(&vb.pp("vae"), &vae_cfg)?,
+                crate::models::clip_text::ClipTextModel::new(&vb.pp("text"), &text_cfg)?,
+            ))
+        };
+        let drawn = Vb::random(opts.seed + 1, device, true);
+        drop(build(&drawn)?);
+        let (vae, text) = build(&drawn.converted(opts.precision.dtype())?)?;
+        drop(drawn);
+        let mut rng = StdRng::seed_from_u64(opts.seed + 2);
+        let pixels = randn(&mut rng, &[b, 3, opts.res, opts.res], device)?.clamp(-1f32, 1f32)?;
+        let ids: Vec<u32> = (0..b * len)
+            .map(|_| rng.random_range(0..text_cfg.vocab_size as u32))
+            .collect();
+        let ids = Tensor::from_vec(ids, (b, len), device)?;
+        Ok(Self {
+            vae,
+            text,
+            pixels,
+            ids,
+        })
+    }
+
+    /// (scaled latents sampled from the posterior, text hidden states).
+    fn encode(
+        &self,
+        rng: &mut StdRng,
+        precision: crate::nn::Precision,
+    ) -> Result<(Tensor, Tensor)> {
+        let post = self.vae.encode(&precision.cast(&self.pixels)?)?;
+        let noise = randn(rng, post.mode().dims(), self.pixels.device())?;
+        let z = (post.sample(&precision.cast(&noise)?)? * self.vae.scaling_factor())?;
+        let ctx = self.text.forward(&self.ids)?;
+        Ok((z.to_dtype(DType::F32)?.detach(), ctx.detach()))
     }
 }
 
@@ -230,6 +369,11 @@ pub fn bench_step(
     let ctx = randn(&mut rng, &[b, l, cfg.cross_attention_dim], device)?;
     let t: Vec<f32> = (0..b).map(|_| rng.random_range(0..1000) as f32).collect();
     let t = Tensor::from_vec(t, b, device)?;
+    let encoders = if opts.with_encoders {
+        Some(Encoders::new(opts, device, b, l, cfg.cross_attention_dim)?)
+    } else {
+        None
+    };
 
     let mut steps = Vec::new();
     let mut gpu_memory: Option<u64> = None;
@@ -241,6 +385,12 @@ pub fn bench_step(
     for i in 0..opts.warmup + opts.steps {
         let c0 = process_cpu_seconds();
         let warm = crate::nn::cpu::KeepWarm::start();
+        let te = Instant::now();
+        let (x, ctx) = match &encoders {
+            Some(e) => e.encode(&mut rng, opts.precision)?,
+            None => (x.clone(), ctx.clone()),
+        };
+        device.synchronize()?;
         let t0 = Instant::now();
         let pred = unet
             .forward(&opts.precision.cast(&x)?, &t, &ctx)?
@@ -260,6 +410,7 @@ pub fn bench_step(
         see_gpu();
         drop(warm);
         let st = StepTimes {
+            encode: (t0 - te).as_secs_f64(),
             forward: (t1 - t0).as_secs_f64(),
             backward: (t2 - t1).as_secs_f64(),
             optimizer: (t3 - t2).as_secs_f64(),
@@ -267,7 +418,8 @@ pub fn bench_step(
         };
         let tag = if i < opts.warmup { "warm-up" } else { "step" };
         log(&format!(
-            "  {tag} {i}: forward {:.3}s backward {:.3}s optimizer {:.3}s total {:.3}s (CPU {:.3}s)",
+            "  {tag} {i}: encode {:.3}s forward {:.3}s backward {:.3}s optimizer {:.3}s total {:.3}s (CPU {:.3}s)",
+            st.encode,
             st.forward,
             st.backward,
             st.optimizer,
@@ -279,6 +431,7 @@ pub fn bench_step(
         }
     }
     let median = StepTimes {
+        encode: median(steps.iter().map(|s| s.encode).collect()),
         forward: median(steps.iter().map(|s| s.forward).collect()),
         backward: median(steps.iter().map(|s| s.backward).collect()),
         optimizer: median(steps.iter().map(|s| s.optimizer).collect()),

@@ -88,6 +88,11 @@ pub struct StepArgs {
     /// LoRA targets: attn, attn+ff, all-linear, optionally +conv.
     #[arg(long, default_value = "attn")]
     pub lora_targets: String,
+    /// The whole step: also encode the batch's pixels with the VAE and its
+    /// prompts with the text encoder (frozen, random weights, in the compute
+    /// dtype; --arch sd15 or toy), timed as `encode`.
+    #[arg(long)]
+    with_encoders: bool,
     /// The UNet's compute dtype: f32 (default), bf16 (GPU) or fp16; with
     /// bf16 / fp16 weights and AdamW state stay f32 (mixed precision).
     #[arg(long, visible_alias = "mixed-precision", default_value = "f32")]
@@ -313,9 +318,15 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
             None
         },
         precision: a.pytorch.precision(&a.dtype)?,
+        with_encoders: a.with_encoders,
     };
     if a.rounds == 0 {
         anyhow::bail!("--rounds must be at least 1");
+    }
+    if opts.with_encoders && a.pytorch.compare_pytorch.is_some() {
+        anyhow::bail!(
+            "--with-encoders has no CPU PyTorch twin: compare the whole step with ../shared/bench/peer_diffusers_step.py on a GPU"
+        );
     }
     let mut ratios: Vec<f64> = Vec::new();
     for round in 0..a.rounds {
@@ -370,6 +381,13 @@ fn step_round(
     let r = bench_step(opts, device, &mut |l| println!("{l}"))?;
     let m = &r.median;
     let rss = gib(r.peak_rss.map(|b| b as f64));
+    if opts.with_encoders {
+        println!(
+            "ours    median encode (VAE + text encoder) {:.3}s, whole step {:.3}s",
+            m.encode,
+            m.total()
+        );
+    }
     println!(
         "ours    median of {}: forward {:.3}s  backward {:.3}s  optimizer {:.3}s  step {:.3}s  peak RSS {rss}  CPU/step {:.3}s",
         r.steps.len(),
