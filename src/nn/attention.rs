@@ -68,13 +68,21 @@ pub fn plain_multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let split = |x: &Tensor| -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, heads, c / heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    };
+    let split = |x: &Tensor| split_heads(x, heads);
     let o = scaled_dot_product_attention(&split(q)?, &split(k)?, &split(v)?, scale, None)?;
-    let (b, _, n, d) = o.dims4()?;
+    merge_heads(&o)
+}
+
+/// (B, N, H·d) → (B, H, N, d), contiguous.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    Ok(x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// (B, H, N, d) → (B, N, H·d).
+pub fn merge_heads(o: &Tensor) -> Result<Tensor> {
+    let (b, heads, n, d) = o.dims4()?;
     Ok(o.transpose(1, 2)?.reshape((b, n, heads * d))?)
 }

@@ -25,19 +25,15 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    // (B·H, N, d) batches of heads.
     let split = |x: &Tensor| -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, heads, c / heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * heads, n, c / heads))?)
+        let x = super::attention::split_heads(x, heads)?;
+        let (b, h, n, d) = x.dims4()?;
+        Ok(x.reshape((b * h, n, d))?)
     };
     let o = attention(&split(q)?, &split(k)?, &split(v)?, scale)?;
     let (bh, n, d) = o.dims3()?;
-    let b = bh / heads;
-    Ok(o.reshape((b, heads, n, d))?
-        .transpose(1, 2)?
-        .reshape((b, n, heads * d))?)
+    super::attention::merge_heads(&o.reshape((bh / heads, heads, n, d))?)
 }
 
 /// softmax(q kᵀ · scale) v for q (BH, N, d), k (BH, M, d), v (BH, M, dv).

@@ -106,93 +106,49 @@ fn launch(kernel: String, grid: u32, block: u32, args: Vec<Arg>) -> Launch {
     }
 }
 
+/// A row-wise op: one block per row of `d` (grid-stride over `rows`), the
+/// kernel's arguments (inputs..., output, rows, d, scalar), the output of the
+/// op's dtype and the first input's size.
+fn row_op(kernel: String, inputs: Vec<Buffer>, rows: usize, d: usize, scalar: f32) -> Plan {
+    let out = inputs.len();
+    let mut args: Vec<Arg> = (0..=out).map(buf).collect();
+    args.extend([Arg::Usize(rows), Arg::Usize(d), Arg::F32(scalar)]);
+    Plan {
+        scratch: vec![t(rows * d)],
+        launches: vec![launch(kernel, row_grid(rows), row_block(d), args)],
+        inputs,
+        output: out,
+    }
+}
+
 /// softmax(scale · x) over `rows` rows of `d`: inputs [x].
 pub fn softmax_fwd(sfx: &str, rows: usize, d: usize, scale: f32) -> Plan {
-    Plan {
-        inputs: vec![t(rows * d)],
-        scratch: vec![t(rows * d)],
-        launches: vec![launch(
-            format!("dreambooth_softmax_fwd_{sfx}"),
-            row_grid(rows),
-            row_block(d),
-            vec![
-                buf(0),
-                buf(1),
-                Arg::Usize(rows),
-                Arg::Usize(d),
-                Arg::F32(scale),
-            ],
-        )],
-        output: 1,
-    }
+    let kernel = format!("dreambooth_softmax_fwd_{sfx}");
+    row_op(kernel, vec![t(rows * d)], rows, d, scale)
 }
 
 /// Its backward: inputs [y, dy] → dx.
 pub fn softmax_bwd(sfx: &str, rows: usize, d: usize, scale: f32) -> Plan {
-    Plan {
-        inputs: vec![t(rows * d), t(rows * d)],
-        scratch: vec![t(rows * d)],
-        launches: vec![launch(
-            format!("dreambooth_softmax_bwd_{sfx}"),
-            row_grid(rows),
-            row_block(d),
-            vec![
-                buf(0),
-                buf(1),
-                buf(2),
-                Arg::Usize(rows),
-                Arg::Usize(d),
-                Arg::F32(scale),
-            ],
-        )],
-        output: 2,
-    }
+    let kernel = format!("dreambooth_softmax_bwd_{sfx}");
+    row_op(kernel, vec![t(rows * d), t(rows * d)], rows, d, scale)
 }
 
 /// LayerNorm over rows of `d`: inputs [x, w (d, f32), b (d, f32)] → y.
 pub fn layer_norm_fwd(sfx: &str, rows: usize, d: usize, eps: f32) -> Plan {
-    Plan {
-        inputs: vec![t(rows * d), f32s(d), f32s(d)],
-        scratch: vec![t(rows * d)],
-        launches: vec![launch(
-            format!("dreambooth_layer_norm_fwd_{sfx}"),
-            row_grid(rows),
-            row_block(d),
-            vec![
-                buf(0),
-                buf(1),
-                buf(2),
-                buf(3),
-                Arg::Usize(rows),
-                Arg::Usize(d),
-                Arg::F32(eps),
-            ],
-        )],
-        output: 3,
-    }
+    let kernel = format!("dreambooth_layer_norm_fwd_{sfx}");
+    row_op(kernel, vec![t(rows * d), f32s(d), f32s(d)], rows, d, eps)
 }
 
 /// LayerNorm's input gradient: inputs [x, dy, w (f32)] → dx.
 pub fn layer_norm_bwd_dx(sfx: &str, rows: usize, d: usize, eps: f32) -> Plan {
-    Plan {
-        inputs: vec![t(rows * d), t(rows * d), f32s(d)],
-        scratch: vec![t(rows * d)],
-        launches: vec![launch(
-            format!("dreambooth_layer_norm_bwd_dx_{sfx}"),
-            row_grid(rows),
-            row_block(d),
-            vec![
-                buf(0),
-                buf(1),
-                buf(2),
-                buf(3),
-                Arg::Usize(rows),
-                Arg::Usize(d),
-                Arg::F32(eps),
-            ],
-        )],
-        output: 3,
-    }
+    let kernel = format!("dreambooth_layer_norm_bwd_dx_{sfx}");
+    row_op(
+        kernel,
+        vec![t(rows * d), t(rows * d), f32s(d)],
+        rows,
+        d,
+        eps,
+    )
 }
 
 /// LayerNorm's parameter gradients: inputs [x, dy] → f32 [dw (d); db (d)].
