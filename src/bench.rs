@@ -252,18 +252,16 @@ impl Encoders {
                 text_cfg.hidden_size, text_cfg.max_position_embeddings
             )));
         }
-        // Frozen, in the compute dtype (as the trainer keeps them): drawn
-        // into a recording store, then rebuilt from its converted copy.
+        // Frozen, in the compute dtype (as the trainer keeps them).
         let build = |vb: &Vb| -> Result<_> {
             Ok((
                 crate::models::vae::AutoencoderKL::new(&vb.pp("vae"), &vae_cfg)?,
                 crate::models::clip_text::ClipTextModel::new(&vb.pp("text"), &text_cfg)?,
             ))
         };
-        let drawn = Vb::random(opts.seed + 1, device, true);
-        drop(build(&drawn)?);
-        let (vae, text) = build(&drawn.converted(opts.precision.dtype())?)?;
-        drop(drawn);
+        let dtype = opts.precision.dtype();
+        let vb = Vb::random_frozen(opts.seed + 1, device, dtype, |vb| build(vb).map(drop))?;
+        let (vae, text) = build(&vb)?;
         let mut rng = StdRng::seed_from_u64(opts.seed + 2);
         let pixels = randn(&mut rng, &[b, 3, opts.res, opts.res], device)?.clamp(-1f32, 1f32)?;
         let ids: Vec<u32> = (0..b * len)
@@ -488,6 +486,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct SampleBenchOptions {
     /// A diffusers folder or single-file checkpoint (the bundled tiny model by default).
     pub model: std::path::PathBuf,
+    /// Instead of `model`: SD 1.5's architecture with random weights
+    /// ([`StableDiffusion::random`], 512 px).
+    pub random_sd15: bool,
     pub prompt: String,
     /// Images generated in the timed run.
     pub images: usize,
@@ -537,7 +538,21 @@ pub fn bench_sample(
         ));
     }
     let t0 = Instant::now();
-    let mut model = StableDiffusion::load(&opts.model, device, LoadOptions::default())?;
+    let mut model = if opts.random_sd15 {
+        fn cfg<T: serde::de::DeserializeOwned>(v: serde_json::Value, what: &str) -> Result<T> {
+            serde_json::from_value(v).map_err(|e| Error::msg(format!("SD 1.5 {what} config: {e}")))
+        }
+        StableDiffusion::random(
+            "sd15 (random weights)",
+            &cfg(sd15_unet_config(), "UNet")?,
+            &cfg(sd15_text_encoder_config(), "text encoder")?,
+            &cfg(sd15_vae_config(), "VAE")?,
+            device,
+            opts.seed,
+        )?
+    } else {
+        StableDiffusion::load(&opts.model, device, LoadOptions::default())?
+    };
     model.set_unet_precision(opts.precision)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let gen_opts = |n: usize, seed: u64| GenerateOptions {
@@ -553,7 +568,7 @@ pub fn bench_sample(
     let (width, height) = image_size(&model, &gen_opts(1, 0))?;
     log(&format!(
         "bench sample: {} ({width}x{height}), {} images, batch {}, DDIM {} steps, guidance {}, mixed precision {}, {} threads",
-        opts.model.display(),
+        model.name(),
         opts.images,
         opts.batch,
         opts.steps,

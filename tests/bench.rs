@@ -47,3 +47,59 @@ fn bench_step_with_encoders_times_the_whole_step() {
     assert_eq!(secs.len(), 2, "{line}");
     assert!(secs[0] > 0.0 && secs[1] > secs[0], "{line}");
 }
+
+#[test]
+fn random_weight_models_build_and_generate() {
+    // StableDiffusion::random (bench sample --arch sd15) on a small
+    // architecture: CLIP's tokenizer, the SD schedule, seeded weights.
+    use candle_core::Device;
+    use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
+    use dreambooth::models::StableDiffusion;
+    use dreambooth::models::config::UNetConfig;
+    let unet: UNetConfig =
+        serde_json::from_value(dreambooth::toy::pretrain::unet_config()).unwrap();
+    let vae: VaeConfig = serde_json::from_value(dreambooth::toy::pretrain::vae_config()).unwrap();
+    let mut text = ClipTextConfig::default();
+    (text.hidden_size, text.intermediate_size) = (64, 128);
+    (text.num_hidden_layers, text.num_attention_heads) = (1, 4);
+    let build = |seed| {
+        StableDiffusion::random("small (random)", &unet, &text, &vae, &Device::Cpu, seed).unwrap()
+    };
+    let image = |m: &StableDiffusion| {
+        let opts = GenerateOptions {
+            steps: 2,
+            ..GenerateOptions::new("a photo of a dog", 1)
+        };
+        generate(m, &opts, &mut |_| {})
+            .unwrap()
+            .images
+            .remove(0)
+            .image
+    };
+    let (a, b) = (build(3), build(3));
+    assert_eq!(a.tokenizer.vocab_size(), 49408);
+    assert_eq!(a.name(), "small (random)");
+    let (ia, ib) = (image(&a), image(&b));
+    assert_eq!(ia.dimensions(), (64, 64));
+    assert_eq!(ia, ib, "same seed, same weights, same image");
+    assert_ne!(ia, image(&build(4)), "another seed draws other weights");
+    // Mismatched parts are refused with the model's name.
+    let mut wide = text.clone();
+    wide.hidden_size = 128;
+    let err = StableDiffusion::random("bad", &unet, &wide, &vae, &Device::Cpu, 0).unwrap_err();
+    assert!(err.to_string().contains("cross_attention_dim"), "{err}");
+}
+
+#[test]
+fn bench_sample_names_the_architectures_it_knows() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["bench", "sample", "--arch", "sdxl"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--arch sdxl") && stderr.contains("sd15"),
+        "{stderr}"
+    );
+}

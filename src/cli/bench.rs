@@ -33,6 +33,13 @@ pub struct SampleArgs {
     /// A diffusers folder (default: the bundled tiny model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `sd15`: Stable Diffusion 1.5's architecture (UNet, VAE, CLIP ViT-L/14
+    /// text tower) with random weights at 512 px, instead of --model.
+    #[arg(long, conflicts_with = "model")]
+    pub arch: Option<String>,
+    /// With --arch: weights are drawn at random (the only mode; accepted for clarity).
+    #[arg(long)]
+    pub random_weights: bool,
     #[arg(long, default_value = "a photo of a ball")]
     pub prompt: String,
     /// Images in the timed run.
@@ -224,12 +231,25 @@ fn load_average() -> String {
 
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let device = super::device::select(Some(&a.device))?;
+    let random_sd15 = match a.arch.as_deref() {
+        None => false,
+        Some("sd15" | "sd1.5") => true,
+        Some(other) => {
+            anyhow::bail!("--arch {other}: bench sample knows sd15 (or pass --model FOLDER)")
+        }
+    };
+    if random_sd15 && a.pytorch.compare_pytorch.is_some() {
+        anyhow::bail!(
+            "--arch sd15 has no CPU PyTorch twin (it loads a model folder): compare with ../shared/bench/peer_diffusers_step.py on a GPU"
+        );
+    }
     let model = match a.model {
         Some(p) => p,
         None => dreambooth::models::sd::default_model_dir()?,
     };
     let opts = SampleBenchOptions {
         model: model.clone(),
+        random_sd15,
         prompt: a.prompt.clone(),
         images: a.images,
         steps: a.steps,

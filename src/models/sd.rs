@@ -9,7 +9,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::clip_text::{ClipTextConfig, ClipTextModel};
@@ -42,6 +42,8 @@ pub enum ModelFormat {
     Diffusers,
     /// An original (LDM / CompVis) single-file `.safetensors` checkpoint.
     SingleFile,
+    /// Random weights of a published architecture ([`StableDiffusion::random`]).
+    Random,
 }
 
 /// Tokenizer, text encoder, UNet, VAE and scheduler config of one model.
@@ -210,6 +212,55 @@ impl StableDiffusion {
         Ok(model)
     }
 
+    /// A model of the given architecture with frozen random weights (seeded),
+    /// CLIP's tokenizer (`assets/clip/`) and Stable Diffusion's noise
+    /// schedule: what `bench sample --arch sd15` times, since no pretrained
+    /// weights can be downloaded and sampling cost does not depend on them.
+    /// `name` is the model's name (its source).
+    pub fn random(
+        name: &str,
+        unet_cfg: &UNetConfig,
+        text_cfg: &ClipTextConfig,
+        vae_cfg: &VaeConfig,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let source = PathBuf::from(name);
+        unet_cfg.validate(&source)?;
+        text_cfg.validate(&source)?;
+        vae_cfg.validate(&source)?;
+        let tokenizer = ClipTokenizer::from_bpe_gz(&clip_bpe_file()?)?;
+        let scheduler = super::single_file::default_scheduler(PredictionType::Epsilon, &source)?;
+        let unet_vb = Vb::random_frozen(seed, device, DType::F32, |vb| {
+            UNet2DConditionModel::new(vb, unet_cfg).map(drop)
+        })?;
+        let unet = UNet2DConditionModel::new(&unet_vb, unet_cfg)?;
+        let text_encoder_vb = Vb::random_frozen(seed + 1, device, DType::F32, |vb| {
+            ClipTextModel::new(vb, text_cfg).map(drop)
+        })?;
+        let text_encoder = ClipTextModel::new(&text_encoder_vb, text_cfg)?;
+        let vae_vb = Vb::random_frozen(seed + 2, device, DType::F32, |vb| {
+            AutoencoderKL::new(vb, vae_cfg).map(drop)
+        })?;
+        let vae = AutoencoderKL::new(&vae_vb, vae_cfg)?;
+        let model = Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            source,
+            format: ModelFormat::Random,
+            unet_vb,
+            text_encoder_vb,
+            vae_vb,
+            device: device.clone(),
+            weight_files: Vec::new(),
+        };
+        model.check_compatible()?;
+        Ok(model)
+    }
+
     /// The components must fit together: context width, latent channels.
     fn check_compatible(&self) -> Result<()> {
         let u = &self.unet.config;
@@ -315,6 +366,7 @@ impl StableDiffusion {
         let name = match self.format {
             ModelFormat::Diffusers => p.file_name(),
             ModelFormat::SingleFile => p.file_stem(),
+            ModelFormat::Random => return self.source.display().to_string(),
         };
         name.map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| p.display().to_string())

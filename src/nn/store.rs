@@ -123,6 +123,22 @@ impl Vb {
         )
     }
 
+    /// Frozen random weights for the model `build` creates: drawn from a
+    /// seeded RNG into a recording store while `build` runs, then returned
+    /// in `dtype` as a frozen store holding them (build the model again from
+    /// it). Benchmarks of published architectures use it: no weights can be
+    /// downloaded, and a step's cost does not depend on their values.
+    pub fn random_frozen(
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+        build: impl FnOnce(&Vb) -> Result<()>,
+    ) -> Result<Self> {
+        let drawn = Self::random(seed, device, true);
+        build(&drawn)?;
+        drawn.converted(dtype)
+    }
+
     /// Fresh parameters drawn from a seeded RNG (training from scratch, benchmarks).
     pub fn random(seed: u64, device: &Device, trainable: bool) -> Self {
         Self::new(
