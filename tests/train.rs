@@ -883,3 +883,57 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     assert!(out.join("model/model_index.json").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn class_images_are_generated_in_the_prior_generation_precision() {
+    // fp16 on the CPU: the class images come from a half-precision copy of
+    // the UNet (close to the f32 ones, not equal); bf16 is refused on the CPU
+    // before anything loads.
+    init();
+    let dir = tmp("prior-precision");
+    instance_dir(&dir.join("instance"), 2);
+    let images = |precision: &str| -> Vec<RgbImage> {
+        let mut cfg = config(&dir.join("instance"), &dir.join(format!("out-{precision}")));
+        cfg.with_prior_preservation = true;
+        cfg.num_class_images = 2;
+        cfg.max_train_steps = 1;
+        cfg.prior_generation_precision = precision.into();
+        run(&cfg, None);
+        let class_dir = dir.join(format!("out-{precision}/class_images"));
+        let mut paths: Vec<_> = std::fs::read_dir(&class_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect()
+    };
+    let (f32s, f16s) = (images("no"), images("fp16"));
+    assert_eq!((f32s.len(), f16s.len()), (2, 2));
+    let mut total = 0f64;
+    let mut n = 0usize;
+    for (a, b) in f32s.iter().zip(&f16s) {
+        for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+            total += (*x as f64 - *y as f64).abs();
+            n += 1;
+        }
+    }
+    let mean = total / n as f64;
+    assert!(f32s != f16s, "the fp16 copy made the same bytes as f32");
+    assert!(mean < 4.0, "fp16 class images drift {mean:.2}/255 from f32");
+    let mut cfg = config(&dir.join("instance"), &dir.join("out-bf16"));
+    cfg.with_prior_preservation = true;
+    cfg.prior_generation_precision = "bf16".into();
+    let stop = AtomicBool::new(false);
+    let (mut log, mut step) = (|_: &str| {}, |_: &StepInfo| {});
+    let mut ev = Events {
+        log: &mut log,
+        step: &mut step,
+        stop: &stop,
+    };
+    let err = train(&cfg, &Device::Cpu, &mut ev).unwrap_err().to_string();
+    assert!(err.contains("bf16"), "{err}");
+    cfg.prior_generation_precision = "fp8".into();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("--prior-generation-precision"), "{err}");
+}

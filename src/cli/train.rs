@@ -147,6 +147,10 @@ pub struct Args {
     /// dynamic loss scaling); weights and optimizer state stay f32.
     #[arg(long)]
     pub mixed_precision: Option<String>,
+    /// The UNet's dtype while generating class images: auto (the mixed
+    /// precision on a GPU, f32 on the CPU; default), no, bf16 (GPU) or fp16.
+    #[arg(long)]
+    pub prior_generation_precision: Option<String>,
     /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
     /// Not part of the configuration (a run resumes on any device).
     #[arg(long)]
@@ -212,7 +216,8 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         lora_dropout,
         lora_targets,
         lora_format,
-        mixed_precision
+        mixed_precision,
+        prior_generation_precision
     );
     set_opt!(
         cfg,

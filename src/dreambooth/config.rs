@@ -82,6 +82,13 @@ pub struct TrainConfig {
     /// The UNet's compute dtype while training: `no` (f32), `bf16` (GPU) or
     /// `fp16` (with dynamic loss scaling); weights and optimizer state stay f32.
     pub mixed_precision: String,
+    /// The UNet's dtype while generating class images (diffusers'
+    /// `--prior_generation_precision`): `auto` (the mixed precision on a GPU,
+    /// f32 on the CPU), `no`, `bf16` (GPU) or `fp16`. A frozen half-precision
+    /// copy of the UNet samples them: half the memory traffic of the f32
+    /// training weights. The images of a cache are reused whatever precision
+    /// made them.
+    pub prior_generation_precision: String,
 }
 
 impl Default for TrainConfig {
@@ -139,6 +146,7 @@ impl Default for TrainConfig {
             lora_targets: "attn".into(),
             lora_format: "both".into(),
             mixed_precision: "no".into(),
+            prior_generation_precision: "auto".into(),
         }
     }
 }
@@ -188,8 +196,26 @@ impl TrainConfig {
         crate::nn::Precision::parse(&self.mixed_precision)
     }
 
+    /// `prior_generation_precision` on `device`: `auto` is the mixed
+    /// precision on a GPU and f32 on the CPU.
+    pub fn prior_generation_precision(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<crate::nn::Precision> {
+        match self.prior_generation_precision.as_str() {
+            "auto" if device.is_cpu() => Ok(crate::nn::Precision::F32),
+            "auto" => self.precision(),
+            p => crate::nn::Precision::parse(p).map_err(|e| {
+                Error::msg(format!("invalid option: --prior-generation-precision: {e}"))
+            }),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::msg(format!("invalid option: {m}")));
+        if self.prior_generation_precision != "auto" {
+            self.prior_generation_precision(&candle_core::Device::Cpu)?;
+        }
         if self.instance_prompt.trim().is_empty() {
             return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());
         }

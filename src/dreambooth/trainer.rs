@@ -159,6 +159,8 @@ pub fn train(
     cfg.validate()?;
     // Before loading anything: bf16 needs a GPU.
     cfg.precision()?.check_device(device)?;
+    cfg.prior_generation_precision(device)?
+        .check_device(device)?;
     let model = load_model(cfg, device)?;
     let outcome = train_model(cfg, &model, ev)?;
     Ok((model, outcome))
@@ -241,8 +243,16 @@ pub fn train_model(
         };
         let t0 = Instant::now();
         let mut last = 0;
+        // A half-precision sampling copy of the UNet, unless it already
+        // computes in that dtype (LoRA's frozen base under mixed precision).
+        let gen_precision = cfg.prior_generation_precision(&model.device)?;
+        let half_copy = if model.unet.conv_in.weight.dtype() != gen_precision.dtype() {
+            Some(model.sampling_copy(gen_precision)?)
+        } else {
+            None
+        };
         let imgs = ClassImageCache::prepare(
-            model,
+            half_copy.as_ref().unwrap_or(model),
             &dir,
             &class_prompt,
             cfg.num_class_images,

@@ -320,6 +320,30 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// A copy for sampling with the UNet in `precision`'s dtype: the UNet's
+    /// current weights converted (a frozen copy; adapters attached to this
+    /// model are not carried over), every other part shared. The trainer
+    /// generates class images with it while it trains f32 weights.
+    pub fn sampling_copy(&self, precision: crate::nn::Precision) -> Result<Self> {
+        precision.check_device(&self.device)?;
+        let unet_vb = self.unet_vb.converted(precision.dtype())?;
+        let unet = UNet2DConditionModel::new(&unet_vb, &self.unet.config)?;
+        Ok(Self {
+            tokenizer: self.tokenizer.clone(),
+            text_encoder: self.text_encoder.clone(),
+            unet,
+            vae: self.vae.clone(),
+            scheduler: self.scheduler.clone(),
+            source: self.source.clone(),
+            format: self.format,
+            unet_vb,
+            text_encoder_vb: self.text_encoder_vb.clone(),
+            vae_vb: self.vae_vb.clone(),
+            device: self.device.clone(),
+            weight_files: self.weight_files.clone(),
+        })
+    }
+
     /// The UNet's config.
     pub fn unet_config(&self) -> &UNetConfig {
         &self.unet.config
