@@ -419,6 +419,35 @@ fn frozen_matmul_matches_candle() {
     assert!(ga.get(&c).is_none());
 }
 
+#[test]
+fn frozen_weight_bmm_matches_broadcast_matmul() {
+    // A LoRA base's 1×1 convolution on the GPU: a frozen (O, C) weight times
+    // a tracked (B, C, N) batch; the weight gets no gradient.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(4);
+    let dev = Device::Cpu;
+    let randn =
+        |rng: &mut rand::rngs::StdRng, d: &[usize]| dreambooth::util::randn(rng, d, &dev).unwrap();
+    let x = candle_core::Var::from_tensor(&randn(&mut rng, &[3, 5, 11])).unwrap();
+    let w = randn(&mut rng, &[4, 5]);
+    let r = randn(&mut rng, &[3, 4, 11]);
+    let ours = dreambooth::nn::lora::frozen_weight_bmm(&w, x.as_tensor()).unwrap();
+    let theirs = w.broadcast_matmul(x.as_tensor()).unwrap();
+    assert_eq!(ours.dims(), &[3, 4, 11]);
+    assert!(rel_err(&ours, &theirs) < 1e-6);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(rel_err(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+    assert!(g1.get(&w).is_none());
+    let err =
+        dreambooth::nn::lora::frozen_weight_bmm(&w, &randn(&mut rng, &[3, 6, 2])).unwrap_err();
+    assert!(err.to_string().contains("frozen_weight_bmm"), "{err}");
+}
+
 /// Whether any element of `t` is nonzero.
 fn nonzero(t: &Tensor) -> bool {
     t.abs()

@@ -906,7 +906,10 @@ fn class_images_are_generated_in_the_prior_generation_precision() {
             .filter(|p| p.extension().is_some_and(|e| e == "png"))
             .collect();
         paths.sort();
-        paths.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect()
+        paths
+            .iter()
+            .map(|p| image::open(p).unwrap().to_rgb8())
+            .collect()
     };
     let (f32s, f16s) = (images("no"), images("fp16"));
     assert_eq!((f32s.len(), f16s.len()), (2, 2));

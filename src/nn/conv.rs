@@ -92,7 +92,12 @@ impl Conv2d {
             let o = weight.dim(0)?;
             let w2 = weight.reshape((o, c))?;
             let x2 = x.reshape((b, c, h * w))?;
-            w2.broadcast_matmul(&x2)?.reshape((b, o, h, w))?
+            if !w2.track_op() && x2.track_op() {
+                // A frozen weight (LoRA's base): no weight gradient computed.
+                super::lora::frozen_weight_bmm(&w2, &x2)?.reshape((b, o, h, w))?
+            } else {
+                w2.broadcast_matmul(&x2)?.reshape((b, o, h, w))?
+            }
         } else if cpu_f32 {
             super::im2col::conv2d_im2col(x, weight, self.stride, self.padding)?
         } else if x.device().is_cuda() && super::conv_gemm::enabled() {

@@ -269,3 +269,77 @@ impl CustomOp1 for FrozenMatmul {
         Ok(Some(g))
     }
 }
+
+/// `w · x[b]` for every image of a batch: a frozen 2-D weight `w` (O, C)
+/// times a tracked batch `x` (B, C, N) → (B, O, N), as one batched GEMM with
+/// the weight broadcast (stride 0); the backward computes `x`'s gradient
+/// only (wᵀ · dy), never the frozen weight's. A LoRA base's 1×1
+/// convolutions on the GPU take it.
+pub fn frozen_weight_bmm(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, c) = w.dims2()?;
+    let (_, cx, _) = x.dims3()?;
+    if c != cx || w.dtype() != x.dtype() {
+        candle_core::bail!(
+            "frozen_weight_bmm: weight {:?} {:?}, input {:?} {:?}",
+            w.dims(),
+            w.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    x.contiguous()?.apply_op1(FrozenWeightBmm {
+        w: w.contiguous()?.detach(),
+    })
+}
+
+struct FrozenWeightBmm {
+    w: Tensor,
+}
+
+impl FrozenWeightBmm {
+    fn product<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        w: &S,
+        wl: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (b, c, n) = xl.shape().dims3()?;
+        let (o, _) = wl.shape().dims2()?;
+        let wb = wl.broadcast_as((b, o, c))?;
+        let out = w.matmul(x, (b, o, n, c), &wb, xl)?;
+        Ok((out, Shape::from((b, o, n))))
+    }
+}
+
+impl CustomOp1 for FrozenWeightBmm {
+    fn name(&self) -> &'static str {
+        "frozen-weight-bmm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(wc) = &*ws else {
+            candle_core::bail!("frozen-weight-bmm: the weight is not on the CPU")
+        };
+        self.product(s, l, wc, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cuda(wc) = &*ws else {
+            candle_core::bail!("frozen-weight-bmm: the weight is not on the GPU")
+        };
+        self.product(s, l, wc, wl)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.to_dtype(self.w.dtype())?.contiguous()?;
+        Ok(Some(frozen_weight_bmm(&self.w.t()?, &grad)?))
+    }
+}
