@@ -411,3 +411,70 @@ fn a_kernel_writing_out_of_bounds_is_caught() {
     }));
     assert!(r.is_err(), "an undersized output buffer went unnoticed");
 }
+
+#[test]
+fn convolution_columns_match_candle_conv2d_and_are_adjoint() {
+    // im2col: W (O, C·kh·kw) · cols[b] is candle's conv2d; col2im is its
+    // adjoint: <im2col(x), c> = <x, col2im(c)>.
+    use dreambooth::nn::gpu_plan::ConvDims;
+    let cases: [([usize; 4], usize, usize, usize, usize); 4] = [
+        ([2, 3, 8, 8], 3, 3, 1, 1),
+        ([1, 4, 9, 7], 3, 3, 2, 1),
+        ([2, 2, 6, 10], 3, 2, 1, 2),
+        ([1, 3, 5, 5], 1, 1, 1, 0),
+    ];
+    for (i, ([b, c, h, w], kh, kw, stride, pad)) in cases.into_iter().enumerate() {
+        let (ho, wo) = (
+            (h + 2 * pad - kh) / stride + 1,
+            (w + 2 * pad - kw) / stride + 1,
+        );
+        let d = ConvDims {
+            b,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho,
+            wo,
+        };
+        let o = 5;
+        let x = randn(&[b, c, h, w], 20 + i as u64);
+        let wt = randn(&[o, c, kh, kw], 30 + i as u64);
+        let theirs = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
+        for (dtype, sfx, tol) in DTYPES {
+            let case = format!("columns case {i} {sfx}");
+            let xr = rounded(&x, dtype);
+            let cols = run(&gpu_plan::im2col(sfx, d), dtype, &[&xr]);
+            let cols = Tensor::from_vec(cols, (b, c * kh * kw, ho * wo), &Device::Cpu).unwrap();
+            let y = rounded(&wt, dtype)
+                .reshape((o, c * kh * kw))
+                .unwrap()
+                .broadcast_matmul(&cols)
+                .unwrap();
+            assert_close(&case, &vec(&y), &vec(&theirs), tol * 2.0);
+            let cg = rounded(&randn(&[b, c * kh * kw, ho * wo], 40 + i as u64), dtype);
+            let dx = run(&gpu_plan::col2im(sfx, d), dtype, &[&cg]);
+            let dx = Tensor::from_vec(dx, (b, c, h, w), &Device::Cpu).unwrap();
+            let lhs = (&cols * &cg)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let rhs = (&xr * &dx)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let rel = ((lhs - rhs) / lhs.abs().max(1.0)).abs() as f64;
+            assert!(
+                rel < tol * 10.0,
+                "{case}: <im2col x, c> {lhs} vs <x, col2im c> {rhs}"
+            );
+        }
+    }
+}

@@ -38,21 +38,21 @@ impl Geom {
         self.b * self.c * self.kh * self.kw * self.ho * self.wo
     }
 
-    /// The kernels' size arguments.
+    /// The sizes for the GPU kernels' launch plans.
     #[cfg(feature = "cuda")]
-    fn dims(&self) -> [usize; 10] {
-        [
-            self.b,
-            self.c,
-            self.h,
-            self.w,
-            self.kh,
-            self.kw,
-            self.stride,
-            self.pad,
-            self.ho,
-            self.wo,
-        ]
+    fn conv_dims(&self) -> super::gpu_plan::ConvDims {
+        super::gpu_plan::ConvDims {
+            b: self.b,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.stride,
+            pad: self.pad,
+            ho: self.ho,
+            wo: self.wo,
+        }
     }
 
     /// Element index of (b, c, kh, kw, oh, ow) in the columns, and of the
@@ -94,15 +94,6 @@ enum Dir {
 struct Columns(Geom, Dir);
 
 impl Columns {
-    /// The kernel's name part (`dreambooth_{kind}_{dtype}`).
-    #[cfg(feature = "cuda")]
-    fn kind(&self) -> &'static str {
-        match self.1 {
-            Dir::Im2Col => "im2col",
-            Dir::Col2Im => "col2im",
-        }
-    }
-
     fn out_shape(&self) -> Shape {
         let g = self.0;
         match self.1 {
@@ -141,10 +132,19 @@ impl CustomOp1 for Columns {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let shape = self.out_shape();
-        let out =
-            crate::cuda::columns_kernel(self.kind(), s, l, shape.elem_count(), self.0.dims())?;
-        Ok((out, shape))
+        use candle_core::backend::BackendStorage;
+        let sfx = super::gpu_plan::suffix(s.dtype()).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: no CUDA kernel for {:?}",
+                self.name(),
+                s.dtype()
+            ))
+        })?;
+        let plan = match self.1 {
+            Dir::Im2Col => super::gpu_plan::im2col(sfx, self.0.conv_dims()),
+            Dir::Col2Im => super::gpu_plan::col2im(sfx, self.0.conv_dims()),
+        };
+        Ok((crate::cuda::exec::run(&plan, &[(s, l)])?, self.out_shape()))
     }
 }
 

@@ -1,5 +1,5 @@
-//! Launch plans for our CUDA normalization, softmax and GEGLU kernels
-//! (`src/cuda/kernels.cu`): which kernels run, in which order, on which
+//! Launch plans for our CUDA normalization, softmax, GEGLU and convolution
+//! column kernels (`src/cuda/kernels.cu`): which kernels run, in which order, on which
 //! buffers (the op's inputs, then scratch and output buffers), with which
 //! launch shapes and arguments.
 //!
@@ -406,5 +406,75 @@ pub fn geglu_bwd(sfx: &str, rows: usize, d: usize) -> Plan {
             vec![buf(0), buf(1), buf(2), Arg::Usize(rows), Arg::Usize(d)],
         )],
         output: 2,
+    }
+}
+
+/// The sizes of a convolution's columns: (B, C, H, W) input, KH×KW kernel,
+/// stride, padding, (HO, WO) output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvDims {
+    /// Elements of the input image batch.
+    pub fn image_len(&self) -> usize {
+        self.b * self.c * self.h * self.w
+    }
+    /// Elements of the columns (B, C·KH·KW, HO·WO).
+    pub fn cols_len(&self) -> usize {
+        self.b * self.c * self.kh * self.kw * self.ho * self.wo
+    }
+    fn args(&self) -> [Arg; 10] {
+        [
+            self.b,
+            self.c,
+            self.h,
+            self.w,
+            self.kh,
+            self.kw,
+            self.stride,
+            self.pad,
+            self.ho,
+            self.wo,
+        ]
+        .map(Arg::Usize)
+    }
+}
+
+/// im2col: inputs [x (B, C, H, W)] → columns (B, C·KH·KW, HO·WO), zeros in
+/// the padding.
+pub fn im2col(sfx: &str, d: ConvDims) -> Plan {
+    columns("im2col", sfx, d.image_len(), d.cols_len(), d)
+}
+
+/// col2im: inputs [column gradients] → the input gradient (B, C, H, W), each
+/// pixel the sum of the columns that read it (the adjoint of im2col).
+pub fn col2im(sfx: &str, d: ConvDims) -> Plan {
+    columns("col2im", sfx, d.cols_len(), d.image_len(), d)
+}
+
+fn columns(kind: &str, sfx: &str, in_len: usize, out_len: usize, d: ConvDims) -> Plan {
+    let mut args = vec![buf(0), buf(1)];
+    args.extend(d.args());
+    Plan {
+        inputs: vec![t(in_len)],
+        scratch: vec![t(out_len)],
+        launches: vec![launch(
+            format!("dreambooth_{kind}_{sfx}"),
+            flat_grid(out_len),
+            256,
+            args,
+        )],
+        output: 1,
     }
 }
