@@ -10,9 +10,13 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-GZ="$ROOT/cuda-dist/dreambooth.gz"
-BIN="${DREAMBOOTH_CUDA_BIN:-/tmp/dreambooth-cuda}"
-CUDA_LIBS="${CUDA_LIBS:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64}"
+# DREAMBOOTH_CUDNN=1 runs the `cudnn` build (cuda-dist/dreambooth-cudnn.gz).
+NAME=dreambooth
+[[ "${DREAMBOOTH_CUDNN:-0}" == 1 ]] && NAME=dreambooth-cudnn
+GZ="$ROOT/cuda-dist/$NAME.gz"
+BIN="${DREAMBOOTH_CUDA_BIN:-/tmp/$NAME-cuda}"
+TORCH_NVIDIA=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+CUDA_LIBS="${CUDA_LIBS:-$TORCH_NVIDIA/cu13/lib:$TORCH_NVIDIA/cudnn/lib:/usr/local/cuda/lib64}"
 
 [[ -f "$GZ" ]] || { echo "no $GZ: build with tools/cuda/build.sh and carry cuda-dist" >&2; exit 1; }
 if [[ ! -x "$BIN" || "$GZ" -nt "$BIN" ]]; then

@@ -11,6 +11,8 @@
 #      CUDA_ERROR_STUB_LIBRARY (34). It is on LIBRARY_PATH at build time only;
 #      on a GPU machine the real libcuda.so.1 is loaded instead;
 #   4. .cuda-venv/env.sh, the environment to `source` before building.
+#   5. with WITH_CUDNN=1: cuDNN 9 (nvidia-cudnn-cu13) and its libcudnn.so link,
+#      for the `cudnn` feature (env.sh then puts it on LIBRARY_PATH).
 #
 # Idempotent: a second run only checks. Usage: tools/cuda/setup-build-env.sh
 # Override the venv location with CUDA_VENV=/path.
@@ -102,6 +104,18 @@ else
   say "libcuda stub already built"
 fi
 
+# 5. cuDNN (optional) -----------------------------------------------------------
+CUDNN_WHEEL=nvidia-cudnn-cu13==9.13.0.50
+CUDNN_LIB="$SITE/nvidia/cudnn/lib"
+if [[ "${WITH_CUDNN:-0}" == 1 ]]; then
+  if [[ ! -f "$CUDNN_LIB/libcudnn.so.9" ]]; then
+    say "installing $CUDNN_WHEEL"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CUDNN_WHEEL"
+  fi
+  ln -sfn libcudnn.so.9 "$CUDNN_LIB/libcudnn.so"
+  say "cuDNN: $CUDNN_LIB"
+fi
+
 # 4. environment file --------------------------------------------------------
 ENV_FILE="$VENV/env.sh"
 cat >"$ENV_FILE" <<ENV
@@ -115,6 +129,8 @@ export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-90}"
 export CUDARC_CUDA_VERSION="\${CUDARC_CUDA_VERSION:-13000}"
 # Link time only (the stub libcuda must never be on LD_LIBRARY_PATH).
 export LIBRARY_PATH="$CUDA_HOME/lib:$STUBS\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+# cuDNN for the \`cudnn\` feature, where installed (WITH_CUDNN=1).
+if [ -f "$CUDNN_LIB/libcudnn.so" ]; then export LIBRARY_PATH="$CUDNN_LIB:\$LIBRARY_PATH"; fi
 ENV
 say "nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -n2 | head -n1)"
 say "wrote $ENV_FILE; to build by hand:"

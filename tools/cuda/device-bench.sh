@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The prepared device check (docs/cuda.md): on the GPU machine, in one `run`
+# call with carry ["cuda-dist", ".whl"] after tools/cuda/build.sh (and
+# WITH_CUDNN=1 tools/cuda/build.sh for the cuDNN stage) here:
+#
+#   tools/cuda/device-bench.sh                 # every stage, in this order
+#   tools/cuda/device-bench.sh selftest step   # some stages
+#
+# Stages: info selftest step lora whole sample cudnn nofused peer. Each runs
+# under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
+# the peer) and a failing stage
+# does not stop the rest; everything is logged to $OUT/device-bench.log (or
+# ./device-bench.log) with one summary line per stage at the end. The peer
+# stage installs diffusers from the carried .whl/ (../shared/bench/README.md)
+# and runs peer_diffusers_step.py from PEER_DIR (default: ../shared/bench,
+# else shared/bench).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+LOG="${OUT:-.}/device-bench.log"
+RUN=tools/cuda/device-run.sh
+T="${STAGE_TIMEOUT:-150}"
+SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
+STAGES=("$@")
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample cudnn nofused peer)
+SUMMARY=()
+
+stage() {
+  local name="$1"
+  shift
+  echo "=== $name: $*" | tee -a "$LOG"
+  local t0 rc
+  t0=$(date +%s)
+  timeout "$T" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  SUMMARY+=("$name: rc=$rc in $(($(date +%s) - t0)) s")
+}
+
+peer() {
+  local dir="${PEER_DIR:-}"
+  [[ -n "$dir" ]] || for d in ../shared/bench shared/bench; do [[ -f "$d/peer_diffusers_step.py" ]] && dir="$d" && break; done
+  [[ -n "$dir" ]] || { echo "no peer_diffusers_step.py (set PEER_DIR)"; return 1; }
+  if [[ -d .whl ]]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
+    export PYTHONPATH=/tmp/site
+  fi
+  (cd "$dir" && python3 peer_diffusers_step.py all)
+}
+export -f peer
+
+for s in "${STAGES[@]}"; do
+  case "$s" in
+    info) stage info bash -c "nvidia-smi; $RUN --ldd | grep -E 'cuda|cublas|cudnn|curand'" ;;
+    selftest) stage selftest "$RUN" selftest --device cuda ;;
+    step) stage step "$RUN" bench step "${SD15[@]}" ;;
+    lora) stage lora "$RUN" bench step "${SD15[@]}" --lora --rank 4 ;;
+    whole) stage whole "$RUN" bench step "${SD15[@]}" --with-encoders ;;
+    sample) stage sample "$RUN" bench sample --device cuda --arch sd15 --random-weights --images 8 --batch 4 --dtype bf16 ;;
+    cudnn) stage cudnn env DREAMBOOTH_CUDNN=1 "$RUN" bench step "${SD15[@]}" ;;
+    nofused) stage nofused env DREAMBOOTH_NO_FUSED=1 "$RUN" bench step "${SD15[@]}" ;;
+    peer) T="${PEER_TIMEOUT:-300}" stage peer bash -c peer ;;
+    *) SUMMARY+=("$s: unknown stage") ;;
+  esac
+done
+echo "=== summary" | tee -a "$LOG"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
