@@ -163,6 +163,18 @@ fn sampling_with_an_f16_unet_follows_f32() {
         assert!(psnr > 30.0, "PSNR {psnr:.1} dB");
     }
 
+    // The VAE decodes in the UNet's dtype too: the same latents decode to
+    // pixels within f16 rounding of the f32 decode, not to the same bytes.
+    use dreambooth::diffusion::pipeline::decode_latents;
+    let (p16, p32) = (
+        decode_latents(&half, &f32_run.latents).unwrap(),
+        decode_latents(&load(), &f32_run.latents).unwrap(),
+    );
+    assert_eq!(p16.dtype(), DType::F32);
+    let e = rel_err(&p16, &p32);
+    println!("f16 VAE decode vs f32: {e:.2e}");
+    assert!(e > 1e-6 && e < 1e-2, "{e:.2e}");
+
     // A model being trained keeps its f32 master weights.
     let mut trainable = StableDiffusion::load(
         &dir,

@@ -356,11 +356,21 @@ pub fn randn(rngs: &mut [StdRng], shape: (usize, usize, usize), device: &Device)
 
 /// Latents (as the UNet sees them) → pixels (B, 3, H, W) in [0, 1]: the VAE
 /// decodes latents / scaling_factor (+ shift), then (x / 2 + 0.5) clamped.
+/// The decoder computes in the UNet's dtype: with a half-precision UNet
+/// (`--dtype`, LoRA's frozen base under mixed precision) it runs in bf16 /
+/// f16 as well, as diffusers' pipelines run every part in `torch_dtype`
+/// (its layers cast their f32 weights per call; norms keep f32 statistics).
 pub fn decode_latents(model: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
     let z = (latents.detach() / model.vae.scaling_factor())?;
     let shift = model.vae.shift_factor();
     let z = if shift != 0.0 { (z + shift)? } else { z };
-    let x = model.vae.decode(&z)?.detach();
+    let dtype = model.unet.conv_in.weight.dtype();
+    let z = if matches!(dtype, DType::BF16 | DType::F16) {
+        z.to_dtype(dtype)?
+    } else {
+        z
+    };
+    let x = model.vae.decode(&z)?.to_dtype(DType::F32)?.detach();
     Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 
