@@ -192,12 +192,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         if ta {
             a.apply_op1(FrozenMatmul {
                 other: b.clone(),
-                tracked_lhs: true,
+                tracked: Tracked::Lhs,
             })
         } else {
             b.apply_op1(FrozenMatmul {
                 other: a.clone(),
-                tracked_lhs: false,
+                tracked: Tracked::Rhs,
             })
         }
     } else {
@@ -205,10 +205,22 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x · other` (tracked_lhs) or `other · x`, differentiable in `x` only.
+/// `x · other`, `other · x`, or `other · x[b]` for each matrix of a batch,
+/// differentiable in `x` only.
 struct FrozenMatmul {
     other: Tensor,
-    tracked_lhs: bool,
+    tracked: Tracked,
+}
+
+/// Which operand of a [`FrozenMatmul`] is the tracked `x`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    /// `x · other`, both 2-D.
+    Lhs,
+    /// `other · x`, both 2-D.
+    Rhs,
+    /// `other · x[b]`: a 2-D `other` broadcast over a batch `x` (B, K, N).
+    BatchRhs,
 }
 
 impl FrozenMatmul {
@@ -221,15 +233,26 @@ impl FrozenMatmul {
         o: &S,
         ol: &Layout,
     ) -> candle_core::Result<(S, Shape)> {
-        let (lhs, ll, rhs, rl) = if self.tracked_lhs {
-            (s, l, o, ol)
-        } else {
-            (o, ol, s, l)
-        };
-        let (m, k) = ll.shape().dims2()?;
-        let (_, n) = rl.shape().dims2()?;
-        let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
-        Ok((out, Shape::from((m, n))))
+        match self.tracked {
+            Tracked::Lhs | Tracked::Rhs => {
+                let (lhs, ll, rhs, rl) = if self.tracked == Tracked::Lhs {
+                    (s, l, o, ol)
+                } else {
+                    (o, ol, s, l)
+                };
+                let (m, k) = ll.shape().dims2()?;
+                let (_, n) = rl.shape().dims2()?;
+                let out = lhs.matmul(rhs, (1, m, n, k), ll, rl)?;
+                Ok((out, Shape::from((m, n))))
+            }
+            Tracked::BatchRhs => {
+                let (b, k, n) = l.shape().dims3()?;
+                let (m, _) = ol.shape().dims2()?;
+                let wide = ol.broadcast_as((b, m, k))?;
+                let out = o.matmul(s, (b, m, n, k), &wide, l)?;
+                Ok((out, Shape::from((b, m, n))))
+            }
+        }
     }
 }
 
@@ -261,10 +284,13 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = if self.tracked_lhs {
-            matmul(grad, &self.other.t()?)?
-        } else {
-            matmul(&self.other.t()?, grad)?
+        let g = match self.tracked {
+            Tracked::Lhs => matmul(grad, &self.other.t()?)?,
+            Tracked::Rhs => matmul(&self.other.t()?, grad)?,
+            Tracked::BatchRhs => {
+                let grad = grad.to_dtype(self.other.dtype())?;
+                frozen_weight_bmm(&self.other.t()?, &grad)?
+            }
         };
         Ok(Some(g))
     }
@@ -287,59 +313,8 @@ pub fn frozen_weight_bmm(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> 
             x.dtype()
         );
     }
-    x.contiguous()?.apply_op1(FrozenWeightBmm {
-        w: w.contiguous()?.detach(),
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        other: w.contiguous()?.detach(),
+        tracked: Tracked::BatchRhs,
     })
-}
-
-struct FrozenWeightBmm {
-    w: Tensor,
-}
-
-impl FrozenWeightBmm {
-    fn product<S: BackendStorage>(
-        &self,
-        x: &S,
-        xl: &Layout,
-        w: &S,
-        wl: &Layout,
-    ) -> candle_core::Result<(S, Shape)> {
-        let (b, c, n) = xl.shape().dims3()?;
-        let (o, _) = wl.shape().dims2()?;
-        let wb = wl.broadcast_as((b, o, c))?;
-        let out = w.matmul(x, (b, o, n, c), &wb, xl)?;
-        Ok((out, Shape::from((b, o, n))))
-    }
-}
-
-impl CustomOp1 for FrozenWeightBmm {
-    fn name(&self) -> &'static str {
-        "frozen-weight-bmm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(wc) = &*ws else {
-            candle_core::bail!("frozen-weight-bmm: the weight is not on the CPU")
-        };
-        self.product(s, l, wc, wl)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cuda(wc) = &*ws else {
-            candle_core::bail!("frozen-weight-bmm: the weight is not on the GPU")
-        };
-        self.product(s, l, wc, wl)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.to_dtype(self.w.dtype())?.contiguous()?;
-        Ok(Some(frozen_weight_bmm(&self.w.t()?, &grad)?))
-    }
 }
