@@ -206,9 +206,54 @@ pub struct StepBenchReport {
     pub median: StepTimes,
     /// Peak resident memory of the process (VmHWM), bytes; None off Linux.
     pub peak_rss: Option<u64>,
-    /// On a GPU: the most device memory in use (total − free) seen at the end
-    /// of a forward, a backward or an update, bytes (a lower bound on the peak).
+    /// On a GPU: the most device memory in use (total − free) seen, bytes:
+    /// polled every millisecond during the steps ([`GpuMemoryWatch`]) and at
+    /// the end of each forward, backward and update.
     pub gpu_memory: Option<u64>,
+}
+
+/// Polls the device memory in use on a helper thread every millisecond
+/// while it lives, keeping the most seen: the peak of a step, not only its
+/// value at the phase boundaries (on the CPU it watches nothing).
+pub struct GpuMemoryWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GpuMemoryWatch {
+    pub fn start(device: &Device) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let peak = std::sync::Arc::new(AtomicU64::new(0));
+        let thread = (!device.is_cpu()).then(|| {
+            let (stop, peak, device) = (stop.clone(), peak.clone(), device.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(m) = gpu_memory_in_use(&device) {
+                        peak.fetch_max(m, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        });
+        Self { stop, peak, thread }
+    }
+
+    /// The most memory in use seen so far, bytes (None on the CPU).
+    pub fn peak(&self) -> Option<u64> {
+        let p = self.peak.load(std::sync::atomic::Ordering::Relaxed);
+        (self.thread.is_some() && p > 0).then_some(p)
+    }
+}
+
+impl Drop for GpuMemoryWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Device memory in use on a CUDA `device` (None on the CPU and in CPU builds).
@@ -375,6 +420,7 @@ pub fn bench_step(
 
     let mut steps = Vec::new();
     let mut gpu_memory: Option<u64> = None;
+    let watch = GpuMemoryWatch::start(device);
     let mut see_gpu = || {
         if let Some(m) = gpu_memory_in_use(device) {
             gpu_memory = Some(gpu_memory.unwrap_or(0).max(m));
@@ -446,7 +492,10 @@ pub fn bench_step(
         steps,
         median,
         peak_rss: peak_rss_bytes(),
-        gpu_memory,
+        gpu_memory: match (gpu_memory, watch.peak()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        },
     })
 }
 

@@ -103,3 +103,10 @@ fn bench_sample_names_the_architectures_it_knows() {
         "{stderr}"
     );
 }
+
+#[test]
+fn gpu_memory_watch_watches_nothing_on_the_cpu() {
+    let w = dreambooth::bench::GpuMemoryWatch::start(&candle_core::Device::Cpu);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(w.peak(), None);
+}

@@ -419,7 +419,7 @@ fn step_round(
     );
     if let Some(g) = r.gpu_memory {
         println!(
-            "ours    {:.2} it/s, GPU memory in use (most seen after forward, backward or the update) {}",
+            "ours    {:.2} it/s, peak GPU memory in use (driver total − free, polled every 1 ms) {}",
             1.0 / m.total(),
             gib(Some(g as f64))
         );
