@@ -210,6 +210,8 @@ pub struct StepBenchReport {
     /// polled every millisecond during the steps ([`GpuMemoryWatch`]) and at
     /// the end of each forward, backward and update.
     pub gpu_memory: Option<u64>,
+    /// On a GPU: the memory in use before the model was built, bytes.
+    pub gpu_baseline: Option<u64>,
 }
 
 /// Polls the device memory in use on a helper thread every millisecond
@@ -374,6 +376,9 @@ pub fn bench_step(
         .map_err(|e| Error::msg(format!("UNet config: {e}")))?;
     cfg.validate(Path::new(&opts.arch.name()))?;
     opts.precision.check_device(device)?;
+    // What the process holds on the GPU before the model (its context,
+    // cuBLAS's workspace): PyTorch's max_memory_allocated counts neither.
+    let gpu_baseline = gpu_memory_in_use(device);
     let half_base = opts.lora.is_some() && opts.precision != crate::nn::Precision::F32;
     // (A random store records its tensors only when trainable.)
     let mut vb = Vb::random(opts.seed, device, opts.lora.is_none() || half_base);
@@ -496,6 +501,7 @@ pub fn bench_step(
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         },
+        gpu_baseline,
     })
 }
 

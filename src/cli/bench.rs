@@ -418,10 +418,13 @@ fn step_round(
         m.cpu
     );
     if let Some(g) = r.gpu_memory {
+        let base = r.gpu_baseline.unwrap_or(0);
         println!(
-            "ours    {:.2} it/s, peak GPU memory in use (driver total − free, polled every 1 ms) {}",
+            "ours    {:.2} it/s, peak GPU memory in use (driver total − free, polled every 1 ms) {}, {} above the {} in use before the model",
             1.0 / m.total(),
-            gib(Some(g as f64))
+            gib(Some(g as f64)),
+            gib(Some(g.saturating_sub(base) as f64)),
+            gib(Some(base as f64))
         );
     }
 
