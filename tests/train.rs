@@ -940,3 +940,37 @@ fn class_images_are_generated_in_the_prior_generation_precision() {
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("--prior-generation-precision"), "{err}");
 }
+
+#[test]
+fn validation_images_follow_the_validation_precision() {
+    // A full fine-tune's validation grid from a half-precision copy of the
+    // trained weights: close to the f32 grid, not the same bytes.
+    init();
+    let dir = tmp("validation-precision");
+    instance_dir(&dir.join("instance"), 2);
+    let grid = |precision: &str| -> RgbImage {
+        let out = dir.join(format!("out-{precision}"));
+        let mut cfg = config(&dir.join("instance"), &out);
+        cfg.max_train_steps = 2;
+        cfg.validation_prompt = Some(INSTANCE_PROMPT.into());
+        cfg.num_validation_images = 2;
+        cfg.validation_precision = precision.into();
+        run(&cfg, None);
+        image::open(out.join("validation/step-000002.png")).unwrap().to_rgb8()
+    };
+    let (a, b) = (grid("no"), grid("fp16"));
+    assert_eq!(a.dimensions(), b.dimensions());
+    let mean = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).abs())
+        .sum::<f64>()
+        / a.as_raw().len() as f64;
+    assert!(a != b, "the fp16 copy made the same bytes as f32");
+    assert!(mean < 4.0, "fp16 validation drifts {mean:.2}/255 from f32");
+    let mut cfg = config(&dir.join("instance"), &dir.join("out-bad"));
+    cfg.validation_precision = "int8".into();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("--validation-precision"), "{err}");
+}

@@ -151,6 +151,10 @@ pub struct Args {
     /// precision on a GPU, f32 on the CPU; default), no, bf16 (GPU) or fp16.
     #[arg(long)]
     pub prior_generation_precision: Option<String>,
+    /// The UNet's dtype while generating validation images of a full
+    /// fine-tune: auto (default, as above), no, bf16 (GPU) or fp16.
+    #[arg(long)]
+    pub validation_precision: Option<String>,
     /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
     /// Not part of the configuration (a run resumes on any device).
     #[arg(long)]
@@ -217,7 +221,8 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         lora_targets,
         lora_format,
         mixed_precision,
-        prior_generation_precision
+        prior_generation_precision,
+        validation_precision
     );
     set_opt!(
         cfg,

@@ -89,6 +89,12 @@ pub struct TrainConfig {
     /// training weights. The images of a cache are reused whatever precision
     /// made them.
     pub prior_generation_precision: String,
+    /// The UNet's dtype while generating validation images of a full
+    /// fine-tune (a half-precision copy of the current weights): `auto`
+    /// (the mixed precision on a GPU, f32 on the CPU), `no`, `bf16` or
+    /// `fp16`. LoRA validates on its base as trained (already half under
+    /// mixed precision), adapters included.
+    pub validation_precision: String,
 }
 
 impl Default for TrainConfig {
@@ -147,6 +153,7 @@ impl Default for TrainConfig {
             lora_format: "both".into(),
             mixed_precision: "no".into(),
             prior_generation_precision: "auto".into(),
+            validation_precision: "auto".into(),
         }
     }
 }
@@ -202,20 +209,40 @@ impl TrainConfig {
         &self,
         device: &candle_core::Device,
     ) -> Result<crate::nn::Precision> {
-        match self.prior_generation_precision.as_str() {
+        self.sampling_precision(
+            &self.prior_generation_precision,
+            "--prior-generation-precision",
+            device,
+        )
+    }
+
+    /// `validation_precision` on `device`, as [`Self::prior_generation_precision`].
+    pub fn validation_precision(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<crate::nn::Precision> {
+        self.sampling_precision(&self.validation_precision, "--validation-precision", device)
+    }
+
+    fn sampling_precision(
+        &self,
+        value: &str,
+        option: &str,
+        device: &candle_core::Device,
+    ) -> Result<crate::nn::Precision> {
+        match value {
             "auto" if device.is_cpu() => Ok(crate::nn::Precision::F32),
             "auto" => self.precision(),
-            p => crate::nn::Precision::parse(p).map_err(|e| {
-                Error::msg(format!("invalid option: --prior-generation-precision: {e}"))
-            }),
+            p => crate::nn::Precision::parse(p)
+                .map_err(|e| Error::msg(format!("invalid option: {option}: {e}"))),
         }
     }
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::msg(format!("invalid option: {m}")));
-        if self.prior_generation_precision != "auto" {
-            self.prior_generation_precision(&candle_core::Device::Cpu)?;
-        }
+        // The explicit values parse (`auto` depends on the device).
+        self.prior_generation_precision(&candle_core::Device::Cpu)?;
+        self.validation_precision(&candle_core::Device::Cpu)?;
         if self.instance_prompt.trim().is_empty() {
             return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());
         }

@@ -161,6 +161,7 @@ pub fn train(
     cfg.precision()?.check_device(device)?;
     cfg.prior_generation_precision(device)?
         .check_device(device)?;
+    cfg.validation_precision(device)?.check_device(device)?;
     let model = load_model(cfg, device)?;
     let outcome = train_model(cfg, &model, ev)?;
     Ok((model, outcome))
@@ -695,7 +696,15 @@ fn validation(
     opts.width = Some(res);
     opts.height = Some(res);
     opts.batch_size = cfg.sample_batch_size.max(1);
-    let g = generate(model, &opts, &mut |_| {})?;
+    // A full fine-tune validates with a half-precision copy of its current
+    // weights when asked; LoRA with the model as trained (adapters included).
+    let precision = cfg.validation_precision(&model.device)?;
+    let half_copy = if !cfg.lora && model.unet.conv_in.weight.dtype() != precision.dtype() {
+        Some(model.sampling_copy(precision)?)
+    } else {
+        None
+    };
+    let g = generate(half_copy.as_ref().unwrap_or(model), &opts, &mut |_| {})?;
     let images: Vec<_> = g.images.into_iter().map(|i| i.image).collect();
     let grid = crate::image_io::grid(&images, Some(images.len().min(4)))?;
     let path = cfg
