@@ -956,7 +956,9 @@ fn validation_images_follow_the_validation_precision() {
         cfg.num_validation_images = 2;
         cfg.validation_precision = precision.into();
         run(&cfg, None);
-        image::open(out.join("validation/step-000002.png")).unwrap().to_rgb8()
+        image::open(out.join("validation/step-000002.png"))
+            .unwrap()
+            .to_rgb8()
     };
     let (a, b) = (grid("no"), grid("fp16"));
     assert_eq!(a.dimensions(), b.dimensions());
