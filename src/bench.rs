@@ -117,6 +117,11 @@ pub fn sd15_unet_config() -> serde_json::Value {
     })
 }
 
+/// A model config from its JSON; `what` names it in the error.
+fn parse_config<T: serde::de::DeserializeOwned>(v: serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::msg(format!("{what} config: {e}")))
+}
+
 /// SD 1.5's `vae/config.json`.
 pub fn sd15_vae_config() -> serde_json::Value {
     json!({
@@ -221,6 +226,14 @@ pub struct GpuMemoryWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
+    device: Device,
+}
+
+/// Folds the memory in use on `device` now into `peak`.
+fn record(peak: &std::sync::atomic::AtomicU64, device: &Device) {
+    if let Some(m) = gpu_memory_in_use(device) {
+        peak.fetch_max(m, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl GpuMemoryWatch {
@@ -232,14 +245,24 @@ impl GpuMemoryWatch {
             let (stop, peak, device) = (stop.clone(), peak.clone(), device.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(m) = gpu_memory_in_use(&device) {
-                        peak.fetch_max(m, Ordering::Relaxed);
-                    }
+                    record(&peak, &device);
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             })
         });
-        Self { stop, peak, thread }
+        Self {
+            stop,
+            peak,
+            thread,
+            device: device.clone(),
+        }
+    }
+
+    /// Reads the memory in use now as well (at a phase boundary).
+    pub fn sample(&self) {
+        if self.thread.is_some() {
+            record(&self.peak, &self.device);
+        }
     }
 
     /// The most memory in use seen so far, bytes (None on the CPU).
@@ -289,10 +312,9 @@ impl Encoders {
         ctx_dim: usize,
     ) -> Result<Self> {
         let (vae_json, text_json) = opts.arch.encoder_configs()?;
-        let vae_cfg: crate::models::vae::VaeConfig =
-            serde_json::from_value(vae_json).map_err(|e| Error::msg(format!("VAE config: {e}")))?;
-        let text_cfg: crate::models::clip_text::ClipTextConfig = serde_json::from_value(text_json)
-            .map_err(|e| Error::msg(format!("text encoder config: {e}")))?;
+        let vae_cfg: crate::models::vae::VaeConfig = parse_config(vae_json, "VAE")?;
+        let text_cfg: crate::models::clip_text::ClipTextConfig =
+            parse_config(text_json, "text encoder")?;
         if text_cfg.hidden_size != ctx_dim || text_cfg.max_position_embeddings < len {
             return Err(Error::msg(format!(
                 "the text encoder ({} wide, {} positions) does not fit the UNet's context ({ctx_dim} wide, {len} tokens)",
@@ -372,8 +394,7 @@ pub fn bench_step(
             opts.res
         )));
     }
-    let cfg: UNetConfig = serde_json::from_value(opts.arch.config_json()?)
-        .map_err(|e| Error::msg(format!("UNet config: {e}")))?;
+    let cfg: UNetConfig = parse_config(opts.arch.config_json()?, "UNet")?;
     cfg.validate(Path::new(&opts.arch.name()))?;
     opts.precision.check_device(device)?;
     // What the process holds on the GPU before the model (its context,
@@ -424,13 +445,7 @@ pub fn bench_step(
     };
 
     let mut steps = Vec::new();
-    let mut gpu_memory: Option<u64> = None;
     let watch = GpuMemoryWatch::start(device);
-    let mut see_gpu = || {
-        if let Some(m) = gpu_memory_in_use(device) {
-            gpu_memory = Some(gpu_memory.unwrap_or(0).max(m));
-        }
-    };
     for i in 0..opts.warmup + opts.steps {
         let c0 = process_cpu_seconds();
         let warm = crate::nn::cpu::KeepWarm::start();
@@ -447,16 +462,16 @@ pub fn bench_step(
         let loss = (pred - &target)?.sqr()?.mean_all()?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        see_gpu();
+        watch.sample();
         let grads = loss.backward()?;
         device.synchronize()?;
         let t2 = Instant::now();
-        see_gpu();
+        watch.sample();
         opt.step(&grads, 1e-5, 1.0)?;
         drop(grads);
         device.synchronize()?;
         let t3 = Instant::now();
-        see_gpu();
+        watch.sample();
         drop(warm);
         let st = StepTimes {
             encode: (t0 - te).as_secs_f64(),
@@ -497,10 +512,7 @@ pub fn bench_step(
         steps,
         median,
         peak_rss: peak_rss_bytes(),
-        gpu_memory: match (gpu_memory, watch.peak()) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        },
+        gpu_memory: watch.peak(),
         gpu_baseline,
     })
 }
@@ -594,14 +606,11 @@ pub fn bench_sample(
     }
     let t0 = Instant::now();
     let mut model = if opts.random_sd15 {
-        fn cfg<T: serde::de::DeserializeOwned>(v: serde_json::Value, what: &str) -> Result<T> {
-            serde_json::from_value(v).map_err(|e| Error::msg(format!("SD 1.5 {what} config: {e}")))
-        }
         StableDiffusion::random(
             "sd15 (random weights)",
-            &cfg(sd15_unet_config(), "UNet")?,
-            &cfg(sd15_text_encoder_config(), "text encoder")?,
-            &cfg(sd15_vae_config(), "VAE")?,
+            &parse_config(sd15_unet_config(), "SD 1.5 UNet")?,
+            &parse_config(sd15_text_encoder_config(), "SD 1.5 text encoder")?,
+            &parse_config(sd15_vae_config(), "SD 1.5 VAE")?,
             device,
             opts.seed,
         )?

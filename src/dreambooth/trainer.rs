@@ -246,12 +246,7 @@ pub fn train_model(
         let mut last = 0;
         // A half-precision sampling copy of the UNet, unless it already
         // computes in that dtype (LoRA's frozen base under mixed precision).
-        let gen_precision = cfg.prior_generation_precision(&model.device)?;
-        let half_copy = if model.unet.conv_in.weight.dtype() != gen_precision.dtype() {
-            Some(model.sampling_copy(gen_precision)?)
-        } else {
-            None
-        };
+        let half_copy = model.sampling_copy(cfg.prior_generation_precision(&model.device)?)?;
         let imgs = ClassImageCache::prepare(
             half_copy.as_ref().unwrap_or(model),
             &dir,
@@ -698,11 +693,10 @@ fn validation(
     opts.batch_size = cfg.sample_batch_size.max(1);
     // A full fine-tune validates with a half-precision copy of its current
     // weights when asked; LoRA with the model as trained (adapters included).
-    let precision = cfg.validation_precision(&model.device)?;
-    let half_copy = if !cfg.lora && model.unet.conv_in.weight.dtype() != precision.dtype() {
-        Some(model.sampling_copy(precision)?)
-    } else {
+    let half_copy = if cfg.lora {
         None
+    } else {
+        model.sampling_copy(cfg.validation_precision(&model.device)?)?
     };
     let g = generate(half_copy.as_ref().unwrap_or(model), &opts, &mut |_| {})?;
     let images: Vec<_> = g.images.into_iter().map(|i| i.image).collect();

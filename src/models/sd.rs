@@ -314,21 +314,29 @@ impl StableDiffusion {
                 "a UNet being trained keeps f32 weights; use mixed precision instead",
             ));
         }
-        let vb = self.unet_vb.converted(dtype)?;
-        self.unet = UNet2DConditionModel::new(&vb, &self.unet.config)?;
-        self.unet_vb = vb;
+        (self.unet, self.unet_vb) = self.unet_converted(dtype)?;
         Ok(())
+    }
+
+    /// The UNet rebuilt from a frozen copy of its weights in `dtype`.
+    fn unet_converted(&self, dtype: candle_core::DType) -> Result<(UNet2DConditionModel, Vb)> {
+        let vb = self.unet_vb.converted(dtype)?;
+        Ok((UNet2DConditionModel::new(&vb, &self.unet.config)?, vb))
     }
 
     /// A copy for sampling with the UNet in `precision`'s dtype: the UNet's
     /// current weights converted (a frozen copy; adapters attached to this
-    /// model are not carried over), every other part shared. The trainer
-    /// generates class images with it while it trains f32 weights.
-    pub fn sampling_copy(&self, precision: crate::nn::Precision) -> Result<Self> {
+    /// model are not carried over), every other part shared; `None` when the
+    /// UNet already computes in that dtype (use the model itself). The
+    /// trainer samples class and validation images with it while it trains
+    /// f32 weights.
+    pub fn sampling_copy(&self, precision: crate::nn::Precision) -> Result<Option<Self>> {
+        if self.unet.conv_in.weight.dtype() == precision.dtype() {
+            return Ok(None);
+        }
         precision.check_device(&self.device)?;
-        let unet_vb = self.unet_vb.converted(precision.dtype())?;
-        let unet = UNet2DConditionModel::new(&unet_vb, &self.unet.config)?;
-        Ok(Self {
+        let (unet, unet_vb) = self.unet_converted(precision.dtype())?;
+        Ok(Some(Self {
             tokenizer: self.tokenizer.clone(),
             text_encoder: self.text_encoder.clone(),
             unet,
@@ -341,7 +349,7 @@ impl StableDiffusion {
             vae_vb: self.vae_vb.clone(),
             device: self.device.clone(),
             weight_files: self.weight_files.clone(),
-        })
+        }))
     }
 
     /// The UNet's config.
