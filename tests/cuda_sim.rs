@@ -358,7 +358,7 @@ fn group_norm_silu_forward_and_backward_match_plain_ops() {
                 )
                 .unwrap();
                 let dx = run(
-                    &gpu_plan::group_norm_bwd_dx(sfx, gs, e, silu),
+                    &gpu_plan::group_norm_bwd_dx(sfx, gs, silu),
                     dtype,
                     &[xt, &g, &aux],
                 );

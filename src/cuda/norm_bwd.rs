@@ -75,12 +75,6 @@ impl CustomOp3 for Planned {
     }
 }
 
-fn sfx(x: &Tensor) -> candle_core::Result<&'static str> {
-    gpu_plan::suffix(x.dtype()).ok_or_else(|| {
-        candle_core::Error::Msg(format!("our CUDA kernels do not take {:?}", x.dtype()))
-    })
-}
-
 /// (dx, dw, db) of GroupNorm (+ SiLU) at x with f32 weight w, bias b.
 pub(crate) fn group_norm(
     x: &Tensor,
@@ -91,29 +85,20 @@ pub(crate) fn group_norm(
     eps: f64,
     silu: bool,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let dims = x.dims();
-    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
-        candle_core::bail!("group_norm bwd: input {dims:?} does not split into {groups} groups");
-    }
-    let gs = Groups {
-        b: dims[0],
-        c: dims[1],
-        s: dims[2..].iter().product(),
-        g: groups,
-    };
+    let gs = Groups::of(x.dims(), groups)?;
     let (x, grad) = (x.contiguous()?, grad.to_dtype(x.dtype())?.contiguous()?);
     let wb = Tensor::cat(&[w, b], 0)?.contiguous()?;
-    let sfx = sfx(&x)?;
+    let sfx = gpu_plan::kernel_suffix(x.dtype())?;
     let c = gs.c;
-    // [dw; db; coef]: parameter gradients and the input gradient's per-row
-    // coefficients.
+    // [dw; db; coef; stats]: parameter gradients, the input gradient's
+    // per-row coefficients and the rows' statistics.
     let params = x.apply_op3_no_bwd(
         &grad,
         &wb,
         &Planned {
             name: "group-norm-bwd-params",
             plan: gpu_plan::group_norm_bwd_params(sfx, gs, eps as f32, silu),
-            shape: Shape::from(2 * c + 2 * gs.b * gs.g),
+            shape: Shape::from(2 * c + 4 * gs.b * gs.g),
         },
     )?;
     let aux = Tensor::cat(&[&wb, &params], 0)?.contiguous()?;
@@ -122,7 +107,7 @@ pub(crate) fn group_norm(
         &aux,
         &Planned {
             name: "group-norm-bwd-dx",
-            plan: gpu_plan::group_norm_bwd_dx(sfx, gs, eps as f32, silu),
+            plan: gpu_plan::group_norm_bwd_dx(sfx, gs, silu),
             shape: x.shape().clone(),
         },
     )?;
@@ -136,10 +121,9 @@ pub(crate) fn layer_norm(
     grad: &Tensor,
     eps: f64,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let d = x.dims().last().copied().unwrap_or(1);
-    let rows = x.elem_count() / d.max(1);
+    let (rows, d) = gpu_plan::rows(x.dims());
     let (x, grad) = (x.contiguous()?, grad.to_dtype(x.dtype())?.contiguous()?);
-    let sfx = sfx(&x)?;
+    let sfx = gpu_plan::kernel_suffix(x.dtype())?;
     let dx = x.apply_op3_no_bwd(
         &grad,
         &w.contiguous()?,

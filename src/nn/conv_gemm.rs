@@ -133,13 +133,7 @@ impl CustomOp1 for Columns {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let sfx = super::gpu_plan::suffix(s.dtype()).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{}: no CUDA kernel for {:?}",
-                self.name(),
-                s.dtype()
-            ))
-        })?;
+        let sfx = super::gpu_plan::kernel_suffix(s.dtype())?;
         let plan = match self.1 {
             Dir::Im2Col => super::gpu_plan::im2col(sfx, self.0.conv_dims()),
             Dir::Col2Im => super::gpu_plan::col2im(sfx, self.0.conv_dims()),

@@ -10,6 +10,8 @@
 //! norms, softmax and GEGLU also run as our CUDA kernels on the GPU (f32,
 //! bf16, f16; [`use_gpu_kernels`]); everything else takes the plain path.
 
+#[cfg(feature = "cuda")]
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -510,8 +512,13 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let gs = gpu::groups(l1.dims(), self.groups)?;
-        let plan = super::gpu_plan::group_norm_fwd(gpu::sfx(s1)?, gs, self.eps as f32, self.silu);
+        let gs = super::gpu_plan::Groups::of(l1.dims(), self.groups)?;
+        let plan = super::gpu_plan::group_norm_fwd(
+            super::gpu_plan::kernel_suffix(s1.dtype())?,
+            gs,
+            self.eps as f32,
+            self.silu,
+        );
         let y = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((y, l1.shape().clone()))
     }
@@ -691,8 +698,13 @@ impl CustomOp3 for LayerNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = gpu::rows(l1.dims());
-        let plan = super::gpu_plan::layer_norm_fwd(gpu::sfx(s1)?, rows, d, self.eps as f32);
+        let (rows, d) = super::gpu_plan::rows(l1.dims());
+        let plan = super::gpu_plan::layer_norm_fwd(
+            super::gpu_plan::kernel_suffix(s1.dtype())?,
+            rows,
+            d,
+            self.eps as f32,
+        );
         let y = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((y, l1.shape().clone()))
     }
@@ -817,8 +829,13 @@ impl CustomOp1 for SoftmaxOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = gpu::rows(l.dims());
-        let plan = super::gpu_plan::softmax_fwd(gpu::sfx(s)?, rows, d, self.scale as f32);
+        let (rows, d) = super::gpu_plan::rows(l.dims());
+        let plan = super::gpu_plan::softmax_fwd(
+            super::gpu_plan::kernel_suffix(s.dtype())?,
+            rows,
+            d,
+            self.scale as f32,
+        );
         Ok((crate::cuda::exec::run(&plan, &[(s, l)])?, l.shape().clone()))
     }
 }
@@ -870,8 +887,13 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = gpu::rows(l1.dims());
-        let plan = super::gpu_plan::softmax_bwd(gpu::sfx(s1)?, rows, d, self.scale as f32);
+        let (rows, d) = super::gpu_plan::rows(l1.dims());
+        let plan = super::gpu_plan::softmax_bwd(
+            super::gpu_plan::kernel_suffix(s1.dtype())?,
+            rows,
+            d,
+            self.scale as f32,
+        );
         let dx = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2)])?;
         Ok((dx, l1.shape().clone()))
     }
@@ -930,11 +952,12 @@ impl CustomOp1 for GegluOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d2) = gpu::rows(l.dims());
+        let (rows, d2) = super::gpu_plan::rows(l.dims());
         if !d2.is_multiple_of(2) {
             candle_core::bail!("geglu: last dimension {d2} is odd");
         }
-        let plan = super::gpu_plan::geglu_fwd(gpu::sfx(s)?, rows, d2 / 2);
+        let plan =
+            super::gpu_plan::geglu_fwd(super::gpu_plan::kernel_suffix(s.dtype())?, rows, d2 / 2);
         let mut out_dims = l.dims().to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = d2 / 2;
@@ -996,8 +1019,9 @@ impl CustomOp2 for GegluBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d2) = gpu::rows(l1.dims());
-        let plan = super::gpu_plan::geglu_bwd(gpu::sfx(s1)?, rows, d2 / 2);
+        let (rows, d2) = super::gpu_plan::rows(l1.dims());
+        let plan =
+            super::gpu_plan::geglu_bwd(super::gpu_plan::kernel_suffix(s1.dtype())?, rows, d2 / 2);
         let dh = crate::cuda::exec::run(&plan, &[(s1, l1), (s2, l2)])?;
         Ok((dh, l1.shape().clone()))
     }
@@ -1286,40 +1310,6 @@ impl CustomOp3 for LinearOp {
                 (None, None)
             };
             Ok((dx, dw, db))
-        })
-    }
-}
-
-/// Shapes and dtypes of CUDA storage for the launch plans.
-#[cfg(feature = "cuda")]
-mod gpu {
-    use candle_core::backend::BackendStorage;
-
-    use crate::nn::gpu_plan::{Groups, suffix};
-
-    /// The kernel-name suffix of the storage's dtype.
-    pub(super) fn sfx(s: &candle_core::CudaStorage) -> candle_core::Result<&'static str> {
-        suffix(s.dtype()).ok_or_else(|| {
-            candle_core::Error::Msg(format!("our CUDA kernels do not take {:?}", s.dtype()))
-        })
-    }
-
-    /// (rows, last dimension) of a row-wise op's input.
-    pub(super) fn rows(dims: &[usize]) -> (usize, usize) {
-        let d = dims.last().copied().unwrap_or(1);
-        (dims.iter().product::<usize>() / d.max(1), d)
-    }
-
-    /// The (B, C, S, G) of a GroupNorm input.
-    pub(super) fn groups(dims: &[usize], g: usize) -> candle_core::Result<Groups> {
-        if dims.len() < 2 || g == 0 || !dims[1].is_multiple_of(g) {
-            candle_core::bail!("group_norm: input {dims:?} does not split into {g} groups");
-        }
-        Ok(Groups {
-            b: dims[0],
-            c: dims[1],
-            s: dims[2..].iter().product(),
-            g,
         })
     }
 }

@@ -69,6 +69,18 @@ pub fn suffix(dtype: candle_core::DType) -> Option<&'static str> {
     }
 }
 
+/// [`suffix`], or the error an op reports for a dtype our kernels lack.
+pub fn kernel_suffix(dtype: candle_core::DType) -> candle_core::Result<&'static str> {
+    suffix(dtype)
+        .ok_or_else(|| candle_core::Error::Msg(format!("our CUDA kernels do not take {dtype:?}")))
+}
+
+/// (rows, last dimension) of a row-wise op's input dims.
+pub fn rows(dims: &[usize]) -> (usize, usize) {
+    let d = dims.last().copied().unwrap_or(1);
+    (dims.iter().product::<usize>() / d.max(1), d)
+}
+
 const MAX_GRID: usize = 65535;
 /// Row kernels' blocks: enough threads for the row, 32 to 256.
 fn row_block(d: usize) -> u32 {
@@ -217,6 +229,19 @@ pub struct Groups {
 }
 
 impl Groups {
+    /// The (B, C, S, G) of a GroupNorm input of `dims` in `g` groups.
+    pub fn of(dims: &[usize], g: usize) -> candle_core::Result<Self> {
+        if dims.len() < 2 || g == 0 || !dims[1].is_multiple_of(g) {
+            candle_core::bail!("group_norm: input {dims:?} does not split into {g} groups");
+        }
+        Ok(Self {
+            b: dims[0],
+            c: dims[1],
+            s: dims[2..].iter().product(),
+            g,
+        })
+    }
+
     fn rows(&self) -> usize {
         self.b * self.g
     }
@@ -244,9 +269,9 @@ impl Groups {
     }
 }
 
-/// The two launches that leave (mean, 1/std) of every (sample, group) in
-/// buffer `stats`, from input buffer 0, through buffer `partial`.
-fn group_stats(sfx: &str, gs: Groups, eps: f32, partial: usize, stats: usize) -> [Launch; 2] {
+/// The two launches that leave (mean, 1/std) of every (sample, group) at
+/// `stats`, from input buffer 0, through buffer `partial`.
+fn group_stats(sfx: &str, gs: Groups, eps: f32, partial: usize, stats: Arg) -> [Launch; 2] {
     let (rows, parts) = (gs.rows(), gs.parts());
     [
         launch(
@@ -267,7 +292,7 @@ fn group_stats(sfx: &str, gs: Groups, eps: f32, partial: usize, stats: usize) ->
             256,
             vec![
                 buf(partial),
-                buf(stats),
+                stats,
                 Arg::Usize(rows),
                 Arg::Usize(parts),
                 Arg::Usize(gs.m()),
@@ -277,21 +302,21 @@ fn group_stats(sfx: &str, gs: Groups, eps: f32, partial: usize, stats: usize) ->
     ]
 }
 
-fn group_scratch(gs: Groups) -> [Buffer; 2] {
-    [f32s(3 * gs.rows() * gs.parts()), f32s(2 * gs.rows())]
+/// The statistics' partial sums.
+fn group_partials(gs: Groups) -> Buffer {
+    f32s(3 * gs.rows() * gs.parts())
 }
 
 /// GroupNorm (+ SiLU): inputs [x, w (C, f32), b (C, f32)] → y.
 pub fn group_norm_fwd(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
     let (partial, stats, y) = (3, 4, 5);
-    let [p, s] = group_scratch(gs);
-    let [l1, l2] = group_stats(sfx, gs, eps, partial, stats);
+    let [l1, l2] = group_stats(sfx, gs, eps, partial, buf(stats));
     let mut args = vec![buf(0), buf(stats), buf(1), buf(2), buf(y)];
     args.extend(gs.dims());
     args.push(Arg::I32(silu as i32));
     Plan {
         inputs: vec![t(gs.n()), f32s(gs.c), f32s(gs.c)],
-        scratch: vec![p, s, t(gs.n())],
+        scratch: vec![group_partials(gs), f32s(2 * gs.rows()), t(gs.n())],
         launches: vec![
             l1,
             l2,
@@ -306,14 +331,15 @@ pub fn group_norm_fwd(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
     }
 }
 
-/// GroupNorm's parameter gradients and the per-row coefficients of its input
-/// gradient: inputs [x, dy, wb = [w; b] (2C, f32)] → f32 [dw (C); db (C);
-/// coef (2·B·G)].
+/// GroupNorm's parameter gradients, the per-row coefficients of its input
+/// gradient and the rows' statistics: inputs [x, dy, wb = [w; b] (2C, f32)]
+/// → f32 [dw (C); db (C); coef (2·B·G); stats (2·B·G)] (the input gradient's
+/// plan reads the last two, so x's statistics are computed once).
 pub fn group_norm_bwd_params(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
-    let (partial, stats, chan, out) = (3, 4, 5, 6);
-    let [p, s] = group_scratch(gs);
+    let (partial, chan, out) = (3, 4, 5);
+    let stats = at(out, 2 * gs.c + 2 * gs.rows());
     let [l1, l2] = group_stats(sfx, gs, eps, partial, stats);
-    let mut args = vec![buf(0), buf(1), buf(stats), at(2, 0), at(2, gs.c), buf(chan)];
+    let mut args = vec![buf(0), buf(1), stats, at(2, 0), at(2, gs.c), buf(chan)];
     args.extend(gs.dims());
     args.push(Arg::I32(silu as i32));
     let c3 = launch(
@@ -339,42 +365,41 @@ pub fn group_norm_bwd_params(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Pla
     );
     Plan {
         inputs: vec![t(gs.n()), t(gs.n()), f32s(2 * gs.c)],
-        scratch: vec![p, s, f32s(2 * gs.b * gs.c), f32s(2 * gs.c + 2 * gs.rows())],
+        scratch: vec![
+            group_partials(gs),
+            f32s(2 * gs.b * gs.c),
+            f32s(2 * gs.c + 4 * gs.rows()),
+        ],
         launches: vec![l1, l2, c3, c4],
         output: out,
     }
 }
 
-/// GroupNorm's input gradient: inputs [x, dy, aux = [w; b; dw; db; coef]
-/// (f32, the parameter plan's output after [w; b])] → dx.
-pub fn group_norm_bwd_dx(sfx: &str, gs: Groups, eps: f32, silu: bool) -> Plan {
-    let (partial, stats, dx) = (3, 4, 5);
-    let [p, s] = group_scratch(gs);
-    let [l1, l2] = group_stats(sfx, gs, eps, partial, stats);
+/// GroupNorm's input gradient: inputs [x, dy, aux = [w; b; dw; db; coef;
+/// stats] (f32: [w; b] then the parameter plan's output)] → dx.
+pub fn group_norm_bwd_dx(sfx: &str, gs: Groups, silu: bool) -> Plan {
+    let dx = 3;
+    let (c, r) = (gs.c, gs.rows());
     let mut args = vec![
         buf(0),
         buf(1),
-        buf(stats),
-        at(2, 4 * gs.c),
+        at(2, 4 * c + 2 * r),
+        at(2, 4 * c),
         at(2, 0),
-        at(2, gs.c),
+        at(2, c),
         buf(dx),
     ];
     args.extend(gs.dims());
     args.push(Arg::I32(silu as i32));
     Plan {
-        inputs: vec![t(gs.n()), t(gs.n()), f32s(4 * gs.c + 2 * gs.rows())],
-        scratch: vec![p, s, t(gs.n())],
-        launches: vec![
-            l1,
-            l2,
-            launch(
-                format!("dreambooth_group_norm_bwd_dx_{sfx}"),
-                flat_grid(gs.n()),
-                256,
-                args,
-            ),
-        ],
+        inputs: vec![t(gs.n()), t(gs.n()), f32s(4 * c + 4 * r)],
+        scratch: vec![t(gs.n())],
+        launches: vec![launch(
+            format!("dreambooth_group_norm_bwd_dx_{sfx}"),
+            flat_grid(gs.n()),
+            256,
+            args,
+        )],
         output: dx,
     }
 }
