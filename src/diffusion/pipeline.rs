@@ -364,13 +364,14 @@ pub fn decode_latents(model: &StableDiffusion, latents: &Tensor) -> Result<Tenso
     let z = (latents.detach() / model.vae.scaling_factor())?;
     let shift = model.vae.shift_factor();
     let z = if shift != 0.0 { (z + shift)? } else { z };
-    let dtype = model.unet.conv_in.weight.dtype();
-    let z = if matches!(dtype, DType::BF16 | DType::F16) {
-        z.to_dtype(dtype)?
+    use crate::nn::precision::{cast, is_half};
+    let unet_weight = &model.unet.conv_in.weight;
+    let z = if is_half(unet_weight) {
+        cast(&z, unet_weight.dtype())?
     } else {
         z
     };
-    let x = model.vae.decode(&z)?.to_dtype(DType::F32)?.detach();
+    let x = cast(&model.vae.decode(&z)?, DType::F32)?.detach();
     Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 
