@@ -231,12 +231,13 @@ fn load_average() -> String {
 
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let device = super::device::select(Some(&a.device))?;
-    let random_sd15 = match a.arch.as_deref() {
+    let random_sd15 = match a.arch.as_deref().map(Arch::parse) {
         None => false,
-        Some("sd15" | "sd1.5") => true,
-        Some(other) => {
-            anyhow::bail!("--arch {other}: bench sample knows sd15 (or pass --model FOLDER)")
-        }
+        Some(Arch::Sd15) => true,
+        Some(other) => anyhow::bail!(
+            "--arch {}: bench sample knows sd15 (or pass --model FOLDER)",
+            other.name()
+        ),
     };
     if random_sd15 && a.pytorch.compare_pytorch.is_some() {
         anyhow::bail!(
