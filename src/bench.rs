@@ -177,6 +177,9 @@ pub struct StepBenchOptions {
     /// prompts with the text encoder (frozen, in the compute dtype) before
     /// the UNet step, as the trainer does without cached latents.
     pub with_encoders: bool,
+    /// Recompute every UNet block in the backward pass
+    /// ([`crate::nn::checkpoint`]).
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -421,15 +424,27 @@ pub fn bench_step(
         },
     )?;
     let params = opt.num_params();
+    let checkpointing = if opts.gradient_checkpointing {
+        let ck = crate::nn::checkpoint::Checkpointing::new(device, opt.vars().map(|(_, v)| v))?;
+        unet = unet.with_gradient_checkpointing(&ck);
+        Some(ck)
+    } else {
+        None
+    };
     let latent = opts.res / f;
     let b = opts.batch;
     let l = context_len(&cfg);
     log(&format!(
-        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, mixed precision {}, {} threads",
+        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, mixed precision {}{}, {} threads",
         opts.arch.name(),
         params as f64 / 1e6,
         cfg.cross_attention_dim,
         opts.precision.name(),
+        if opts.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
         crate::nn::cpu::num_threads()
     ));
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -463,7 +478,7 @@ pub fn bench_step(
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
         watch.sample();
-        let grads = loss.backward()?;
+        let grads = crate::nn::checkpoint::backward(checkpointing.as_deref(), &loss)?;
         device.synchronize()?;
         let t2 = Instant::now();
         watch.sample();

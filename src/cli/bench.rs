@@ -100,6 +100,10 @@ pub struct StepArgs {
     /// dtype; --arch sd15 or toy), timed as `encode`.
     #[arg(long)]
     with_encoders: bool,
+    /// Recompute every UNet block in the backward pass (as `train
+    /// --gradient-checkpointing`); the PyTorch twin does the same.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// The UNet's compute dtype: f32 (default), bf16 (GPU) or fp16; with
     /// bf16 / fp16 weights and AdamW state stay f32 (mixed precision).
     #[arg(long, visible_alias = "mixed-precision", default_value = "f32")]
@@ -340,6 +344,7 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         },
         precision: a.pytorch.precision(&a.dtype)?,
         with_encoders: a.with_encoders,
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     if a.rounds == 0 {
         anyhow::bail!("--rounds must be at least 1");
@@ -396,7 +401,13 @@ fn step_round(
             a.steps.to_string(),
             "--threads".into(),
             dreambooth::nn::cpu::num_threads().to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            a.gradient_checkpointing
+                .then(|| "--gradient-checkpointing".to_string()),
+        )
+        .collect::<Vec<_>>(),
     )?;
     println!("load average before ours: {}", load_average());
     let r = bench_step(opts, device, &mut |l| println!("{l}"))?;

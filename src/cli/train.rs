@@ -155,6 +155,11 @@ pub struct Args {
     /// fine-tune: auto (default, as above), no, bf16 (GPU) or fp16.
     #[arg(long)]
     pub validation_precision: Option<String>,
+    /// Recompute each UNet block (and text-encoder layer) in the backward
+    /// pass instead of keeping its activations: much less memory for one more
+    /// forward per step.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
     /// Not part of the configuration (a run resumes on any device).
     #[arg(long)]
@@ -247,7 +252,8 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         regenerate_class_images,
         skip_bad_images,
         save_single_file,
-        lora
+        lora,
+        gradient_checkpointing
     );
     if let Some(s) = &args.lr_scheduler {
         cfg.lr_scheduler = s

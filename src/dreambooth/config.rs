@@ -95,6 +95,10 @@ pub struct TrainConfig {
     /// `fp16`. LoRA validates on its base as trained (already half under
     /// mixed precision), adapters included.
     pub validation_precision: String,
+    /// Recompute each UNet block (and text-encoder layer) in the backward
+    /// pass instead of keeping its activations (diffusers'
+    /// `--gradient_checkpointing`): much less memory, one more forward.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -154,6 +158,7 @@ impl Default for TrainConfig {
             mixed_precision: "no".into(),
             prior_generation_precision: "auto".into(),
             validation_precision: "auto".into(),
+            gradient_checkpointing: false,
         }
     }
 }

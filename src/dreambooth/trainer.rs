@@ -29,6 +29,7 @@ use super::loss::{denoising_loss, min_snr_weights};
 use crate::diffusion::{GenerateOptions, NoiseSchedule, SamplerKind, generate};
 use crate::models::{LoadOptions, StableDiffusion, lora};
 use crate::nn::Precision;
+use crate::nn::checkpoint::Checkpointing;
 use crate::optim::{
     AdamW, AdamWConfig, LossScaler, LrSchedule, ScaledStep, clip_factor, grad_norm,
 };
@@ -325,6 +326,23 @@ pub fn train_model(
     let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
     let mut unet_opt = AdamW::new(unet_vars.clone(), adam(cfg.learning_rate))?;
     let mut te_opt = AdamW::new(te_vars.clone(), adam(te_lr))?;
+    // Gradient checkpointing: the trained networks as copies (sharing the
+    // weights) that recompute their blocks in the backward pass.
+    let checkpointing = if cfg.gradient_checkpointing {
+        Some(Checkpointing::new(
+            &model.device,
+            unet_vars.values().chain(te_vars.values()),
+        )?)
+    } else {
+        None
+    };
+    let (unet, text_encoder) = match &checkpointing {
+        Some(c) => (
+            model.unet.with_gradient_checkpointing(c),
+            model.text_encoder.with_gradient_checkpointing(c),
+        ),
+        None => (model.unet.clone(), model.text_encoder.clone()),
+    };
     let schedule_of = |lr: f64| LrSchedule {
         kind: cfg.lr_scheduler,
         base_lr: lr,
@@ -488,7 +506,7 @@ pub fn train_model(
                     if n_class > 0 {
                         ids.push(class_ids.repeat((n_class, 1))?);
                     }
-                    model.text_encoder.forward(&Tensor::cat(&ids, 0)?)?
+                    text_encoder.forward(&Tensor::cat(&ids, 0)?)?
                 }
             };
             let n = bs + n_class;
@@ -500,7 +518,7 @@ pub fn train_model(
                 noise = noise.broadcast_add(&(off * cfg.offset_noise)?)?;
             }
             let mut per = denoising_loss(
-                &model.unet,
+                &unet,
                 &noise_schedule,
                 &latents,
                 &context,
@@ -524,7 +542,7 @@ pub fn train_model(
             if scaler.enabled {
                 loss = (loss * scaler.scale)?;
             }
-            let grads = loss.backward()?;
+            let grads = crate::nn::checkpoint::backward(checkpointing.as_deref(), &loss)?;
             if let Some(d) = &dropout {
                 d.end_step();
             }

@@ -10,10 +10,12 @@
 //! directly from such a file reports it as unused in [`Vb::finish`]).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::nn::checkpoint::{self, Checkpointing};
 use crate::nn::{
     Activation, Embedding, LayerNorm, Linear, Vb, causal_mask, read_safetensors,
     scaled_dot_product_attention,
@@ -196,6 +198,9 @@ pub struct ClipTextModel {
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
     pub config: ClipTextConfig,
+    /// Gradient checkpointing of every encoder layer
+    /// ([`with_gradient_checkpointing`](Self::with_gradient_checkpointing)).
+    pub checkpointing: Option<Arc<Checkpointing>>,
     prefix: &'static str,
 }
 
@@ -266,8 +271,19 @@ impl ClipTextModel {
                 cfg.layer_norm_eps,
             )?,
             config: cfg.clone(),
+            checkpointing: None,
             prefix,
         })
+    }
+
+    /// This text encoder (sharing its weights) with every encoder layer
+    /// checkpointed (transformers' `gradient_checkpointing_enable`); take the
+    /// gradients with [`Checkpointing::backward`].
+    pub fn with_gradient_checkpointing(&self, checkpointing: &Arc<Checkpointing>) -> Self {
+        Self {
+            checkpointing: Some(checkpointing.clone()),
+            ..self.clone()
+        }
     }
 
     /// `"text_model"` or `""`: the prefix of the weight names in the loaded file.
@@ -305,7 +321,10 @@ impl ClipTextModel {
             if keep {
                 states.push(h.clone());
             }
-            h = layer.forward(&h, &mask)?;
+            let layer = layer.clone();
+            h = checkpoint::run_with(self.checkpointing.as_ref(), &h, &mask, move |x, m| {
+                layer.forward(x, m)
+            })?;
         }
         states.push(h);
         Ok(states)

@@ -2,12 +2,14 @@
 //! ε̂ (or v̂) = UNet(noisy latents, per-sample timesteps, text context).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
 use super::config::UNetConfig;
 use super::unet_blocks::{BlockAttn, BlockCommon, DownBlock, MidBlock, UpBlock};
 use crate::Result;
+use crate::nn::checkpoint::Checkpointing;
 use crate::nn::{Conv2d, GroupNorm, Linear, Vb, silu, timestep_embedding};
 
 /// `TimestepEmbedding`: linear_1 → SiLU → linear_2.
@@ -40,6 +42,9 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// Gradient checkpointing of every resnet and transformer block, set by
+    /// [`with_gradient_checkpointing`](Self::with_gradient_checkpointing).
+    pub checkpointing: Option<Arc<Checkpointing>>,
 }
 
 impl UNet2DConditionModel {
@@ -152,7 +157,20 @@ impl UNet2DConditionModel {
                 1,
                 k_out / 2,
             )?,
+            checkpointing: None,
         })
+    }
+
+    /// This UNet (sharing its weights) with every resnet and transformer
+    /// block checkpointed: a training step keeps only the blocks' inputs and
+    /// recomputes the rest in the backward pass (diffusers'
+    /// `enable_gradient_checkpointing`). Take the gradients with
+    /// [`Checkpointing::backward`].
+    pub fn with_gradient_checkpointing(&self, checkpointing: &Arc<Checkpointing>) -> Self {
+        Self {
+            checkpointing: Some(checkpointing.clone()),
+            ..self.clone()
+        }
     }
 
     /// Loads `unet/` of a diffusers folder (config.json + weights).
@@ -186,19 +204,20 @@ impl UNet2DConditionModel {
         let t_emb = crate::nn::precision::like(&t_emb, sample)?;
         let context = &crate::nn::precision::like(context, sample)?;
         let emb = self.time_embedding.forward(&t_emb)?;
+        let ck = self.checkpointing.as_ref();
 
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            let (out, s) = block.forward(&h, &emb, context)?;
+            let (out, s) = block.forward(&h, &emb, context, ck)?;
             h = out;
             skips.extend(s);
         }
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb, context)?;
+            h = mid.forward(&h, &emb, context, ck)?;
         }
         for block in &self.up_blocks {
-            h = block.forward(&h, &mut skips, &emb, context)?;
+            h = block.forward(&h, &mut skips, &emb, context, ck)?;
         }
         let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)

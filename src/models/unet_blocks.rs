@@ -2,12 +2,15 @@
 //! `CrossAttnDownBlock2D` / `DownBlock2D`, `UNetMidBlock2DCrossAttn`,
 //! `CrossAttnUpBlock2D` / `UpBlock2D`.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
 use crate::Result;
 use crate::nn::Vb;
+use crate::nn::checkpoint::{self, Checkpointing};
 
 /// What every block of one UNet shares.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +63,18 @@ impl BlockCommon {
 pub struct BlockAttn {
     pub heads: usize,
     pub layers: usize,
+}
+
+/// A resnet with the time embedding, checkpointed when `ck` is on
+/// (diffusers checkpoints each resnet and each transformer block).
+fn resnet_forward(
+    resnet: &ResnetBlock2D,
+    x: &Tensor,
+    temb: &Tensor,
+    ck: Option<&Arc<Checkpointing>>,
+) -> Result<Tensor> {
+    let r = resnet.clone();
+    checkpoint::run(ck, x, Some(temb), move |x, t| r.forward(x, t))
 }
 
 #[derive(Clone, Debug)]
@@ -118,13 +133,14 @@ impl DownBlock {
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
+        ck: Option<&Arc<Checkpointing>>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut skips = Vec::new();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = resnet_forward(resnet, &h, temb, ck)?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = attn.forward_checkpointed(&h, context, ck)?;
             }
             skips.push(h.clone());
         }
@@ -158,10 +174,16 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let h = self.resnets[0].forward(x, Some(temb))?;
-        let h = self.attentions[0].forward(&h, context)?;
-        self.resnets[1].forward(&h, Some(temb))
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        ck: Option<&Arc<Checkpointing>>,
+    ) -> Result<Tensor> {
+        let h = resnet_forward(&self.resnets[0], x, temb, ck)?;
+        let h = self.attentions[0].forward_checkpointed(&h, context, ck)?;
+        resnet_forward(&self.resnets[1], &h, temb, ck)
     }
 }
 
@@ -220,6 +242,7 @@ impl UpBlock {
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
         context: &Tensor,
+        ck: Option<&Arc<Checkpointing>>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -227,9 +250,9 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| crate::Error::msg("UNet: ran out of skip connections"))?;
             h = crate::nn::layout::cat_channels(&h, &skip)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = resnet_forward(resnet, &h, temb, ck)?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = attn.forward_checkpointed(&h, context, ck)?;
             }
         }
         if let Some(u) = &self.upsampler {

@@ -4,6 +4,7 @@ pub mod activation;
 pub mod attention;
 pub mod attention_cpu;
 pub mod attention_recompute;
+pub mod checkpoint;
 pub mod conv;
 pub mod conv_cpu;
 pub mod conv_gemm;

@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -73,6 +74,8 @@ def main():
         with open(args.arch) as f:
             cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     unet = UNet2DConditionModel(**cfg).float().train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = sum(p.numel() for p in unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 

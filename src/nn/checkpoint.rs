@@ -1,0 +1,270 @@
+//! Gradient checkpointing (diffusers' `--gradient_checkpointing`, PyTorch's
+//! `torch.utils.checkpoint`): a block's forward keeps none of its
+//! activations; its backward runs the block again with autograd on and
+//! backpropagates through that copy. Memory for a training step then holds
+//! each block's *inputs* rather than every tensor inside it, at the price of
+//! one more forward per block.
+//!
+//! candle's backward visits one node per block here, a custom op whose
+//! gradient is the recomputed block's. The gradient with respect to the
+//! block's inputs flows on through candle's graph; the gradients of the
+//! parameters inside the block cannot (a custom op returns its arguments'
+//! gradients only), so they are collected in the [`Checkpointing`] handle and
+//! [`Checkpointing::backward`] adds them to the store candle returns.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, TensorId, Var};
+
+use crate::{Error, Result};
+
+/// A block run under checkpointing: `f(x, context)`.
+pub type Block = dyn Fn(&Tensor, Option<&Tensor>) -> Result<Tensor> + Send + Sync;
+
+/// What a model needs to checkpoint its blocks: the trainable parameters
+/// (their gradients are the ones worth keeping from a recomputed block) and
+/// the parameter gradients collected during the current backward.
+#[derive(Debug)]
+pub struct Checkpointing {
+    params: HashSet<TensorId>,
+    /// A variable passed to every checkpointed node, so the node takes part
+    /// in backprop even when its inputs do not (a LoRA block after a frozen
+    /// layer: only the parameters inside it are trained).
+    anchor: Var,
+    grads: Mutex<GradStore>,
+}
+
+impl Checkpointing {
+    /// Checkpointing for a model whose trainable parameters are `params`.
+    pub fn new<'a>(
+        device: &Device,
+        params: impl IntoIterator<Item = &'a Var>,
+    ) -> Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            params: params.into_iter().map(|v| v.as_tensor().id()).collect(),
+            anchor: Var::zeros(1, candle_core::DType::F32, device)?,
+            grads: Mutex::new(GradStore::default()),
+        }))
+    }
+
+    /// `f(x, context)` as one node whose activations are recomputed in the
+    /// backward pass. `f` must compute the same thing when called again
+    /// (dropout masks drawn from the step, as [`super::lora::LoraDropout`]'s).
+    pub fn run<F>(self: &Arc<Self>, x: &Tensor, context: Option<&Tensor>, f: F) -> Result<Tensor>
+    where
+        F: Fn(&Tensor, Option<&Tensor>) -> Result<Tensor> + Send + Sync + 'static,
+    {
+        let y = f(&x.detach(), context.map(Tensor::detach).as_ref())?;
+        // With detached inputs, `y` is tracked only through parameters inside
+        // the block.
+        let inputs_tracked = x.track_op() || context.is_some_and(Tensor::track_op);
+        if !y.track_op() && !inputs_tracked {
+            return Ok(y);
+        }
+        // Dropping the tracked result frees the block's graph; the detached
+        // copy shares its storage.
+        let out = y.detach();
+        drop(y);
+        let op = CheckpointOp {
+            out: Mutex::new(Some(out)),
+            f: Box::new(f),
+            has_context: context.is_some(),
+            owner: self.clone(),
+        };
+        let anchor = self.anchor.as_tensor();
+        Ok(x.apply_op3(context.unwrap_or(anchor), anchor, op)?)
+    }
+
+    /// `loss.backward()` with the gradients of the parameters inside
+    /// checkpointed blocks added.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        // Nothing left over from a backward that failed part way.
+        *self.lock()? = GradStore::default();
+        let mut grads = loss.backward()?;
+        let inner = std::mem::take(&mut *self.lock()?);
+        grads.extend(inner)?;
+        Ok(grads)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, GradStore>> {
+        self.grads
+            .lock()
+            .map_err(|_| Error::msg("gradient checkpointing: a backward pass panicked"))
+    }
+}
+
+/// `loss.backward()`, through `checkpointing` when the model uses it.
+pub fn backward(checkpointing: Option<&Checkpointing>, loss: &Tensor) -> Result<GradStore> {
+    match checkpointing {
+        Some(c) => c.backward(loss),
+        None => Ok(loss.backward()?),
+    }
+}
+
+/// `f(x, context)`, checkpointed when `checkpointing` is on.
+pub fn run<F>(
+    checkpointing: Option<&Arc<Checkpointing>>,
+    x: &Tensor,
+    context: Option<&Tensor>,
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, Option<&Tensor>) -> Result<Tensor> + Send + Sync + 'static,
+{
+    match checkpointing {
+        Some(c) => c.run(x, context, f),
+        None => f(x, context),
+    }
+}
+
+/// [`run`] for a block that always takes a context (a transformer block's
+/// text, an encoder layer's mask).
+pub fn run_with<F>(
+    checkpointing: Option<&Arc<Checkpointing>>,
+    x: &Tensor,
+    context: &Tensor,
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    run(checkpointing, x, Some(context), move |x, c| match c {
+        Some(c) => f(x, c),
+        None => Err(Error::msg("checkpointed block run without its context")),
+    })
+}
+
+struct CheckpointOp {
+    /// The block's output, computed before the node existed; the forward
+    /// hands it over (once).
+    out: Mutex<Option<Tensor>>,
+    f: Box<Block>,
+    has_context: bool,
+    owner: Arc<Checkpointing>,
+}
+
+impl CheckpointOp {
+    fn take_out(&self) -> candle_core::Result<Tensor> {
+        self.out
+            .lock()
+            .ok()
+            .and_then(|mut o| o.take())
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward ran twice".into()))
+    }
+}
+
+/// A contiguous copy of `s` viewed through `l`.
+fn copy_out<S>(s: &S, l: &Layout) -> candle_core::Result<S>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let mut dst = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok(dst)
+}
+
+fn wrap(e: Error) -> candle_core::Error {
+    match e {
+        Error::Candle(e) => e,
+        e => candle_core::Error::Msg(e.to_string()),
+    }
+}
+
+impl CustomOp3 for CheckpointOp {
+    fn name(&self) -> &'static str {
+        "gradient-checkpoint"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.take_out()?;
+        let (st, l) = out.storage_and_layout();
+        match &*st {
+            Storage::Cpu(s) => Ok((copy_out(s, l)?, l.shape().clone())),
+            _ => Err(candle_core::Error::Msg(
+                "checkpoint: block output not on the CPU".into(),
+            )),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.take_out()?;
+        let (st, l) = out.storage_and_layout();
+        match &*st {
+            Storage::Cuda(s) => Ok((copy_out(s, l)?, l.shape().clone())),
+            _ => Err(candle_core::Error::Msg(
+                "checkpoint: block output not on the GPU".into(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        _anchor: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Inputs that need a gradient become fresh leaves of the recomputed
+        // block; the others go in detached.
+        let leaf = |t: &Tensor| -> candle_core::Result<(Tensor, Option<Var>)> {
+            if t.track_op() {
+                let v = Var::from_tensor(&t.detach())?;
+                Ok((v.as_tensor().clone(), Some(v)))
+            } else {
+                Ok((t.detach(), None))
+            }
+        };
+        let (xin, xvar) = leaf(x)?;
+        let (cin, cvar) = if self.has_context {
+            let (c, v) = leaf(context)?;
+            (Some(c), v)
+        } else {
+            (None, None)
+        };
+        let y = (self.f)(&xin, cin.as_ref()).map_err(wrap)?;
+        if !y.track_op() {
+            return Ok((None, None, None));
+        }
+        // d/dy Σ(y ⊙ grad) = grad: backprop of `grad` through the block.
+        let seed = (y * grad.detach())?.sum_all()?;
+        let mut inner = seed.backward()?;
+        let gx = xvar.and_then(|v| inner.remove(v.as_tensor()));
+        let gc = cvar.and_then(|v| inner.remove(v.as_tensor()));
+        let mut kept =
+            self.owner.grads.lock().map_err(|_| {
+                candle_core::Error::Msg("checkpoint: poisoned gradient store".into())
+            })?;
+        let mut params = GradStore::default();
+        for id in inner.get_ids() {
+            if self.owner.params.contains(id)
+                && let Some(g) = inner.get_id(*id)
+            {
+                params.insert_id(*id, g.clone());
+            }
+        }
+        kept.extend(params)?;
+        Ok((gx, gc, None))
+    }
+}

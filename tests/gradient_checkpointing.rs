@@ -1,0 +1,327 @@
+//! Gradient checkpointing (`nn::checkpoint`, `train --gradient-checkpointing`):
+//! the UNet and the text encoder give the same outputs and the same
+//! gradients for every trainable tensor with their blocks recomputed in the
+//! backward pass as without (full weights, f16 mixed precision, LoRA adapters
+//! with dropout behind a frozen base), and a training step's peak heap is
+//! much lower with it.
+//!
+//! This file counts the bytes its process allocates, so its tests run one at a
+//! time (they take [`serial`]).
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use common::{fixtures, load, rel_err};
+use dreambooth::models::lora::{self, LoraSpec};
+use dreambooth::models::{LoadOptions, StableDiffusion, UNet2DConditionModel};
+use dreambooth::nn::Precision;
+use dreambooth::nn::checkpoint::Checkpointing;
+
+/// mimalloc, counting the bytes live and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        if !q.is_null() {
+            if new >= l.size() {
+                let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(dreambooth::nn::cpu::configure);
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tiny(name: &str) -> PathBuf {
+    fixtures().join(format!("tiny-{name}"))
+}
+
+/// Gradients of `sum(out · r)` for the UNet run on the parity fixture's
+/// inputs, by name (`sample`, `context` and every var of `vars`).
+fn unet_grads(
+    unet: &UNet2DConditionModel,
+    ck: Option<&Arc<Checkpointing>>,
+    fx: &std::collections::HashMap<String, Tensor>,
+    vars: &BTreeMap<String, Var>,
+    precision: Precision,
+) -> (Tensor, BTreeMap<String, Tensor>) {
+    let sample = Var::from_tensor(&fx["sample"]).unwrap();
+    let context = Var::from_tensor(&fx["context"]).unwrap();
+    let unet = match ck {
+        Some(c) => unet.with_gradient_checkpointing(c),
+        None => unet.clone(),
+    };
+    let out = unet
+        .forward(
+            &precision.cast(&sample).unwrap(),
+            &fx["timesteps"],
+            &context,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let loss = (&out * &fx["r"]).unwrap().sum_all().unwrap();
+    let grads = dreambooth::nn::checkpoint::backward(ck.map(|c| &**c), &loss).unwrap();
+    let mut by_name = named(&grads, vars);
+    by_name.insert("sample".into(), grads.get(&sample).unwrap().clone());
+    by_name.insert("context".into(), grads.get(&context).unwrap().clone());
+    (out, by_name)
+}
+
+/// Every var's gradient, by name; panics naming a var that got none.
+fn named(grads: &GradStore, vars: &BTreeMap<String, Var>) -> BTreeMap<String, Tensor> {
+    vars.iter()
+        .map(|(k, v)| {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("no gradient for {k}"));
+            assert_eq!(g.dims(), v.dims(), "{k}");
+            (k.clone(), g.clone())
+        })
+        .collect()
+}
+
+/// Same keys, every tensor within `tol` relative L2 error; returns the worst.
+fn assert_all_close(
+    what: &str,
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    tol: f64,
+) -> f64 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    let mut worst = 0f64;
+    for (k, ta) in a {
+        let e = rel_err(ta, &b[k]);
+        assert!(e < tol, "{what}: `{k}` differs by {e:.2e}");
+        worst = worst.max(e);
+    }
+    eprintln!("{what}: {} gradients, worst rel err {worst:.2e}", a.len());
+    worst
+}
+
+#[test]
+fn unet_gradients_are_the_same_with_checkpointing() {
+    let _g = serial();
+    for name in ["sd1", "sd2"] {
+        let fx = load(&format!("parity/{name}_unet.safetensors"));
+        let (unet, vb) =
+            UNet2DConditionModel::load(&tiny(name).join("unet"), &Device::Cpu, true).unwrap();
+        let vars = vb.vars();
+        let ck = Checkpointing::new(&Device::Cpu, vars.values()).unwrap();
+        for precision in [Precision::F32, Precision::F16] {
+            let what = format!("{name} {}", precision.name());
+            let (out, plain) = unet_grads(&unet, None, &fx, &vars, precision);
+            let (out_ck, checkpointed) = unet_grads(&unet, Some(&ck), &fx, &vars, precision);
+            // The forward runs the same ops on the same inputs.
+            assert_eq!(
+                out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                out_ck.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{what}: outputs"
+            );
+            assert_eq!(checkpointed.len(), vars.len() + 2);
+            // Only the order in which gradients add up may differ.
+            let tol = if precision == Precision::F32 {
+                1e-5
+            } else {
+                5e-3
+            };
+            assert_all_close(&what, &checkpointed, &plain, tol);
+            if precision == Precision::F32 {
+                // And both are diffusers' gradients.
+                for (k, v) in fx.iter().filter(|(k, _)| k.starts_with("grad.")) {
+                    let key = &k["grad.".len()..];
+                    let e = rel_err(&checkpointed[key], v);
+                    assert!(e < 1e-4, "{what}: {key} vs diffusers: {e:.2e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_adapter_gradients_are_the_same_with_checkpointing() {
+    let _g = serial();
+    // `attn`: the first blocks are frozen and their inputs take no part in
+    // backprop, so only the adapters inside a block make it trainable.
+    for targets in ["attn", "all-linear+conv"] {
+        let mut sd =
+            StableDiffusion::load(&tiny("sd1"), &Device::Cpu, LoadOptions::default()).unwrap();
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 2.0,
+            // Dropout masks are drawn from the step, so the recomputed
+            // block drops what the forward dropped.
+            dropout: 0.25,
+            targets: targets.parse().unwrap(),
+            text_encoder: false,
+            seed: 3,
+        };
+        lora::attach_trainable(&mut sd, &spec).unwrap();
+        let vars = lora::trainable_vars(&sd);
+        // B starts at zero; give it values so every adapter's A gets a gradient.
+        for (k, v) in &vars {
+            if k.contains("lora_B") {
+                v.set(&Tensor::randn(0f32, 0.1, v.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let dropout = lora::dropout_control(&sd).expect("dropout on");
+        dropout.begin_step(5);
+        let fx = load("parity/sd1_unet.safetensors");
+        let ck = Checkpointing::new(&Device::Cpu, vars.values()).unwrap();
+        let grads = |ck: Option<&Arc<Checkpointing>>| {
+            let unet = match ck {
+                Some(c) => sd.unet.with_gradient_checkpointing(c),
+                None => sd.unet.clone(),
+            };
+            // The inputs take no part in backprop: only the adapters train.
+            let out = unet
+                .forward(&fx["sample"], &fx["timesteps"], &fx["context"])
+                .unwrap();
+            let loss = (&out * &fx["r"]).unwrap().sum_all().unwrap();
+            let g = dreambooth::nn::checkpoint::backward(ck.map(|c| &**c), &loss).unwrap();
+            (out, named(&g, &vars))
+        };
+        let (out, plain) = grads(None);
+        let (out_ck, checkpointed) = grads(Some(&ck));
+        dropout.end_step();
+        assert!(rel_err(&out_ck, &out) == 0.0, "{targets}: outputs differ");
+        assert!(vars.len() >= 20, "{targets}: {} adapters", vars.len());
+        assert_all_close(&format!("LoRA {targets}"), &checkpointed, &plain, 1e-5);
+        // The dropout was on: without it the output is another.
+        let (off, _) = grads(None);
+        assert!(
+            rel_err(&off, &out) > 1e-4,
+            "{targets}: dropout did not change the output"
+        );
+    }
+}
+
+#[test]
+fn text_encoder_gradients_are_the_same_with_checkpointing() {
+    let _g = serial();
+    let sd = StableDiffusion::load(
+        &tiny("sd1"),
+        &Device::Cpu,
+        LoadOptions {
+            train_text_encoder: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let vars = sd.text_encoder_vb.vars();
+    let ck = Checkpointing::new(&Device::Cpu, vars.values()).unwrap();
+    let (ids, _) = sd
+        .tokenize(&["a photo of sks ball".to_string(), "a ball".to_string()])
+        .unwrap();
+    let d = sd.text_encoder.config.hidden_size;
+    let r = Tensor::randn(0f32, 1.0, (2, ids.dim(1).unwrap(), d), &Device::Cpu).unwrap();
+    let run = |ck: Option<&Arc<Checkpointing>>| {
+        let te = match ck {
+            Some(c) => sd.text_encoder.with_gradient_checkpointing(c),
+            None => sd.text_encoder.clone(),
+        };
+        let h = te.forward(&ids).unwrap();
+        let loss = (h.sqr().unwrap() * &r).unwrap().sum_all().unwrap();
+        let g = dreambooth::nn::checkpoint::backward(ck.map(|c| &**c), &loss).unwrap();
+        (h, named(&g, &vars))
+    };
+    let (h, plain) = run(None);
+    let (h_ck, checkpointed) = run(Some(&ck));
+    assert!(rel_err(&h_ck, &h) == 0.0, "outputs differ");
+    assert_all_close("text encoder", &checkpointed, &plain, 1e-5);
+}
+
+/// Peak bytes allocated above the start while `f` runs.
+fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    let out = f();
+    (out, PEAK.load(Ordering::SeqCst).saturating_sub(base))
+}
+
+#[test]
+fn checkpointing_lowers_a_training_steps_peak_memory() {
+    let _g = serial();
+    let (unet, vb) =
+        UNet2DConditionModel::load(&tiny("sd1").join("unet"), &Device::Cpu, true).unwrap();
+    let vars = vb.vars();
+    let ck = Checkpointing::new(&Device::Cpu, vars.values()).unwrap();
+    // A 16×16 latent, batch 2 (instance + class). The gradients themselves
+    // (one per weight) are needed either way; what checkpointing saves is
+    // the activations above them. (At larger latents the tiny model's few
+    // channels let one layer's attention scores fill the checkpointed peak.)
+    let sample = Tensor::randn(0f32, 1.0, (2, 4, 16, 16), &Device::Cpu).unwrap();
+    let context = Tensor::randn(0f32, 1.0, (2, 8, 32), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[300f32, 700.], &Device::Cpu).unwrap();
+    let step = |ck: Option<&Arc<Checkpointing>>| {
+        let unet = match ck {
+            Some(c) => unet.with_gradient_checkpointing(c),
+            None => unet.clone(),
+        };
+        let out = unet.forward(&sample, &t, &context).unwrap();
+        let loss = out.sqr().unwrap().mean_all().unwrap();
+        let g = dreambooth::nn::checkpoint::backward(ck.map(|c| &**c), &loss).unwrap();
+        named(&g, &vars)
+    };
+    let (plain, plain_peak) = peak_during(|| step(None));
+    let (checkpointed, ck_peak) = peak_during(|| step(Some(&ck)));
+    let grad_bytes: usize = vars.values().map(|v| v.elem_count() * 4).sum();
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "peak heap of one step: {:.1} MiB plain, {:.1} MiB checkpointed ({:.1} MiB of gradients)",
+        mib(plain_peak),
+        mib(ck_peak),
+        mib(grad_bytes)
+    );
+    assert_all_close("16×16 step", &checkpointed, &plain, 1e-5);
+    let (plain_act, ck_act) = (
+        plain_peak.saturating_sub(grad_bytes),
+        ck_peak.saturating_sub(grad_bytes),
+    );
+    assert!(
+        (ck_act as f64) < 0.4 * plain_act as f64,
+        "checkpointed activations {:.1} MiB are not under 0.4 × the plain {:.1} MiB",
+        mib(ck_act),
+        mib(plain_act)
+    );
+}
