@@ -93,6 +93,9 @@ pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
     for c in lora_checks(device)? {
         push(c, log);
     }
+    for c in checkpointing_checks(device)? {
+        push(c, log);
+    }
     Ok(checks)
 }
 
@@ -338,8 +341,14 @@ struct UNetRun {
 
 /// The toy UNet (random weights, seed 7) on `device`: output of a fixed
 /// input and the gradients of sum(out · r) w.r.t. the input and every
-/// trainable tensor (`lora`: adapters on a frozen base).
-fn toy_unet(device: &Device, precision: Precision, lora: bool) -> Result<UNetRun> {
+/// trainable tensor (`lora`: adapters on a frozen base; `checkpointed`:
+/// every block recomputed in the backward pass).
+fn toy_unet(
+    device: &Device,
+    precision: Precision,
+    lora: bool,
+    checkpointed: bool,
+) -> Result<UNetRun> {
     let cfg: UNetConfig = serde_json::from_value(crate::toy::pretrain::unet_config())
         .map_err(|e| Error::msg(format!("toy UNet config: {e}")))?;
     let vb = Vb::random(7, device, !lora);
@@ -362,6 +371,13 @@ fn toy_unet(device: &Device, precision: Precision, lora: bool) -> Result<UNetRun
     } else {
         vb.vars()
     };
+    let ck = if checkpointed {
+        let ck = crate::nn::checkpoint::Checkpointing::new(device, vars.values())?;
+        unet = unet.with_gradient_checkpointing(&ck);
+        Some(ck)
+    } else {
+        None
+    };
     let b = 2;
     let x = Var::from_tensor(&randn(1, &[b, cfg.in_channels, 16, 16], device)?)?;
     let ctx = randn(
@@ -374,7 +390,7 @@ fn toy_unet(device: &Device, precision: Precision, lora: bool) -> Result<UNetRun
         .forward(&precision.cast(x.as_tensor())?, &t, &ctx)?
         .to_dtype(DType::F32)?;
     let r = randn(3, out.dims(), device)?;
-    let grads = (&out * r)?.sum_all()?.backward()?;
+    let grads = crate::nn::checkpoint::backward(ck.as_deref(), &(&out * r)?.sum_all()?)?;
     let mut g = BTreeMap::new();
     g.insert(
         "input".to_string(),
@@ -422,8 +438,8 @@ fn compare_unet(name: &str, got: &UNetRun, want: &UNetRun, tol: (f64, f64)) -> R
 }
 
 fn unet_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
-    let want = toy_unet(&Device::Cpu, Precision::F32, false)?;
-    let got = toy_unet(device, precision, false)?;
+    let want = toy_unet(&Device::Cpu, Precision::F32, false, false)?;
+    let got = toy_unet(device, precision, false, false)?;
     let (name, tol) = match precision {
         Precision::F32 => ("toy UNet f32 vs CPU f32", (1e-4, 1e-4)),
         // 8 significant bits (bf16) / 11 (f16) per rounding, over the network.
@@ -434,12 +450,30 @@ fn unet_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
 }
 
 fn lora_checks(device: &Device) -> Result<Vec<Check>> {
-    let want = toy_unet(&Device::Cpu, Precision::F32, true)?;
-    let got = toy_unet(device, Precision::F32, true)?;
+    let want = toy_unet(&Device::Cpu, Precision::F32, true, false)?;
+    let got = toy_unet(device, Precision::F32, true, false)?;
     compare_unet(
         "toy UNet LoRA (frozen base) vs CPU",
         &got,
         &want,
         (1e-4, 1e-4),
     )
+}
+
+/// Gradient checkpointing on the device (the recomputing node's forward
+/// hands over a device buffer): the full UNet and LoRA against the CPU's
+/// plain f32 run.
+fn checkpointing_checks(device: &Device) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for lora in [false, true] {
+        let want = toy_unet(&Device::Cpu, Precision::F32, lora, false)?;
+        let got = toy_unet(device, Precision::F32, lora, true)?;
+        let name = if lora {
+            "toy UNet LoRA, gradient checkpointing, vs CPU"
+        } else {
+            "toy UNet, gradient checkpointing, vs CPU"
+        };
+        checks.extend(compare_unet(name, &got, &want, (1e-4, 1e-4))?);
+    }
+    Ok(checks)
 }

@@ -191,3 +191,50 @@ fn sampling_with_an_f16_unet_follows_f32() {
         .to_string();
     assert!(e.contains("f32"), "{e}");
 }
+
+/// A text encoder being trained under `--mixed-precision fp16` computes in
+/// f16 on its f32 weights: transformers' f32 output and gradients to f16
+/// rounding, every gradient in f32.
+#[test]
+fn text_encoder_in_f16_matches_transformers_f32() {
+    use dreambooth::models::clip_text::{ClipTextConfig, ClipTextModel};
+    use dreambooth::nn::Vb;
+    for name in ["sd1", "sd2"] {
+        let dir = fixtures().join(format!("tiny-{name}")).join("text_encoder");
+        let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+        let vb = Vb::from_file(&dir.join("model.safetensors"), &Device::Cpu, true).unwrap();
+        let model = ClipTextModel::new(&vb, &cfg)
+            .unwrap()
+            .with_mixed_precision(Precision::F16);
+        let fx = load(&format!("parity/{name}_text.safetensors"));
+        let ids = fx["ids"].to_dtype(DType::U32).unwrap();
+        let out16 = model.forward(&ids).unwrap();
+        assert_eq!(out16.dtype(), DType::F16, "{name}: output dtype");
+        let out = out16.to_dtype(DType::F32).unwrap();
+        let e = rel_err(&out, &fx["last_hidden_state"]);
+        eprintln!("{name}: f16 text encoder vs transformers f32: {e:.2e}");
+        assert!(e < 5e-3 && e > 1e-6, "{name}: output {e:.2e}");
+        let grads = (out * &fx["r"])
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut worst = 0f64;
+        let mut checked = 0;
+        for (k, want) in fx.iter().filter(|(k, _)| k.starts_with("grad.")) {
+            let key = &k["grad.".len()..];
+            let Some(var) = vb.vars().get(key).cloned() else {
+                continue; // the token embedding's rows are stored apart
+            };
+            let g = grads.get(&var).unwrap();
+            assert_eq!(g.dtype(), DType::F32, "{name}: {key}");
+            let e = rel_err(g, want);
+            assert!(e < 2e-2, "{name}: grad {key} {e:.2e}");
+            worst = worst.max(e);
+            checked += 1;
+        }
+        assert!(checked >= 6, "{name}: {checked} gradients in the fixture");
+        eprintln!("{name}: worst of {checked} f16 gradients vs transformers f32: {worst:.2e}");
+    }
+}

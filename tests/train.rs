@@ -550,6 +550,70 @@ fn gradient_checkpointing_trains_the_same_weights() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `--train-text-encoder` under fp16 mixed precision: the text encoder
+/// computes in f16 too (the log says so), keeps f32 weights, and trains as
+/// an f32 run does, to f16 rounding.
+#[test]
+fn text_encoder_trains_in_fp16_mixed_precision() {
+    init();
+    let dir = tmp("te-fp16");
+    instance_dir(&dir.join("instance"), 3);
+    let mut cfg = config(&dir.join("instance"), &dir.join("f32"));
+    cfg.max_train_steps = 4;
+    cfg.train_text_encoder = true;
+    cfg.text_encoder_lr = Some(5e-4);
+    let base = load(&tiny_sd1()).text_encoder_vb.tensors();
+    let (full, ..) = run(&cfg, None);
+    cfg.output_dir = dir.join("f16");
+    cfg.mixed_precision = "fp16".into();
+    let stop = AtomicBool::new(false);
+    let mut lines = Vec::new();
+    let mut log = |l: &str| lines.push(l.to_string());
+    let mut on_step = |_: &StepInfo| {};
+    let mut ev = Events {
+        log: &mut log,
+        step: &mut on_step,
+        stop: &stop,
+    };
+    let (half, _) = train(&cfg, &Device::Cpu, &mut ev).unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("mixed precision: UNet and text encoder in fp16")),
+        "{lines:?}"
+    );
+    // The update each run made to the text encoder, over all its tensors.
+    let (a, b) = (
+        full.text_encoder_vb.tensors(),
+        half.text_encoder_vb.tensors(),
+    );
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (k, w0) in &base {
+        assert_eq!(b[k].dtype(), candle_core::DType::F32, "{k}: master weight");
+        let ua = flat(&(&a[k] - w0).unwrap());
+        let ub = flat(&(&b[k] - w0).unwrap());
+        diff += ua
+            .iter()
+            .zip(&ub)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>();
+        norm += ua.iter().map(|x| x * x).sum::<f64>();
+    }
+    let e = (diff / norm).sqrt();
+    println!("text encoder update, fp16 run vs f32 run: rel difference {e:.3}");
+    assert!(norm > 0.0 && e < 0.3, "fp16 update differs by {e:.3}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------
 // Export
 // ---------------------------------------------------------------------------

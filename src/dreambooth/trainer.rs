@@ -381,9 +381,21 @@ pub fn train_model(
     let precision = cfg.precision()?;
     precision.check_device(&model.device)?;
     let mut scaler = LossScaler::for_precision(precision);
+    // A text encoder being trained computes in the same dtype (a frozen one
+    // ran once, in f32, for the cached embeddings).
+    let text_encoder = if cfg.train_text_encoder && precision != Precision::F32 {
+        text_encoder.with_mixed_precision(precision)
+    } else {
+        text_encoder
+    };
     if precision != Precision::F32 {
         (ev.log)(&format!(
-            "mixed precision: UNet in {} with f32 weights and optimizer state{}",
+            "mixed precision: UNet{} in {} with f32 weights and optimizer state{}",
+            if cfg.train_text_encoder {
+                " and text encoder"
+            } else {
+                ""
+            },
             precision.name(),
             if scaler.enabled {
                 ", dynamic loss scaling"

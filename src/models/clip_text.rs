@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::nn::checkpoint::{self, Checkpointing};
 use crate::nn::{
-    Activation, Embedding, LayerNorm, Linear, Vb, causal_mask, read_safetensors,
+    Activation, Embedding, LayerNorm, Linear, Precision, Vb, causal_mask, read_safetensors,
     scaled_dot_product_attention,
 };
 use crate::{Error, Result};
@@ -201,6 +201,9 @@ pub struct ClipTextModel {
     /// Gradient checkpointing of every encoder layer
     /// ([`with_gradient_checkpointing`](Self::with_gradient_checkpointing)).
     pub checkpointing: Option<Arc<Checkpointing>>,
+    /// The dtype the layers compute in: the weights' own unless
+    /// [`with_mixed_precision`](Self::with_mixed_precision) set it.
+    pub precision: Option<Precision>,
     prefix: &'static str,
 }
 
@@ -272,8 +275,21 @@ impl ClipTextModel {
             )?,
             config: cfg.clone(),
             checkpointing: None,
+            precision: None,
             prefix,
         })
+    }
+
+    /// This text encoder (sharing its weights) computing in `precision`'s
+    /// dtype on its weights as they are (mixed precision for a text encoder
+    /// being trained: f32 master weights, each cast as it is used, norms and
+    /// softmax with f32 statistics; [`crate::nn::precision`]). Its output has
+    /// that dtype.
+    pub fn with_mixed_precision(&self, precision: Precision) -> Self {
+        Self {
+            precision: Some(precision),
+            ..self.clone()
+        }
     }
 
     /// This text encoder (sharing its weights) with every encoder layer
@@ -314,6 +330,9 @@ impl ClipTextModel {
     /// intermediate state when `keep` (embeddings first), else just the last.
     fn run(&self, ids: &Tensor, n_layers: usize, keep: bool) -> Result<Vec<Tensor>> {
         let mut h = self.embed(ids)?;
+        if let Some(p) = self.precision {
+            h = p.cast(&h)?;
+        }
         let l = h.dim(1)?;
         let mask = causal_mask(l, h.device())?.to_dtype(h.dtype())?;
         let mut states = Vec::new();
