@@ -2,13 +2,10 @@
 //! `BasicTransformerBlock`: self-attention, cross-attention to the text, GEGLU
 //! feed-forward, each behind a LayerNorm with a residual.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 
 use super::attention::{Attention, AttentionConfig};
 use crate::Result;
-use crate::nn::checkpoint::{self, Checkpointing};
 use crate::nn::layout::{map_to_tokens, tokens_to_map};
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, Vb};
 
@@ -151,17 +148,6 @@ impl Transformer2DModel {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        self.forward_checkpointed(x, context, None)
-    }
-
-    /// [`forward`](Self::forward) with each transformer block checkpointed
-    /// when `ck` is on (diffusers' granularity).
-    pub fn forward_checkpointed(
-        &self,
-        x: &Tensor,
-        context: &Tensor,
-        ck: Option<&Arc<Checkpointing>>,
-    ) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;
@@ -170,8 +156,7 @@ impl Transformer2DModel {
             Projection::Linear(l) => l.forward(&map_to_tokens(&x)?)?,
         };
         for block in &self.transformer_blocks {
-            let b = block.clone();
-            tokens = checkpoint::run_with(ck, &tokens, context, move |x, c| b.forward(x, c))?;
+            tokens = block.forward(&tokens, context)?;
         }
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&tokens_to_map(&tokens, h, w)?)?,

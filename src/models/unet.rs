@@ -42,7 +42,7 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
-    /// Gradient checkpointing of every resnet and transformer block, set by
+    /// Gradient checkpointing of every resnet and transformer, set by
     /// [`with_gradient_checkpointing`](Self::with_gradient_checkpointing).
     pub checkpointing: Option<Arc<Checkpointing>>,
 }
@@ -161,8 +161,9 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// This UNet (sharing its weights) with every resnet and transformer
-    /// block checkpointed: a training step keeps only the blocks' inputs and
+    /// This UNet (sharing its weights) with every resnet and every
+    /// transformer (`Transformer2DModel`) checkpointed: a training step keeps
+    /// only their inputs and
     /// recomputes the rest in the backward pass (diffusers'
     /// `enable_gradient_checkpointing`). Take the gradients with
     /// [`Checkpointing::backward`].
