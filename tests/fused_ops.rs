@@ -406,6 +406,71 @@ fn recompute_attention_matches_plain() {
     }
 }
 
+/// The recomputing node in chunks of (batch · head) pairs (a score budget of
+/// one pair, of two and a half, and of all of them) gives the unchunked
+/// node's output and gradients, and the plain ops'.
+#[test]
+fn chunked_recompute_attention_matches_unchunked() {
+    use dreambooth::nn::attention::plain_multi_head_attention;
+    use dreambooth::nn::attention_recompute::multi_head_attention_chunked;
+    let (b, n, m, heads, d) = (2, 9, 7, 3, 4);
+    let c = heads * d;
+    let q = randn(&[b, n, c], 61);
+    let k = randn(&[b, m, c], 62);
+    let v = randn(&[b, m, c], 63);
+    let scale = 1.0 / (d as f64).sqrt();
+    let run = |max_scores: usize| {
+        let vars: Vec<candle_core::Var> = [&q, &k, &v]
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t).unwrap())
+            .collect();
+        let o = multi_head_attention_chunked(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            heads,
+            scale,
+            max_scores,
+        )
+        .unwrap();
+        let r = randn(o.dims(), 64);
+        let g = (&o * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![o];
+        out.extend(vars.iter().map(|v| g.get(v).unwrap().clone()));
+        out
+    };
+    let whole = run(usize::MAX);
+    for max_scores in [1, n * m, 5 * n * m / 2] {
+        let chunked = run(max_scores);
+        for (i, (a, w)) in chunked.iter().zip(&whole).enumerate() {
+            assert_eq!(
+                rel_err(a, w),
+                0.0,
+                "budget {max_scores}: tensor {i} differs"
+            );
+        }
+    }
+    // The single-head form with a value width unlike the key's.
+    use dreambooth::nn::attention_recompute::attention_chunked;
+    let (q1, k1, v1) = (
+        randn(&[5, n, 4], 65),
+        randn(&[5, m, 4], 66),
+        randn(&[5, m, 6], 67),
+    );
+    let whole = attention_chunked(&q1, &k1, &v1, 0.5, usize::MAX).unwrap();
+    assert_eq!(whole.dims(), &[5, n, 6]);
+    for max_scores in [1, 2 * n * m] {
+        let chunked = attention_chunked(&q1, &k1, &v1, 0.5, max_scores).unwrap();
+        assert_eq!(rel_err(&chunked, &whole), 0.0, "dv 6, budget {max_scores}");
+    }
+    check(
+        "chunked recompute attention",
+        &move |t: &[Tensor]| multi_head_attention_chunked(&t[0], &t[1], &t[2], heads, scale, n * m),
+        &move |t: &[Tensor]| plain_multi_head_attention(&t[0], &t[1], &t[2], heads, scale),
+        &[q.clone(), k.clone(), v.clone()],
+    );
+}
+
 #[test]
 fn layout_ops_match_plain() {
     use dreambooth::nn::layout;

@@ -6,15 +6,25 @@
 //! four gradient GEMMs and the fused softmax backward. PyTorch's fused
 //! attention makes the same trade (FlashAttention recomputes too).
 //!
+//! The (batch · head) pairs go through in chunks whose scores hold at most
+//! [`MAX_SCORES`] elements (128 MiB in bf16), so one layer's attention never
+//! holds more than that many scores, probabilities and their gradients at a
+//! time: SD 1.5's 4096-token layers at batch 2 would otherwise hold 2 · 8 ·
+//! 4096² of each (512 MiB in bf16), three of them in the backward pass.
+//!
 //! The GPU's attention path ([`super::attention::multi_head_attention`] on a
 //! CUDA device with our kernels). It runs on the CPU as well (f32), where the
 //! tests check it against the plain ops.
 
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::fused::{SoftmaxBwd, SoftmaxOp};
 use crate::Result;
+
+/// The most score elements one chunk of (batch · head) pairs computes at a
+/// time (at least one pair per chunk).
+pub const MAX_SCORES: usize = 64 << 20;
 
 /// softmax(q kᵀ · scale) v per head on token-major q (B, N, H·d), k and v
 /// (B, M, H·d) → (B, N, H·d).
@@ -25,19 +35,44 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    multi_head_attention_chunked(q, k, v, heads, scale, MAX_SCORES)
+}
+
+/// [`multi_head_attention`] with chunks of at most `max_scores` score
+/// elements.
+pub fn multi_head_attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    max_scores: usize,
+) -> Result<Tensor> {
     // (B·H, N, d) batches of heads.
     let split = |x: &Tensor| -> Result<Tensor> {
         let x = super::attention::split_heads(x, heads)?;
         let (b, h, n, d) = x.dims4()?;
         Ok(x.reshape((b * h, n, d))?)
     };
-    let o = attention(&split(q)?, &split(k)?, &split(v)?, scale)?;
+    let o = attention_chunked(&split(q)?, &split(k)?, &split(v)?, scale, max_scores)?;
     let (bh, n, d) = o.dims3()?;
     super::attention::merge_heads(&o.reshape((bh / heads, heads, n, d))?)
 }
 
 /// softmax(q kᵀ · scale) v for q (BH, N, d), k (BH, M, d), v (BH, M, dv).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_chunked(q, k, v, scale, MAX_SCORES)
+}
+
+/// [`attention`] over chunks of (batch · head) pairs with at most
+/// `max_scores` score elements each.
+pub fn attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    max_scores: usize,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (bh, _, d) = q.dims3()?;
     let (bk, m, dk) = k.dims3()?;
@@ -50,27 +85,56 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             v.dims()
         )));
     }
-    Ok(q.apply_op3(&k, &v, Attention { scale })?)
+    let chunk = (max_scores / (q.dim(1)? * m).max(1)).clamp(1, bh.max(1));
+    Ok(q.apply_op3(&k, &v, Attention { scale, chunk })?)
 }
 
 struct Attention {
     scale: f64,
+    /// (batch · head) pairs per chunk.
+    chunk: usize,
 }
 
-/// The storage-level forward on either backend: scores = q kᵀ, p =
-/// softmax(scale · scores), o = p v.
+impl Attention {
+    /// The chunks of `bh` pairs: (first, count).
+    fn chunks(&self, bh: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..bh)
+            .step_by(self.chunk)
+            .map(move |b0| (b0, self.chunk.min(bh - b0)))
+    }
+}
+
+/// The storage-level forward on either backend, chunk by chunk: scores =
+/// q kᵀ, p = softmax(scale · scores), o = p v, each chunk's o copied into
+/// place (a single chunk is the output itself).
 macro_rules! forward {
     ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident, $s3:ident, $l3:ident, $softmax:ident) => {{
         let (bh, n, d) = $l1.shape().dims3()?;
         let m = $l2.dims()[1];
         let dv = $l3.dims()[2];
-        let kt = $l2.transpose(1, 2)?;
-        let scores = $s1.matmul($s2, (bh, n, m, d), $l1, &kt)?;
-        let sl = Layout::contiguous((bh, n, m));
-        let (p, _) = SoftmaxOp { scale: $self.scale }.$softmax(&scores, &sl)?;
-        drop(scores);
-        let o = p.matmul($s3, (bh, n, dv, m), &sl, $l3)?;
-        Ok((o, Shape::from((bh, n, dv))))
+        let chunk = |b0: usize, bc: usize| -> candle_core::Result<_> {
+            let (l1, l2, l3) = (
+                $l1.narrow(0, b0, bc)?,
+                $l2.narrow(0, b0, bc)?,
+                $l3.narrow(0, b0, bc)?,
+            );
+            let kt = l2.transpose(1, 2)?;
+            let scores = $s1.matmul($s2, (bc, n, m, d), &l1, &kt)?;
+            let sl = Layout::contiguous((bc, n, m));
+            let (p, _) = SoftmaxOp { scale: $self.scale }.$softmax(&scores, &sl)?;
+            drop(scores);
+            p.matmul($s3, (bc, n, dv, m), &sl, &l3)
+        };
+        let shape = Shape::from((bh, n, dv));
+        if $self.chunk >= bh {
+            return Ok((chunk(0, bh)?, shape));
+        }
+        let mut o = unsafe { $s1.device().alloc_uninit(&shape, $s1.dtype())? };
+        for (b0, bc) in $self.chunks(bh) {
+            let oc = chunk(b0, bc)?;
+            oc.copy_strided_src(&mut o, b0 * n * dv, &Layout::contiguous((bc, n, dv)))?;
+        }
+        Ok((o, shape))
     }};
 }
 
@@ -116,15 +180,33 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let g = grad.to_dtype(q.dtype())?.contiguous()?;
-        let p = q
-            .matmul(&k.t()?)?
-            .apply_op1_no_bwd(&SoftmaxOp { scale: self.scale })?;
-        let dv = p.t()?.matmul(&g)?;
-        let dp = g.matmul(&v.t()?)?;
-        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?;
-        drop((p, dp));
-        let dq = ds.matmul(&k)?;
-        let dk = ds.t()?.matmul(&q)?;
+        let bh = q.dim(0)?;
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for (b0, bc) in self.chunks(bh) {
+            let (q, k, v, g) = (
+                q.narrow(0, b0, bc)?,
+                k.narrow(0, b0, bc)?,
+                v.narrow(0, b0, bc)?,
+                g.narrow(0, b0, bc)?,
+            );
+            let p = q
+                .matmul(&k.t()?)?
+                .apply_op1_no_bwd(&SoftmaxOp { scale: self.scale })?;
+            dvs.push(p.t()?.matmul(&g)?);
+            let dp = g.matmul(&v.t()?)?;
+            let ds = p.apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?;
+            drop((p, dp));
+            dqs.push(ds.matmul(&k)?);
+            dks.push(ds.t()?.matmul(&q)?);
+        }
+        let join = |parts: Vec<Tensor>| -> candle_core::Result<Tensor> {
+            if parts.len() == 1 {
+                Ok(parts.into_iter().next().expect("one chunk"))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        };
+        let (dq, dk, dv) = (join(dqs)?, join(dks)?, join(dvs)?);
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
