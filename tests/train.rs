@@ -11,6 +11,8 @@
 //! - bad inputs are one-line errors naming the problem; Ctrl-C saves a
 //!   checkpoint, says how to resume and exits with 130.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -91,9 +93,19 @@ fn config(instance: &Path, out: &Path) -> TrainConfig {
 
 /// Trains per `cfg` on the CPU; `stop_at` raises the stop flag after that step.
 fn run(cfg: &TrainConfig, stop_at: Option<u64>) -> (StableDiffusion, TrainOutcome, Vec<StepInfo>) {
+    let (model, outcome, steps, _) = run_logged(cfg, stop_at);
+    (model, outcome, steps)
+}
+
+/// [`run`], also returning the lines the trainer logged.
+fn run_logged(
+    cfg: &TrainConfig,
+    stop_at: Option<u64>,
+) -> (StableDiffusion, TrainOutcome, Vec<StepInfo>, Vec<String>) {
     let stop = AtomicBool::new(false);
     let mut steps = Vec::new();
-    let mut log = |_: &str| {};
+    let mut lines = Vec::new();
+    let mut log = |l: &str| lines.push(l.to_string());
     let mut on_step = |s: &StepInfo| {
         steps.push(s.clone());
         if Some(s.step) == stop_at {
@@ -106,7 +118,7 @@ fn run(cfg: &TrainConfig, stop_at: Option<u64>) -> (StableDiffusion, TrainOutcom
         stop: &stop,
     };
     let (model, outcome) = train(cfg, &Device::Cpu, &mut ev).unwrap();
-    (model, outcome, steps)
+    (model, outcome, steps, lines)
 }
 
 fn load(path: &Path) -> StableDiffusion {
@@ -550,15 +562,6 @@ fn gradient_checkpointing_trains_the_same_weights() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// `--train-text-encoder` under fp16 mixed precision: the text encoder
 /// computes in f16 too (the log says so), keeps f32 weights, and trains as
 /// an f32 run does, to f16 rounding.
@@ -575,16 +578,7 @@ fn text_encoder_trains_in_fp16_mixed_precision() {
     let (full, ..) = run(&cfg, None);
     cfg.output_dir = dir.join("f16");
     cfg.mixed_precision = "fp16".into();
-    let stop = AtomicBool::new(false);
-    let mut lines = Vec::new();
-    let mut log = |l: &str| lines.push(l.to_string());
-    let mut on_step = |_: &StepInfo| {};
-    let mut ev = Events {
-        log: &mut log,
-        step: &mut on_step,
-        stop: &stop,
-    };
-    let (half, _) = train(&cfg, &Device::Cpu, &mut ev).unwrap();
+    let (half, _, _, lines) = run_logged(&cfg, None);
     assert!(
         lines
             .iter()
@@ -599,8 +593,8 @@ fn text_encoder_trains_in_fp16_mixed_precision() {
     let (mut diff, mut norm) = (0f64, 0f64);
     for (k, w0) in &base {
         assert_eq!(b[k].dtype(), candle_core::DType::F32, "{k}: master weight");
-        let ua = flat(&(&a[k] - w0).unwrap());
-        let ub = flat(&(&b[k] - w0).unwrap());
+        let ua = common::to_f64(&(&a[k] - w0).unwrap());
+        let ub = common::to_f64(&(&b[k] - w0).unwrap());
         diff += ua
             .iter()
             .zip(&ub)
