@@ -177,9 +177,10 @@ pub struct StepBenchOptions {
     /// prompts with the text encoder (frozen, in the compute dtype) before
     /// the UNet step, as the trainer does without cached latents.
     pub with_encoders: bool,
-    /// Recompute every UNet block in the backward pass
-    /// ([`crate::nn::checkpoint`]).
-    pub gradient_checkpointing: bool,
+    /// Run every UNet block as one node ([`crate::nn::checkpoint`]):
+    /// recomputed in the backward pass (gradient checkpointing), or keeping
+    /// its graph until its own backward has run.
+    pub checkpointing: Option<crate::nn::checkpoint::Mode>,
 }
 
 #[derive(Clone, Debug)]
@@ -424,12 +425,17 @@ pub fn bench_step(
         },
     )?;
     let params = opt.num_params();
-    let checkpointing = if opts.gradient_checkpointing {
-        let ck = crate::nn::checkpoint::Checkpointing::new(device, opt.vars().map(|(_, v)| v))?;
-        unet = unet.with_gradient_checkpointing(&ck);
-        Some(ck)
-    } else {
-        None
+    let checkpointing = match opts.checkpointing {
+        Some(mode) => {
+            let ck = crate::nn::checkpoint::Checkpointing::with_mode(
+                device,
+                opt.vars().map(|(_, v)| v),
+                mode,
+            )?;
+            unet = unet.with_gradient_checkpointing(&ck);
+            Some(ck)
+        }
+        None => None,
     };
     let latent = opts.res / f;
     let b = opts.batch;
@@ -440,10 +446,10 @@ pub fn bench_step(
         params as f64 / 1e6,
         cfg.cross_attention_dim,
         opts.precision.name(),
-        if opts.gradient_checkpointing {
-            ", gradient checkpointing"
-        } else {
-            ""
+        match opts.checkpointing {
+            Some(crate::nn::checkpoint::Mode::Recompute) => ", gradient checkpointing",
+            Some(crate::nn::checkpoint::Mode::Release) => ", block graphs released in the backward",
+            None => "",
         },
         crate::nn::cpu::num_threads()
     ));

@@ -369,12 +369,12 @@ struct UNetRun {
 /// The toy UNet (random weights, seed 7) on `device`: output of a fixed
 /// input and the gradients of sum(out · r) w.r.t. the input and every
 /// trainable tensor (`lora`: adapters on a frozen base; `checkpointed`:
-/// every block recomputed in the backward pass).
+/// every block a checkpointed node in that mode).
 fn toy_unet(
     device: &Device,
     precision: Precision,
     lora: bool,
-    checkpointed: bool,
+    checkpointed: Option<crate::nn::checkpoint::Mode>,
 ) -> Result<UNetRun> {
     let cfg: UNetConfig = serde_json::from_value(crate::toy::pretrain::unet_config())
         .map_err(|e| Error::msg(format!("toy UNet config: {e}")))?;
@@ -398,8 +398,8 @@ fn toy_unet(
     } else {
         vb.vars()
     };
-    let ck = if checkpointed {
-        let ck = crate::nn::checkpoint::Checkpointing::new(device, vars.values())?;
+    let ck = if let Some(mode) = checkpointed {
+        let ck = crate::nn::checkpoint::Checkpointing::with_mode(device, vars.values(), mode)?;
         unet = unet.with_gradient_checkpointing(&ck);
         Some(ck)
     } else {
@@ -465,8 +465,8 @@ fn compare_unet(name: &str, got: &UNetRun, want: &UNetRun, tol: (f64, f64)) -> R
 }
 
 fn unet_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
-    let want = toy_unet(&Device::Cpu, Precision::F32, false, false)?;
-    let got = toy_unet(device, precision, false, false)?;
+    let want = toy_unet(&Device::Cpu, Precision::F32, false, None)?;
+    let got = toy_unet(device, precision, false, None)?;
     let (name, tol) = match precision {
         Precision::F32 => ("toy UNet f32 vs CPU f32", (1e-4, 1e-4)),
         // 8 significant bits (bf16) / 11 (f16) per rounding, over the network.
@@ -477,8 +477,8 @@ fn unet_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
 }
 
 fn lora_checks(device: &Device) -> Result<Vec<Check>> {
-    let want = toy_unet(&Device::Cpu, Precision::F32, true, false)?;
-    let got = toy_unet(device, Precision::F32, true, false)?;
+    let want = toy_unet(&Device::Cpu, Precision::F32, true, None)?;
+    let got = toy_unet(device, Precision::F32, true, None)?;
     compare_unet(
         "toy UNet LoRA (frozen base) vs CPU",
         &got,
@@ -487,20 +487,26 @@ fn lora_checks(device: &Device) -> Result<Vec<Check>> {
     )
 }
 
-/// Gradient checkpointing on the device (the recomputing node's forward
-/// hands over a device buffer): the full UNet and LoRA against the CPU's
-/// plain f32 run.
+/// Gradient checkpointing and released block graphs on the device (the
+/// checkpointed node's forward hands over a device buffer): the full UNet and
+/// LoRA against the CPU's plain f32 run.
 fn checkpointing_checks(device: &Device) -> Result<Vec<Check>> {
+    use crate::nn::checkpoint::Mode;
     let mut checks = Vec::new();
     for lora in [false, true] {
-        let want = toy_unet(&Device::Cpu, Precision::F32, lora, false)?;
-        let got = toy_unet(device, Precision::F32, lora, true)?;
-        let name = if lora {
-            "toy UNet LoRA, gradient checkpointing, vs CPU"
-        } else {
-            "toy UNet, gradient checkpointing, vs CPU"
-        };
-        checks.extend(compare_unet(name, &got, &want, (1e-4, 1e-4))?);
+        let want = toy_unet(&Device::Cpu, Precision::F32, lora, None)?;
+        for mode in [Mode::Recompute, Mode::Release] {
+            let got = toy_unet(device, Precision::F32, lora, Some(mode))?;
+            let name = format!(
+                "toy UNet{}, {}, vs CPU",
+                if lora { " LoRA" } else { "" },
+                match mode {
+                    Mode::Recompute => "gradient checkpointing",
+                    Mode::Release => "block graphs released",
+                }
+            );
+            checks.extend(compare_unet(&name, &got, &want, (1e-4, 1e-4))?);
+        }
     }
     Ok(checks)
 }

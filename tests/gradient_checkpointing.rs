@@ -3,7 +3,9 @@
 //! gradients for every trainable tensor with their blocks recomputed in the
 //! backward pass as without (full weights, f16 mixed precision, LoRA adapters
 //! with dropout behind a frozen base), and a training step's peak heap is
-//! much lower with it.
+//! much lower with it. The same for blocks whose graphs are released one by
+//! one in the backward pass (`Mode::Release`): same gradients, and a peak
+//! below the plain step's by about the gradients' size.
 //!
 //! This file counts the bytes its process allocates, so its tests run one at a
 //! time (they take [`serial`]).
@@ -22,7 +24,7 @@ use common::{fixtures, load, rel_err};
 use dreambooth::models::lora::{self, LoraSpec};
 use dreambooth::models::{LoadOptions, StableDiffusion, UNet2DConditionModel};
 use dreambooth::nn::Precision;
-use dreambooth::nn::checkpoint::Checkpointing;
+use dreambooth::nn::checkpoint::{Checkpointing, Mode};
 
 /// mimalloc, counting the bytes live and their peak.
 struct Counting;
@@ -146,9 +148,13 @@ fn unet_gradients_are_the_same_with_checkpointing() {
         let (unet, vb) =
             UNet2DConditionModel::load(&tiny(name).join("unet"), &Device::Cpu, true).unwrap();
         let vars = vb.vars();
-        let ck = Checkpointing::new(&Device::Cpu, vars.values()).unwrap();
-        for precision in [Precision::F32, Precision::F16] {
-            let what = format!("{name} {}", precision.name());
+        for (mode, precision) in [
+            (Mode::Recompute, Precision::F32),
+            (Mode::Recompute, Precision::F16),
+            (Mode::Release, Precision::F32),
+        ] {
+            let ck = Checkpointing::with_mode(&Device::Cpu, vars.values(), mode).unwrap();
+            let what = format!("{name} {mode:?} {}", precision.name());
             let (out, plain) = unet_grads(&unet, None, &fx, &vars, precision);
             let (out_ck, checkpointed) = unet_grads(&unet, Some(&ck), &fx, &vars, precision);
             // The forward runs the same ops on the same inputs.
@@ -207,7 +213,6 @@ fn lora_adapter_gradients_are_the_same_with_checkpointing() {
         let dropout = lora::dropout_control(&sd).expect("dropout on");
         dropout.begin_step(5);
         let fx = load("parity/sd1_unet.safetensors");
-        let ck = Checkpointing::new(&Device::Cpu, vars.values()).unwrap();
         let grads = |ck: Option<&Arc<Checkpointing>>| {
             let unet = match ck {
                 Some(c) => sd.unet.with_gradient_checkpointing(c),
@@ -222,11 +227,22 @@ fn lora_adapter_gradients_are_the_same_with_checkpointing() {
             (out, named(&g, &vars))
         };
         let (out, plain) = grads(None);
-        let (out_ck, checkpointed) = grads(Some(&ck));
+        for mode in [Mode::Recompute, Mode::Release] {
+            let ck = Checkpointing::with_mode(&Device::Cpu, vars.values(), mode).unwrap();
+            let (out_ck, checkpointed) = grads(Some(&ck));
+            assert!(
+                rel_err(&out_ck, &out) == 0.0,
+                "{targets} {mode:?}: outputs differ"
+            );
+            assert_all_close(
+                &format!("LoRA {targets} {mode:?}"),
+                &checkpointed,
+                &plain,
+                1e-5,
+            );
+        }
         dropout.end_step();
-        assert!(rel_err(&out_ck, &out) == 0.0, "{targets}: outputs differ");
         assert!(vars.len() >= 20, "{targets}: {} adapters", vars.len());
-        assert_all_close(&format!("LoRA {targets}"), &checkpointed, &plain, 1e-5);
         // The dropout was on: without it the output is another.
         let (off, _) = grads(None);
         assert!(
@@ -324,4 +340,83 @@ fn checkpointing_lowers_a_training_steps_peak_memory() {
         mib(ck_act),
         mib(plain_act)
     );
+}
+
+/// Released block by block, a step's activations go as its gradients come
+/// (no recompute): the peak falls below the plain step's by a good part of
+/// the gradients' size. An 8×8 latent makes the activations about as large
+/// as the gradients.
+#[test]
+fn released_block_graphs_lower_a_steps_peak_memory() {
+    let _g = serial();
+    let (unet, vb) =
+        UNet2DConditionModel::load(&tiny("sd1").join("unet"), &Device::Cpu, true).unwrap();
+    let vars = vb.vars();
+    let ck = Checkpointing::with_mode(&Device::Cpu, vars.values(), Mode::Release).unwrap();
+    let sample = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let context = Tensor::randn(0f32, 1.0, (1, 8, 32), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[300f32], &Device::Cpu).unwrap();
+    let step = |ck: Option<&Arc<Checkpointing>>| {
+        let unet = match ck {
+            Some(c) => unet.with_gradient_checkpointing(c),
+            None => unet.clone(),
+        };
+        let out = unet.forward(&sample, &t, &context).unwrap();
+        let loss = out.sqr().unwrap().mean_all().unwrap();
+        let g = dreambooth::nn::checkpoint::backward(ck.map(|c| &**c), &loss).unwrap();
+        named(&g, &vars)
+    };
+    let (plain, plain_peak) = peak_during(|| step(None));
+    let (released, released_peak) = peak_during(|| step(Some(&ck)));
+    let grad_bytes: usize = vars.values().map(|v| v.elem_count() * 4).sum();
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "peak heap of one step: {:.2} MiB plain, {:.2} MiB released ({:.2} MiB of gradients)",
+        mib(plain_peak),
+        mib(released_peak),
+        mib(grad_bytes)
+    );
+    assert_all_close("8×8 step, released", &released, &plain, 1e-5);
+    assert!(
+        released_peak + grad_bytes / 2 < plain_peak,
+        "released peak {:.2} MiB is not half the gradients below the plain {:.2} MiB",
+        mib(released_peak),
+        mib(plain_peak)
+    );
+}
+
+/// The figure behind docs/performance.md's released-block-graphs table, not
+/// a test: SD 1.5 full fine-tune steps (random weights) plain, with released
+/// block graphs and with gradient checkpointing, printing each one's peak of
+/// live heap bytes. `RES` (default 256) and `BATCH` (default 1) set the
+/// shapes; 512 / 2 needs about 18 GiB.
+///
+/// `RES=512 BATCH=2 cargo test --release --test gradient_checkpointing -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn sd15_peak_live_heap() {
+    let _g = serial();
+    use dreambooth::bench::{Arch, StepBenchOptions, bench_step};
+    let var = |k: &str, d: usize| std::env::var(k).map_or(d, |v| v.parse().unwrap());
+    for mode in [None, Some(Mode::Release), Some(Mode::Recompute)] {
+        let opts = StepBenchOptions {
+            arch: Arch::Sd15,
+            res: var("RES", 256),
+            batch: var("BATCH", 1),
+            warmup: 1,
+            steps: 1,
+            seed: 0,
+            lora: None,
+            precision: Precision::F32,
+            with_encoders: false,
+            checkpointing: mode,
+        };
+        let (r, peak) =
+            peak_during(|| bench_step(&opts, &Device::Cpu, &mut |l| eprintln!("{l}")).unwrap());
+        eprintln!(
+            "{mode:?}: peak live heap {:.2} GiB, step {:.2} s",
+            peak as f64 / (1u64 << 30) as f64,
+            r.median.total()
+        );
+    }
 }

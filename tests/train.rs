@@ -483,10 +483,11 @@ fn resumed_run_is_bit_identical_with_text_encoder_and_accumulation() {
     });
 }
 
-/// `--gradient-checkpointing` trains the same weights (up to the order in
-/// which gradients add up): a full fine-tune of the UNet and the text encoder
-/// with prior preservation, and LoRA with adapter dropout (the recomputed
-/// blocks must drop what the forward dropped).
+/// `--gradient-checkpointing` and `--release-block-graphs` train the same
+/// weights (up to the order in which gradients add up): a full fine-tune of
+/// the UNet and the text encoder with prior preservation, and LoRA with
+/// adapter dropout (the recomputed blocks must drop what the forward
+/// dropped).
 #[test]
 fn gradient_checkpointing_trains_the_same_weights() {
     init();
@@ -506,59 +507,74 @@ fn gradient_checkpointing_trains_the_same_weights() {
             cfg.lora_targets = "attn+conv".into();
         }
         let (plain, _, plain_steps) = run(&cfg, None);
-        cfg.output_dir = dir.join(format!("checkpointed-{lora}"));
-        cfg.gradient_checkpointing = true;
-        let (ckpt, _, ckpt_steps) = run(&cfg, None);
-        let what = if lora { "LoRA" } else { "full" };
-        assert_eq!(plain_steps.len(), ckpt_steps.len());
-        for (a, b) in plain_steps.iter().zip(&ckpt_steps) {
+        for release in [false, true] {
+            cfg.output_dir = dir.join(format!("checkpointed-{lora}-{release}"));
+            cfg.gradient_checkpointing = !release;
+            cfg.release_block_graphs = release;
+            let (ckpt, _, ckpt_steps) = run(&cfg, None);
+            let what = match (lora, release) {
+                (false, false) => "full, checkpointed",
+                (false, true) => "full, block graphs released",
+                (true, false) => "LoRA, checkpointed",
+                (true, true) => "LoRA, block graphs released",
+            };
+            assert_eq!(plain_steps.len(), ckpt_steps.len());
+            for (a, b) in plain_steps.iter().zip(&ckpt_steps) {
+                assert!(
+                    (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
+                    "{what} step {}: loss {} vs {}",
+                    a.step,
+                    a.loss,
+                    b.loss
+                );
+            }
+            let tensors = |m: &StableDiffusion| {
+                if lora {
+                    dreambooth::models::lora::trainable_vars(m)
+                        .into_iter()
+                        .map(|(k, v)| (k, v.as_tensor().clone()))
+                        .collect()
+                } else {
+                    let mut t = m.unet_vb.tensors();
+                    t.extend(
+                        m.text_encoder_vb
+                            .tensors()
+                            .into_iter()
+                            .map(|(k, v)| (format!("te.{k}"), v)),
+                    );
+                    t
+                }
+            };
+            let (a, b) = (tensors(&plain), tensors(&ckpt));
+            assert_eq!(a.len(), b.len());
             assert!(
-                (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
-                "{what} step {}: loss {} vs {}",
-                a.step,
-                a.loss,
-                b.loss
+                a.keys()
+                    .any(|k| k.starts_with("te") || k.starts_with("text_encoder"))
+            );
+            let mut worst = 0f64;
+            for (k, ta) in &a {
+                let diff = (ta - &b[k]).unwrap().sqr().unwrap().sum_all().unwrap();
+                let norm = ta.sqr().unwrap().sum_all().unwrap();
+                let e = (diff.to_scalar::<f32>().unwrap()
+                    / norm.to_scalar::<f32>().unwrap().max(1e-30))
+                .sqrt() as f64;
+                // Adam amplifies rounding in near-zero gradients a little; a block
+                // left untrained would differ by its whole update, far more.
+                assert!(e < 5e-4, "{what}: `{k}` differs by {e:.2e}");
+                worst = worst.max(e);
+            }
+            println!(
+                "{what}: {} tensors, worst rel difference {worst:.2e}",
+                a.len()
             );
         }
-        let tensors = |m: &StableDiffusion| {
-            if lora {
-                dreambooth::models::lora::trainable_vars(m)
-                    .into_iter()
-                    .map(|(k, v)| (k, v.as_tensor().clone()))
-                    .collect()
-            } else {
-                let mut t = m.unet_vb.tensors();
-                t.extend(
-                    m.text_encoder_vb
-                        .tensors()
-                        .into_iter()
-                        .map(|(k, v)| (format!("te.{k}"), v)),
-                );
-                t
-            }
-        };
-        let (a, b) = (tensors(&plain), tensors(&ckpt));
-        assert_eq!(a.len(), b.len());
-        assert!(
-            a.keys()
-                .any(|k| k.starts_with("te") || k.starts_with("text_encoder"))
-        );
-        let mut worst = 0f64;
-        for (k, ta) in &a {
-            let diff = (ta - &b[k]).unwrap().sqr().unwrap().sum_all().unwrap();
-            let norm = ta.sqr().unwrap().sum_all().unwrap();
-            let e = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap().max(1e-30))
-                .sqrt() as f64;
-            // Adam amplifies rounding in near-zero gradients a little; a block
-            // left untrained would differ by its whole update, far more.
-            assert!(e < 5e-4, "{what}: `{k}` differs by {e:.2e}");
-            worst = worst.max(e);
-        }
-        println!(
-            "{what}: {} tensors, worst rel difference {worst:.2e}",
-            a.len()
-        );
     }
+    // The two modes exclude each other.
+    let mut cfg = config(&dir.join("instance"), &dir.join("both"));
+    cfg.gradient_checkpointing = true;
+    cfg.release_block_graphs = true;
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("--release-block-graphs"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

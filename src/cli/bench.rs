@@ -102,8 +102,13 @@ pub struct StepArgs {
     with_encoders: bool,
     /// Recompute every UNet block in the backward pass (as `train
     /// --gradient-checkpointing`); the PyTorch twin does the same.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "release_block_graphs")]
     gradient_checkpointing: bool,
+    /// Run every UNet block as one node that keeps its graph until its own
+    /// backward has run, then frees it (no recompute): activations go as
+    /// gradients come (as `train --release-block-graphs`).
+    #[arg(long)]
+    release_block_graphs: bool,
     /// The UNet's compute dtype: f32 (default), bf16 (GPU) or fp16; with
     /// bf16 / fp16 weights and AdamW state stay f32 (mixed precision).
     #[arg(long, visible_alias = "mixed-precision", default_value = "f32")]
@@ -344,7 +349,13 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         },
         precision: a.pytorch.precision(&a.dtype)?,
         with_encoders: a.with_encoders,
-        gradient_checkpointing: a.gradient_checkpointing,
+        checkpointing: if a.gradient_checkpointing {
+            Some(dreambooth::nn::checkpoint::Mode::Recompute)
+        } else if a.release_block_graphs {
+            Some(dreambooth::nn::checkpoint::Mode::Release)
+        } else {
+            None
+        },
     };
     if a.rounds == 0 {
         anyhow::bail!("--rounds must be at least 1");

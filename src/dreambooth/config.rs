@@ -99,6 +99,12 @@ pub struct TrainConfig {
     /// pass instead of keeping its activations (diffusers'
     /// `--gradient_checkpointing`): much less memory, one more forward.
     pub gradient_checkpointing: bool,
+    /// Run the backward pass one UNet block (and text-encoder layer) at a
+    /// time, freeing each block's activations as soon as its gradients
+    /// exist: the same compute and result as without, a lower peak (the
+    /// activations go as the gradients come). Not with
+    /// `gradient_checkpointing`, which keeps no activations at all.
+    pub release_block_graphs: bool,
 }
 
 impl Default for TrainConfig {
@@ -159,6 +165,7 @@ impl Default for TrainConfig {
             prior_generation_precision: "auto".into(),
             validation_precision: "auto".into(),
             gradient_checkpointing: false,
+            release_block_graphs: false,
         }
     }
 }
@@ -203,6 +210,19 @@ impl TrainConfig {
     }
 
     /// Checks ranges and combinations; the error names the option.
+    /// How the trained networks' blocks run as checkpointed nodes, if they
+    /// do (`gradient_checkpointing`, `release_block_graphs`).
+    pub fn checkpoint_mode(&self) -> Option<crate::nn::checkpoint::Mode> {
+        use crate::nn::checkpoint::Mode;
+        if self.gradient_checkpointing {
+            Some(Mode::Recompute)
+        } else if self.release_block_graphs {
+            Some(Mode::Release)
+        } else {
+            None
+        }
+    }
+
     /// `mixed_precision` parsed.
     pub fn precision(&self) -> Result<crate::nn::Precision> {
         crate::nn::Precision::parse(&self.mixed_precision)
@@ -248,6 +268,13 @@ impl TrainConfig {
         // The explicit values parse (`auto` depends on the device).
         self.prior_generation_precision(&candle_core::Device::Cpu)?;
         self.validation_precision(&candle_core::Device::Cpu)?;
+        if self.gradient_checkpointing && self.release_block_graphs {
+            return bad(
+                "--gradient-checkpointing and --release-block-graphs exclude each other \
+                 (checkpointing keeps no block activations to release)"
+                    .into(),
+            );
+        }
         if self.instance_prompt.trim().is_empty() {
             return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());
         }

@@ -326,15 +326,16 @@ pub fn train_model(
     let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
     let mut unet_opt = AdamW::new(unet_vars.clone(), adam(cfg.learning_rate))?;
     let mut te_opt = AdamW::new(te_vars.clone(), adam(te_lr))?;
-    // Gradient checkpointing: the trained networks as copies (sharing the
-    // weights) that recompute their blocks in the backward pass.
-    let checkpointing = if cfg.gradient_checkpointing {
-        Some(Checkpointing::new(
+    // Gradient checkpointing (or blocks released one by one in the
+    // backward): the trained networks as copies (sharing the weights) whose
+    // blocks run as checkpointed nodes.
+    let checkpointing = match cfg.checkpoint_mode() {
+        Some(mode) => Some(Checkpointing::with_mode(
             &model.device,
             unet_vars.values().chain(te_vars.values()),
-        )?)
-    } else {
-        None
+            mode,
+        )?),
+        None => None,
     };
     let (unet, text_encoder) = match &checkpointing {
         Some(c) => (

@@ -11,6 +11,13 @@
 //! parameters inside the block cannot (a custom op returns its arguments'
 //! gradients only), so they are collected in the [`Checkpointing`] handle and
 //! [`Checkpointing::backward`] adds them to the store candle returns.
+//!
+//! [`Mode::Release`] uses the same nodes without recomputing: each keeps its
+//! block's graph from the forward and drops it once the block's backward has
+//! run. candle otherwise keeps every activation of a step until its whole
+//! backward has returned, while the gradients pile up beside them; released
+//! block by block, the activations go as the gradients come, as PyTorch's
+//! autograd frees its saved tensors. Same compute, a lower peak.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,6 +31,15 @@ use crate::{Error, Result};
 /// A block run under checkpointing: `f(x, context)`.
 pub type Block = dyn Fn(&Tensor, Option<&Tensor>) -> Result<Tensor> + Send + Sync;
 
+/// What a checkpointed node keeps for its backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The block's inputs only; the backward reruns the block.
+    Recompute,
+    /// The block's graph, dropped as soon as the block's backward has run.
+    Release,
+}
+
 /// What a model needs to checkpoint its blocks: the trainable parameters
 /// (their gradients are the ones worth keeping from a recomputed block) and
 /// the parameter gradients collected during the current backward.
@@ -35,19 +51,35 @@ pub struct Checkpointing {
     /// layer: only the parameters inside it are trained).
     anchor: Var,
     grads: Mutex<GradStore>,
+    mode: Mode,
 }
 
 impl Checkpointing {
-    /// Checkpointing for a model whose trainable parameters are `params`.
+    /// Checkpointing ([`Mode::Recompute`]) for a model whose trainable
+    /// parameters are `params`.
     pub fn new<'a>(
         device: &Device,
         params: impl IntoIterator<Item = &'a Var>,
+    ) -> Result<Arc<Self>> {
+        Self::with_mode(device, params, Mode::Recompute)
+    }
+
+    /// Checkpointing in `mode`.
+    pub fn with_mode<'a>(
+        device: &Device,
+        params: impl IntoIterator<Item = &'a Var>,
+        mode: Mode,
     ) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
             params: params.into_iter().map(|v| v.as_tensor().id()).collect(),
             anchor: Var::zeros(1, candle_core::DType::F32, device)?,
             grads: Mutex::new(GradStore::default()),
+            mode,
         }))
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// `f(x, context)` as one node whose activations are recomputed in the
@@ -57,19 +89,30 @@ impl Checkpointing {
     where
         F: Fn(&Tensor, Option<&Tensor>) -> Result<Tensor> + Send + Sync + 'static,
     {
-        let y = f(&x.detach(), context.map(Tensor::detach).as_ref())?;
-        // With detached inputs, `y` is tracked only through parameters inside
-        // the block.
         let inputs_tracked = x.track_op() || context.is_some_and(Tensor::track_op);
+        let (kept, y) = match self.mode {
+            Mode::Recompute => {
+                let y = f(&x.detach(), context.map(Tensor::detach).as_ref())?;
+                (None, y)
+            }
+            Mode::Release => {
+                let inputs = Inputs::leaves(x, context)?;
+                let y = f(&inputs.x, inputs.context.as_ref())?;
+                (Some((inputs, y.clone())), y)
+            }
+        };
+        // With detached inputs, `y` is tracked only through parameters inside
+        // the block (and, released, through the inputs' leaves).
         if !y.track_op() && !inputs_tracked {
-            return Ok(y);
+            return Ok(y.detach());
         }
-        // Dropping the tracked result frees the block's graph; the detached
-        // copy shares its storage.
+        // Recomputing, dropping the tracked result frees the block's graph;
+        // the detached copy shares its storage.
         let out = y.detach();
         drop(y);
         let op = CheckpointOp {
             out: Mutex::new(Some(out)),
+            kept: Mutex::new(kept),
             f: Box::new(f),
             has_context: context.is_some(),
             owner: self.clone(),
@@ -137,10 +180,49 @@ where
     })
 }
 
+/// A block's inputs as the leaves of its own graph: a variable (a copy) for
+/// an input that takes part in backprop, the detached input otherwise.
+struct Inputs {
+    x: Tensor,
+    x_var: Option<Var>,
+    context: Option<Tensor>,
+    context_var: Option<Var>,
+}
+
+impl Inputs {
+    fn leaves(x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Self> {
+        let leaf = |t: &Tensor| -> candle_core::Result<(Tensor, Option<Var>)> {
+            if t.track_op() {
+                let v = Var::from_tensor(&t.detach())?;
+                Ok((v.as_tensor().clone(), Some(v)))
+            } else {
+                Ok((t.detach(), None))
+            }
+        };
+        let (x, x_var) = leaf(x)?;
+        let (context, context_var) = match context {
+            Some(c) => {
+                let (c, v) = leaf(c)?;
+                (Some(c), v)
+            }
+            None => (None, None),
+        };
+        Ok(Self {
+            x,
+            x_var,
+            context,
+            context_var,
+        })
+    }
+}
+
 struct CheckpointOp {
     /// The block's output, computed before the node existed; the forward
     /// hands it over (once).
     out: Mutex<Option<Tensor>>,
+    /// [`Mode::Release`]: the block's leaves and tracked output from the
+    /// forward, taken (and so freed) by the backward.
+    kept: Mutex<Option<(Inputs, Tensor)>>,
     f: Box<Block>,
     has_context: bool,
     owner: Arc<Checkpointing>,
@@ -226,32 +308,28 @@ impl CustomOp3 for CheckpointOp {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Inputs that need a gradient become fresh leaves of the recomputed
-        // block; the others go in detached.
-        let leaf = |t: &Tensor| -> candle_core::Result<(Tensor, Option<Var>)> {
-            if t.track_op() {
-                let v = Var::from_tensor(&t.detach())?;
-                Ok((v.as_tensor().clone(), Some(v)))
-            } else {
-                Ok((t.detach(), None))
+        let kept = self
+            .kept
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned graph".into()))?
+            .take();
+        let (inputs, y) = match kept {
+            Some(k) => k,
+            None => {
+                // Recompute from fresh leaves.
+                let inputs = Inputs::leaves(x, self.has_context.then_some(context))?;
+                let y = (self.f)(&inputs.x, inputs.context.as_ref()).map_err(wrap)?;
+                (inputs, y)
             }
         };
-        let (xin, xvar) = leaf(x)?;
-        let (cin, cvar) = if self.has_context {
-            let (c, v) = leaf(context)?;
-            (Some(c), v)
-        } else {
-            (None, None)
-        };
-        let y = (self.f)(&xin, cin.as_ref()).map_err(wrap)?;
         if !y.track_op() {
             return Ok((None, None, None));
         }
         // d/dy Σ(y ⊙ grad) = grad: backprop of `grad` through the block.
         let seed = (y * grad.detach())?.sum_all()?;
         let mut inner = seed.backward()?;
-        let gx = xvar.and_then(|v| inner.remove(v.as_tensor()));
-        let gc = cvar.and_then(|v| inner.remove(v.as_tensor()));
+        let gx = inputs.x_var.and_then(|v| inner.remove(v.as_tensor()));
+        let gc = inputs.context_var.and_then(|v| inner.remove(v.as_tensor()));
         let mut kept =
             self.owner.grads.lock().map_err(|_| {
                 candle_core::Error::Msg("checkpoint: poisoned gradient store".into())

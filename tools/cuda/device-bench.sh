@@ -6,7 +6,7 @@
 #   tools/cuda/device-bench.sh                 # every stage, in this order
 #   tools/cuda/device-bench.sh selftest step   # some stages
 #
-# Stages: info selftest step lora whole sample gradckpt cudnn nofused peer. Each runs
+# Stages: info selftest step lora whole sample gradckpt release cudnn nofused peer. Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
 # the peer) and a failing stage
 # does not stop the rest; everything is logged to $OUT/device-bench.log (or
@@ -23,7 +23,7 @@ RUN=tools/cuda/device-run.sh
 T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt cudnn nofused peer)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt release cudnn nofused peer)
 SUMMARY=()
 
 stage() {
@@ -58,6 +58,7 @@ for s in "${STAGES[@]}"; do
     whole) stage whole "$RUN" bench step "${SD15[@]}" --with-encoders ;;
     sample) stage sample "$RUN" bench sample --device cuda --arch sd15 --random-weights --images 8 --batch 4 --dtype bf16 ;;
     gradckpt) stage gradckpt "$RUN" bench step "${SD15[@]}" --gradient-checkpointing ;;
+    release) stage release "$RUN" bench step "${SD15[@]}" --release-block-graphs ;;
     cudnn) stage cudnn env DREAMBOOTH_CUDNN=1 "$RUN" bench step "${SD15[@]}" ;;
     nofused) stage nofused env DREAMBOOTH_NO_FUSED=1 "$RUN" bench step "${SD15[@]}" ;;
     peer) T="${PEER_TIMEOUT:-300}" stage peer bash -c peer ;;
