@@ -59,13 +59,9 @@ pub fn multi_head_attention_chunked(
     super::attention::merge_heads(&o.reshape((bh / heads, heads, n, d))?)
 }
 
-/// softmax(q kᵀ · scale) v for q (BH, N, d), k (BH, M, d), v (BH, M, dv).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_chunked(q, k, v, scale, MAX_SCORES)
-}
-
-/// [`attention`] over chunks of (batch · head) pairs with at most
-/// `max_scores` score elements each.
+/// softmax(q kᵀ · scale) v for q (BH, N, d), k (BH, M, d), v (BH, M, dv),
+/// over chunks of (batch · head) pairs with at most `max_scores` score
+/// elements each ([`MAX_SCORES`] for the model's attention).
 pub fn attention_chunked(
     q: &Tensor,
     k: &Tensor,

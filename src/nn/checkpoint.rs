@@ -78,13 +78,11 @@ impl Checkpointing {
         }))
     }
 
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     /// `f(x, context)` as one node whose activations are recomputed in the
-    /// backward pass. `f` must compute the same thing when called again
-    /// (dropout masks drawn from the step, as [`super::lora::LoraDropout`]'s).
+    /// backward pass ([`Mode::Recompute`]; `f` must then compute the same
+    /// thing when called again: dropout masks drawn from the step, as
+    /// [`super::lora::LoraDropout`]'s) or kept until the node's backward has
+    /// run ([`Mode::Release`]).
     pub fn run<F>(self: &Arc<Self>, x: &Tensor, context: Option<&Tensor>, f: F) -> Result<Tensor>
     where
         F: Fn(&Tensor, Option<&Tensor>) -> Result<Tensor> + Send + Sync + 'static,
@@ -330,10 +328,7 @@ impl CustomOp3 for CheckpointOp {
         let mut inner = seed.backward()?;
         let gx = inputs.x_var.and_then(|v| inner.remove(v.as_tensor()));
         let gc = inputs.context_var.and_then(|v| inner.remove(v.as_tensor()));
-        let mut kept =
-            self.owner.grads.lock().map_err(|_| {
-                candle_core::Error::Msg("checkpoint: poisoned gradient store".into())
-            })?;
+        let mut kept = self.owner.lock().map_err(wrap)?;
         let mut params = GradStore::default();
         for id in inner.get_ids() {
             if self.owner.params.contains(id)
