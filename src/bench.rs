@@ -285,6 +285,28 @@ impl Drop for GpuMemoryWatch {
     }
 }
 
+/// Opens (`true`) or closes the CUDA profiler's capture range around the
+/// timed work (`cuda::profiler`; tools/cuda/kprof records only inside it).
+/// Nothing on the CPU or in CPU builds; a failure is a warning, not a lost
+/// benchmark.
+fn profiler_range(device: &Device, open: bool, log: &mut dyn FnMut(&str)) {
+    #[cfg(feature = "cuda")]
+    {
+        let r = if open {
+            crate::cuda::profiler::start(device)
+        } else {
+            crate::cuda::profiler::stop(device)
+        };
+        if let Err(e) = r {
+            log(&format!("warning: CUDA profiler range: {e}"));
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, open, log);
+    }
+}
+
 /// Device memory in use on a CUDA `device` (None on the CPU and in CPU builds).
 pub fn gpu_memory_in_use(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
@@ -468,6 +490,9 @@ pub fn bench_step(
     let mut steps = Vec::new();
     let watch = GpuMemoryWatch::start(device);
     for i in 0..opts.warmup + opts.steps {
+        if i == opts.warmup {
+            profiler_range(device, true, log);
+        }
         let c0 = process_cpu_seconds();
         let warm = crate::nn::cpu::KeepWarm::start();
         let te = Instant::now();
@@ -515,6 +540,7 @@ pub fn bench_step(
             steps.push(st);
         }
     }
+    profiler_range(device, false, log);
     let median = StepTimes {
         encode: median(steps.iter().map(|s| s.encode).collect()),
         forward: median(steps.iter().map(|s| s.forward).collect()),
@@ -673,9 +699,11 @@ pub fn bench_sample(
             t.elapsed().as_secs_f64()
         ));
     }
+    profiler_range(device, true, log);
     let t = Instant::now();
     let out = generate(&model, &gen_opts(opts.images, opts.seed), &mut |_| {})?;
     let seconds = t.elapsed().as_secs_f64();
+    profiler_range(device, false, log);
     if out.images.len() != opts.images {
         return Err(Error::msg("bench sample: wrong number of images generated"));
     }

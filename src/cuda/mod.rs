@@ -6,6 +6,7 @@
 pub mod adamw;
 pub(crate) mod exec;
 pub(crate) mod norm_bwd;
+pub mod profiler;
 
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, InplaceOp1, Layout, Tensor};

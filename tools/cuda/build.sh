@@ -6,6 +6,8 @@
 #                                    build's cache in target/ is never touched)
 #   cuda-dist/dreambooth.gz          stripped + gzipped, for `run`'s carry
 #                                    (64 MiB limit; about 13 MB)
+#   cuda-dist/libkprof.so            the kernel profiler (tools/cuda/kprof), with
+#                                    libcupti.so.13 (4 MB)
 #
 # Runs tools/cuda/setup-build-env.sh first (idempotent). Extra arguments go to
 # cargo. WITH_CUDNN=1 builds the `cudnn` feature instead (cuDNN for candle's
@@ -44,3 +46,5 @@ readelf -d "$BIN" | awk '/NEEDED/ {print $5}' | tr -d '[]' >"$DIST/$NAME.needed.
 git -C "$ROOT" rev-parse --short HEAD >"$DIST/$NAME.commit.txt" 2>/dev/null || true
 ls -l "$BIN" "$DIST/$NAME.gz" >&2
 echo "[build] needs: $(tr '\n' ' ' <"$DIST/$NAME.needed.txt")" >&2
+# The kernel profiler (tools/cuda/kprof) for the device-bench `profile` stage.
+"$ROOT/tools/cuda/kprof/build.sh"

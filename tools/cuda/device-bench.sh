@@ -6,7 +6,8 @@
 #   tools/cuda/device-bench.sh                 # every stage, in this order
 #   tools/cuda/device-bench.sh selftest step   # some stages
 #
-# Stages: info selftest step lora whole sample gradckpt release cudnn nofused peer. Each runs
+# Stages: info selftest step lora whole sample gradckpt release cudnn nofused peer
+# profile. Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
 # the peer) and a failing stage
 # does not stop the rest; everything is logged to $OUT/device-bench.log (or
@@ -20,10 +21,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 LOG="${OUT:-.}/device-bench.log"
 RUN=tools/cuda/device-run.sh
+export ROOT RUN
 T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt release cudnn nofused peer)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt release cudnn nofused peer profile)
 SUMMARY=()
 
 stage() {
@@ -49,6 +51,39 @@ peer() {
 }
 export -f peer
 
+# Kernel profiles (tools/cuda/kprof, injected by the driver) of our full
+# fine-tune and LoRA steps and of the peer's, the timed steps only, per step:
+# $OUT/kprof-*.txt, also appended to the log.
+profile() {
+  local kp="$ROOT/cuda-dist/libkprof.so" dir="${OUT:-.}" rc=0
+  [[ -f "$kp" ]] || { echo "no $kp: tools/cuda/build.sh builds it"; return 1; }
+  run_kprof() {
+    local name="$1" per="$2"
+    shift 2
+    CUDA_INJECTION64_PATH="$kp" KPROF_OUT="$dir/kprof-$name.txt" KPROF_PER="$per" KPROF_LABEL="$name" \
+      timeout "${PROFILE_TIMEOUT:-120}" "$@" >/dev/null 2>&1 || { echo "$name: rc=$?"; rc=1; }
+    cat "$dir/kprof-$name.txt" 2>/dev/null
+  }
+  local sd15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 3 --dtype bf16)
+  run_kprof ours-full 3 "$RUN" bench step "${sd15[@]}"
+  run_kprof ours-lora 3 "$RUN" bench step "${sd15[@]}" --lora --rank 4
+  local pd="${PEER_DIR:-}"
+  [[ -n "$pd" ]] || for d in ../shared/bench shared/bench; do [[ -f "$d/peer_diffusers_step.py" ]] && pd="$d" && break; done
+  if [[ -n "$pd" ]]; then
+    if [[ -d .whl ]]; then
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
+      export PYTHONPATH=/tmp/site
+    fi
+    run_kprof peer-full 10 python3 tools/cuda/peer_profile.py full "$pd"
+    run_kprof peer-lora 10 python3 tools/cuda/peer_profile.py lora "$pd"
+  else
+    echo "no peer_diffusers_step.py (set PEER_DIR)"
+    rc=1
+  fi
+  return $rc
+}
+export -f profile
+
 for s in "${STAGES[@]}"; do
   case "$s" in
     info) stage info bash -c "nvidia-smi; $RUN --ldd | grep -E 'cuda|cublas|cudnn|curand'" ;;
@@ -62,6 +97,7 @@ for s in "${STAGES[@]}"; do
     cudnn) stage cudnn env DREAMBOOTH_CUDNN=1 "$RUN" bench step "${SD15[@]}" ;;
     nofused) stage nofused env DREAMBOOTH_NO_FUSED=1 "$RUN" bench step "${SD15[@]}" ;;
     peer) T="${PEER_TIMEOUT:-300}" stage peer bash -c peer ;;
+    profile) T="${PEER_TIMEOUT:-300}" stage profile bash -c profile ;;
     *) SUMMARY+=("$s: unknown stage") ;;
   esac
 done

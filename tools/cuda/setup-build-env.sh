@@ -32,6 +32,7 @@ WHEELS=(
   nvidia-cuda-nvrtc==13.0.88
   nvidia-cublas==13.0.2.14
   nvidia-curand==10.4.0.35
+  nvidia-cuda-cupti==13.0.85
 )
 # Libraries the linker looks for by their unversioned name (-lcublas, ...).
 LINK_LIBS=(cublas cublasLt cudart curand nvrtc)
