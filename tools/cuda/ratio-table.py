@@ -6,7 +6,10 @@
 It reads our `bench step` / `bench sample` lines per stage and the peer's
 JSON lines (peer_diffusers_step.py), and prints the markdown table for
 docs/performance.md: ours, PyTorch, ours / PyTorch (time ratios: lower is
-better; images/s: higher is better). Missing figures show as "—".
+better; images/s: higher is better). Missing figures show as "—". When the
+log has the `profile` stage's kernel tables (tools/cuda/kprof), a second
+table follows: per profile, wall and GPU-busy time per step and the kernels
+that take the most GPU time.
 """
 import json
 import re
@@ -39,6 +42,40 @@ def parse(lines):
             if m:
                 s[key] = float(m.group(1))
     return ours, peer
+
+
+KPROF_HEAD = re.compile(r"^kprof: (\S+) \((?:inside|no capture)")
+KPROF_WINDOW = re.compile(r"^kprof: window ([0-9.]+) ms, GPU busy ([0-9.]+) ms \(([0-9.]+)%\)")
+KPROF_ROW = re.compile(r"^kprof:\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+(.+)$")
+
+
+def parse_profiles(lines):
+    """{label: {"wall": ms, "busy": ms, "pct": %, "rows": [(ms, name)]}} in log order."""
+    profiles, cur = {}, None
+    for line in lines:
+        line = line.rstrip("\n")
+        m = KPROF_HEAD.match(line)
+        if m:
+            cur = profiles.setdefault(m.group(1), {"rows": []})
+            continue
+        if cur is None:
+            continue
+        m = KPROF_WINDOW.match(line)
+        if m:
+            cur.update(wall=float(m.group(1)), busy=float(m.group(2)), pct=float(m.group(3)))
+            continue
+        m = KPROF_ROW.match(line)
+        if m:
+            cur["rows"].append((float(m.group(1)), m.group(5)))
+    return profiles
+
+
+def profile_table(profiles, top=5):
+    out = ["| profile | wall ms/step | GPU busy ms/step | busy | top kernels (ms/step) |", "|---|---|---|---|---|"]
+    for label, p in profiles.items():
+        kernels = "; ".join(f"{name[:60]} {ms:.2f}" for ms, name in p["rows"][:top])
+        out.append(f"| {label} | {p.get('wall', 0):.2f} | {p.get('busy', 0):.2f} | {p.get('pct', 0):.0f}% | {kernels} |")
+    return "\n".join(out)
 
 
 def fmt(v, unit):
@@ -84,4 +121,9 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     with open(sys.argv[1], encoding="utf-8") as f:
-        print(table(*parse(f)))
+        lines = f.readlines()
+    print(table(*parse(lines)))
+    profiles = parse_profiles(lines)
+    if profiles:
+        print()
+        print(profile_table(profiles))
