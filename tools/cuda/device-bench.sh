@@ -39,15 +39,22 @@ stage() {
   SUMMARY+=("$name: rc=$rc in $(($(date +%s) - t0)) s")
 }
 
-peer() {
-  local dir="${PEER_DIR:-}"
-  [[ -n "$dir" ]] || for d in ../shared/bench shared/bench; do [[ -f "$d/peer_diffusers_step.py" ]] && dir="$d" && break; done
-  [[ -n "$dir" ]] || { echo "no peer_diffusers_step.py (set PEER_DIR)"; return 1; }
+# Sets PEER to the folder of peer_diffusers_step.py and installs the carried
+# diffusers wheels on PYTHONPATH.
+peer_env() {
+  PEER="${PEER_DIR:-}"
+  [[ -n "$PEER" ]] || for d in ../shared/bench shared/bench; do [[ -f "$d/peer_diffusers_step.py" ]] && PEER="$d" && break; done
+  [[ -n "$PEER" ]] || { echo "no peer_diffusers_step.py (set PEER_DIR)"; return 1; }
   if [[ -d .whl ]]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
     export PYTHONPATH=/tmp/site
   fi
-  (cd "$dir" && python3 peer_diffusers_step.py all)
+}
+export -f peer_env
+
+peer() {
+  peer_env || return 1
+  (cd "$PEER" && python3 peer_diffusers_step.py all)
 }
 export -f peer
 
@@ -67,19 +74,9 @@ profile() {
   local sd15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 3 --dtype bf16)
   run_kprof ours-full 3 "$RUN" bench step "${sd15[@]}"
   run_kprof ours-lora 3 "$RUN" bench step "${sd15[@]}" --lora --rank 4
-  local pd="${PEER_DIR:-}"
-  [[ -n "$pd" ]] || for d in ../shared/bench shared/bench; do [[ -f "$d/peer_diffusers_step.py" ]] && pd="$d" && break; done
-  if [[ -n "$pd" ]]; then
-    if [[ -d .whl ]]; then
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
-      export PYTHONPATH=/tmp/site
-    fi
-    run_kprof peer-full 10 python3 tools/cuda/peer_profile.py full "$pd"
-    run_kprof peer-lora 10 python3 tools/cuda/peer_profile.py lora "$pd"
-  else
-    echo "no peer_diffusers_step.py (set PEER_DIR)"
-    rc=1
-  fi
+  peer_env || return 1
+  run_kprof peer-full 10 python3 tools/cuda/peer_profile.py full "$PEER"
+  run_kprof peer-lora 10 python3 tools/cuda/peer_profile.py lora "$PEER"
   return $rc
 }
 export -f profile
