@@ -9,7 +9,8 @@
 # Stages: info selftest step lora whole sample gradckpt release cudnn nofused peer
 # profile. Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
-# the peer) and a failing stage
+# the peer and profile stages, PROFILE_TIMEOUT 120 s for each profiled run)
+# and a failing stage
 # does not stop the rest; everything is logged to $OUT/device-bench.log (or
 # ./device-bench.log) with one summary line per stage at the end. The peer
 # stage installs diffusers from the carried .whl/ (../shared/bench/README.md)
@@ -60,7 +61,8 @@ export -f peer
 
 # Kernel profiles (tools/cuda/kprof, injected by the driver) of our full
 # fine-tune and LoRA steps and of the peer's, the timed steps only, per step:
-# $OUT/kprof-*.txt, also appended to the log.
+# $OUT/kprof-*.txt, also appended to the log; each run's own output in
+# $OUT/kprof-*.log (its end shown in the log when the run fails).
 profile() {
   local kp="$ROOT/cuda-dist/libkprof.so" dir="${OUT:-.}" rc=0
   [[ -f "$kp" ]] || { echo "no $kp: tools/cuda/build.sh builds it"; return 1; }
@@ -68,7 +70,8 @@ profile() {
     local name="$1" per="$2"
     shift 2
     CUDA_INJECTION64_PATH="$kp" KPROF_OUT="$dir/kprof-$name.txt" KPROF_PER="$per" KPROF_LABEL="$name" \
-      timeout "${PROFILE_TIMEOUT:-120}" "$@" >/dev/null 2>&1 || { echo "$name: rc=$?"; rc=1; }
+      timeout "${PROFILE_TIMEOUT:-120}" "$@" >"$dir/kprof-$name.log" 2>&1 ||
+      { echo "$name: rc=$?; the end of $dir/kprof-$name.log:"; tail -n 15 "$dir/kprof-$name.log"; rc=1; }
     cat "$dir/kprof-$name.txt" 2>/dev/null
   }
   local sd15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 3 --dtype bf16)
