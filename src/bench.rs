@@ -181,6 +181,10 @@ pub struct StepBenchOptions {
     /// recomputed in the backward pass (gradient checkpointing), or keeping
     /// its graph until its own backward has run.
     pub checkpointing: Option<crate::nn::checkpoint::Mode>,
+    /// The AdamW update inside the backward pass, block by block
+    /// ([`crate::optim::fused_backward`]; needs `checkpointing`): no
+    /// separate optimizer phase, its time counts as backward.
+    pub fused_backward_pass: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -463,7 +467,7 @@ pub fn bench_step(
     let b = opts.batch;
     let l = context_len(&cfg);
     log(&format!(
-        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, mixed precision {}{}, {} threads",
+        "bench step: arch {} ({:.1}M params), batch {b}, latent {latent}x{latent}, context {l}x{}, mixed precision {}{}{}, {} threads",
         opts.arch.name(),
         params as f64 / 1e6,
         cfg.cross_attention_dim,
@@ -472,6 +476,11 @@ pub fn bench_step(
             Some(crate::nn::checkpoint::Mode::Recompute) => ", gradient checkpointing",
             Some(crate::nn::checkpoint::Mode::Release) => ", block graphs released in the backward",
             None => "",
+        },
+        if opts.fused_backward_pass {
+            ", fused backward pass (AdamW inside the backward)"
+        } else {
+            ""
         },
         crate::nn::cpu::num_threads()
     ));
@@ -509,14 +518,22 @@ pub fn bench_step(
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
         watch.sample();
-        let grads = crate::nn::checkpoint::backward(checkpointing.as_deref(), &loss)?;
-        device.synchronize()?;
-        let t2 = Instant::now();
-        watch.sample();
-        opt.step(&grads, 1e-5, 1.0)?;
-        drop(grads);
-        device.synchronize()?;
-        let t3 = Instant::now();
+        let (t2, t3) =
+            if let (true, Some(ck)) = (opts.fused_backward_pass, checkpointing.as_deref()) {
+                crate::optim::fused_backward(ck, &loss, &mut [(&mut opt, 1e-5)], 0.0)?;
+                device.synchronize()?;
+                let t = Instant::now();
+                (t, t)
+            } else {
+                let grads = crate::nn::checkpoint::backward(checkpointing.as_deref(), &loss)?;
+                device.synchronize()?;
+                let t2 = Instant::now();
+                watch.sample();
+                opt.step(&grads, 1e-5, 1.0)?;
+                drop(grads);
+                device.synchronize()?;
+                (t2, Instant::now())
+            };
         watch.sample();
         drop(warm);
         let st = StepTimes {

@@ -578,6 +578,106 @@ fn gradient_checkpointing_trains_the_same_weights() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--fused-backward-pass` (AdamW inside the backward, block by block)
+/// trains bit-identical weights to released block graphs + a separate
+/// AdamW step when nothing clips (full fine-tune and LoRA, both with the
+/// text encoder and prior preservation), logs the same losses and gradient
+/// norms, says how `--max-grad-norm` clips, and refuses accumulation / fp16.
+#[test]
+fn fused_backward_pass_trains_the_same_weights() {
+    init();
+    let dir = tmp("fused-bwd");
+    instance_dir(&dir.join("instance"), 3);
+    for lora in [false, true] {
+        let mut cfg = config(&dir.join("instance"), &dir.join(format!("released-{lora}")));
+        cfg.with_prior_preservation = true;
+        cfg.num_class_images = 2;
+        cfg.class_dir = Some(dir.join("class"));
+        cfg.max_train_steps = 3;
+        cfg.train_text_encoder = true;
+        cfg.text_encoder_lr = Some(5e-4);
+        cfg.max_grad_norm = 0.0;
+        cfg.release_block_graphs = true;
+        if lora {
+            cfg.lora = true;
+            cfg.lora_targets = "attn+conv".into();
+        }
+        let (released, _, released_steps) = run(&cfg, None);
+        cfg.output_dir = dir.join(format!("fused-{lora}"));
+        cfg.release_block_graphs = false;
+        cfg.fused_backward_pass = true;
+        let (fused, _, fused_steps, lines) = run_logged(&cfg, None);
+        assert!(
+            lines.iter().any(|l| l.contains("fused backward pass")),
+            "{lines:?}"
+        );
+        let what = if lora { "LoRA" } else { "full" };
+        assert_eq!(released_steps.len(), fused_steps.len());
+        for (a, b) in released_steps.iter().zip(&fused_steps) {
+            assert_eq!(a.loss, b.loss, "{what} step {}: losses differ", a.step);
+            assert!(
+                (a.grad_norm - b.grad_norm).abs() <= 1e-4 * a.grad_norm,
+                "{what} step {}: gradient norm {} vs {}",
+                a.step,
+                a.grad_norm,
+                b.grad_norm
+            );
+        }
+        let tensors = |m: &StableDiffusion| -> std::collections::BTreeMap<String, Tensor> {
+            if lora {
+                dreambooth::models::lora::trainable_vars(m)
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_tensor().clone()))
+                    .collect()
+            } else {
+                let mut t = m.unet_vb.tensors();
+                t.extend(
+                    m.text_encoder_vb
+                        .tensors()
+                        .into_iter()
+                        .map(|(k, v)| (format!("te.{k}"), v)),
+                );
+                t
+            }
+        };
+        let (a, b) = (tensors(&released), tensors(&fused));
+        assert!(
+            a.keys()
+                .any(|k| k.starts_with("te") || k.starts_with("text_encoder"))
+        );
+        // The weights moved (a run that updated nothing would match the
+        // base, not the released run).
+        let base = tensors(&load(&tiny_sd1()));
+        if !lora {
+            assert!(a.iter().any(|(k, t)| {
+                (t - &base[k])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            }));
+        }
+        assert_identical(what, &a, &b);
+    }
+    // With clipping (the default --max-grad-norm 1) it says how it clips.
+    let mut cfg = config(&dir.join("instance"), &dir.join("clipped"));
+    cfg.max_train_steps = 1;
+    cfg.fused_backward_pass = true;
+    let (_, _, steps, lines) = run_logged(&cfg, None);
+    assert!(steps[0].grad_norm.is_finite() && steps[0].grad_norm > 0.0);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("clips each weight's gradient by its own norm")),
+        "{lines:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--train-text-encoder` under fp16 mixed precision: the text encoder
 /// computes in f16 too (the log says so), keeps f32 weights, and trains as
 /// an f32 run does, to f16 rounding.
@@ -950,6 +1050,24 @@ fn out_of_range_options_are_one_line_errors() {
     fails(
         &with(base.clone(), &["--mixed-precision", "bf16"]),
         &["bf16", "CUDA"],
+    );
+    fails(
+        &with(
+            base.clone(),
+            &[
+                "--fused-backward-pass",
+                "--gradient-accumulation-steps",
+                "2",
+            ],
+        ),
+        &["--fused-backward-pass", "--gradient-accumulation-steps 2"],
+    );
+    fails(
+        &with(
+            base.clone(),
+            &["--fused-backward-pass", "--mixed-precision", "fp16"],
+        ),
+        &["--fused-backward-pass", "fp16"],
     );
     fails(
         &with(base, &["--with-prior-preservation"]),

@@ -165,6 +165,13 @@ pub struct Args {
     /// and result, lower peak memory (not with --gradient-checkpointing).
     #[arg(long)]
     pub release_block_graphs: bool,
+    /// Update each block's weights as soon as the backward has their
+    /// gradients and drop them (kohya's --fused_backward_pass): peak memory
+    /// falls by the size of the trained weights; --max-grad-norm then clips
+    /// each weight's gradient on its own. Not with gradient accumulation or
+    /// fp16.
+    #[arg(long)]
+    pub fused_backward_pass: bool,
     /// auto (a GPU in a `cuda` build, else the CPU), cpu, cuda or cuda:N.
     /// Not part of the configuration (a run resumes on any device).
     #[arg(long)]
@@ -259,7 +266,8 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         save_single_file,
         lora,
         gradient_checkpointing,
-        release_block_graphs
+        release_block_graphs,
+        fused_backward_pass
     );
     if let Some(s) = &args.lr_scheduler {
         cfg.lr_scheduler = s

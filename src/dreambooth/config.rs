@@ -105,6 +105,14 @@ pub struct TrainConfig {
     /// activations go as the gradients come). Not with
     /// `gradient_checkpointing`, which keeps no activations at all.
     pub release_block_graphs: bool,
+    /// Update each block's parameters as soon as the backward pass has their
+    /// gradients, then drop the gradients (kohya's `--fused_backward_pass`):
+    /// the gradients of the whole model never exist at once, so a full
+    /// fine-tune's peak memory falls by the size of the trained weights. The
+    /// blocks run as with `release_block_graphs` (or checkpointed, with
+    /// `gradient_checkpointing`). `max_grad_norm` then clips each parameter's
+    /// gradient by its own norm. Not with gradient accumulation or fp16.
+    pub fused_backward_pass: bool,
 }
 
 impl Default for TrainConfig {
@@ -166,6 +174,7 @@ impl Default for TrainConfig {
             validation_precision: "auto".into(),
             gradient_checkpointing: false,
             release_block_graphs: false,
+            fused_backward_pass: false,
         }
     }
 }
@@ -209,14 +218,13 @@ impl TrainConfig {
         }
     }
 
-    /// Checks ranges and combinations; the error names the option.
     /// How the trained networks' blocks run as checkpointed nodes, if they
     /// do (`gradient_checkpointing`, `release_block_graphs`).
     pub fn checkpoint_mode(&self) -> Option<crate::nn::checkpoint::Mode> {
         use crate::nn::checkpoint::Mode;
         if self.gradient_checkpointing {
             Some(Mode::Recompute)
-        } else if self.release_block_graphs {
+        } else if self.release_block_graphs || self.fused_backward_pass {
             Some(Mode::Release)
         } else {
             None
@@ -263,6 +271,7 @@ impl TrainConfig {
         }
     }
 
+    /// Checks ranges and combinations; the error names the option.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::msg(format!("invalid option: {m}")));
         // The explicit values parse (`auto` depends on the device).
@@ -274,6 +283,22 @@ impl TrainConfig {
                  (checkpointing keeps no block activations to release)"
                     .into(),
             );
+        }
+        if self.fused_backward_pass {
+            if self.gradient_accumulation_steps > 1 {
+                return bad(format!(
+                    "--fused-backward-pass updates the weights in every backward pass; \
+                     it cannot accumulate gradients (--gradient-accumulation-steps {})",
+                    self.gradient_accumulation_steps
+                ));
+            }
+            if self.precision()? == crate::nn::Precision::F16 {
+                return bad(
+                    "--fused-backward-pass does not work with --mixed-precision fp16 \
+                     (loss scaling must see every gradient before any update; use bf16)"
+                        .into(),
+                );
+            }
         }
         if self.instance_prompt.trim().is_empty() {
             return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());

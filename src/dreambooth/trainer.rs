@@ -31,7 +31,7 @@ use crate::models::{LoadOptions, StableDiffusion, lora};
 use crate::nn::Precision;
 use crate::nn::checkpoint::Checkpointing;
 use crate::optim::{
-    AdamW, AdamWConfig, LossScaler, LrSchedule, ScaledStep, clip_factor, grad_norm,
+    AdamW, AdamWConfig, LossScaler, LrSchedule, ScaledStep, clip_factor, fused_backward, grad_norm,
 };
 use crate::util::randn;
 use crate::{Error, Result};
@@ -475,6 +475,19 @@ pub fn train_model(
         checkpoint::save(&ckpt_root, &state, &groups, cfg.checkpoints_total_limit)
     };
 
+    if cfg.fused_backward_pass {
+        (ev.log)(&format!(
+            "fused backward pass: each block's weights update as soon as their gradients exist{}",
+            if cfg.max_grad_norm > 0.0 {
+                format!(
+                    "; --max-grad-norm {} clips each weight's gradient by its own norm",
+                    cfg.max_grad_norm
+                )
+            } else {
+                String::new()
+            }
+        ));
+    }
     let bs = cfg.train_batch_size;
     let accum = cfg.gradient_accumulation_steps;
     let t0 = Instant::now();
@@ -486,6 +499,7 @@ pub fn train_model(
         let _warm = crate::nn::cpu::KeepWarm::start();
         let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut l_inst, mut l_prior, mut l_total) = (0f64, 0f64, 0f64);
+        let mut fused_norm = None;
         for micro in 0..accum {
             let micro_step = step * accum as u64 + micro as u64;
             let mut rng = step_rng(cfg.seed, micro_step);
@@ -555,6 +569,18 @@ pub fn train_model(
             if scaler.enabled {
                 loss = (loss * scaler.scale)?;
             }
+            if let (true, Some(ck)) = (cfg.fused_backward_pass, checkpointing.as_deref()) {
+                // The update happens inside the backward (accumulation is 1).
+                let mut groups = vec![(&mut unet_opt, unet_sched.lr(step))];
+                if cfg.train_text_encoder {
+                    groups.push((&mut te_opt, te_sched.lr(step)));
+                }
+                fused_norm = Some(fused_backward(ck, &loss, &mut groups, cfg.max_grad_norm)?);
+                if let Some(d) = &dropout {
+                    d.end_step();
+                }
+                continue;
+            }
             let grads = crate::nn::checkpoint::backward(checkpointing.as_deref(), &loss)?;
             if let Some(d) = &dropout {
                 d.end_step();
@@ -571,34 +597,40 @@ pub fn train_model(
                 )?;
             }
         }
-        let scaled_norm = grad_norm(acc.values())?;
         let lr = unet_sched.lr(step);
-        let (te_acc, unet_acc): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            acc.into_iter().partition(|(k, _)| k.starts_with("te:"));
-        let (norm, scale, skip) = match scaler.update(scaled_norm) {
-            ScaledStep::Apply { unscale } => {
-                let norm = scaled_norm * unscale;
-                (norm, clip_factor(norm, cfg.max_grad_norm) * unscale, false)
-            }
-            ScaledStep::Skip => {
-                (ev.log)(&format!(
-                    "step {}: f16 gradients overflowed; update skipped, loss scale now {}",
-                    step + 1,
-                    scaler.scale
-                ));
-                (f64::NAN, 0.0, true)
+        let norm = match fused_norm {
+            Some(norm) => norm,
+            None => {
+                let scaled_norm = grad_norm(acc.values())?;
+                let (te_acc, unet_acc): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                    acc.into_iter().partition(|(k, _)| k.starts_with("te:"));
+                let (norm, scale, skip) = match scaler.update(scaled_norm) {
+                    ScaledStep::Apply { unscale } => {
+                        let norm = scaled_norm * unscale;
+                        (norm, clip_factor(norm, cfg.max_grad_norm) * unscale, false)
+                    }
+                    ScaledStep::Skip => {
+                        (ev.log)(&format!(
+                            "step {}: f16 gradients overflowed; update skipped, loss scale now {}",
+                            step + 1,
+                            scaler.scale
+                        ));
+                        (f64::NAN, 0.0, true)
+                    }
+                };
+                if !skip {
+                    unet_opt.step_map(&unet_acc, lr, scale)?;
+                }
+                if cfg.train_text_encoder && !skip {
+                    let te_acc: BTreeMap<String, Tensor> = te_acc
+                        .into_iter()
+                        .map(|(k, g)| (k["te:".len()..].to_string(), g))
+                        .collect();
+                    te_opt.step_map(&te_acc, te_sched.lr(step), scale)?;
+                }
+                norm
             }
         };
-        if !skip {
-            unet_opt.step_map(&unet_acc, lr, scale)?;
-        }
-        if cfg.train_text_encoder && !skip {
-            let te_acc: BTreeMap<String, Tensor> = te_acc
-                .into_iter()
-                .map(|(k, g)| (k["te:".len()..].to_string(), g))
-                .collect();
-            te_opt.step_map(&te_acc, te_sched.lr(step), scale)?;
-        }
         step += 1;
         let info = StepInfo {
             step,

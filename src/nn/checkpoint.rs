@@ -18,6 +18,11 @@
 //! backward has returned, while the gradients pile up beside them; released
 //! block by block, the activations go as the gradients come, as PyTorch's
 //! autograd frees its saved tensors. Same compute, a lower peak.
+//!
+//! [`Checkpointing::backward_into`] hands each block's parameter gradients
+//! to a [`GradSink`] the moment they exist instead of collecting them: the
+//! fused backward pass ([`crate::optim::fused_backward`]) updates the
+//! parameters there and drops the gradients.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -52,6 +57,23 @@ pub struct Checkpointing {
     anchor: Var,
     grads: Mutex<GradStore>,
     mode: Mode,
+    /// Where the blocks' parameter gradients go during
+    /// [`Checkpointing::backward_into`] (else into `grads`).
+    sink: Mutex<Option<Arc<dyn GradSink>>>,
+}
+
+/// Takes the parameter gradients of each checkpointed block as soon as the
+/// block's backward has run, during [`Checkpointing::backward_into`].
+pub trait GradSink: Send + Sync {
+    /// The gradients of the trainable parameters inside one block (final:
+    /// a model's parameter belongs to one block).
+    fn receive(&self, grads: GradStore) -> Result<()>;
+}
+
+impl std::fmt::Debug for dyn GradSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GradSink")
+    }
 }
 
 impl Checkpointing {
@@ -75,6 +97,7 @@ impl Checkpointing {
             anchor: Var::zeros(1, candle_core::DType::F32, device)?,
             grads: Mutex::new(GradStore::default()),
             mode,
+            sink: Mutex::new(None),
         }))
     }
 
@@ -127,6 +150,34 @@ impl Checkpointing {
         let mut grads = loss.backward()?;
         let inner = std::mem::take(&mut *self.lock()?);
         grads.extend(inner)?;
+        Ok(grads)
+    }
+
+    /// `loss.backward()` with every checkpointed block's parameter
+    /// gradients handed to `sink` as the block's backward finishes; returns
+    /// the gradients of everything outside the blocks.
+    pub fn backward_into(&self, loss: &Tensor, sink: Arc<dyn GradSink>) -> Result<GradStore> {
+        *self.lock()? = GradStore::default();
+        let mut slot = self
+            .sink
+            .lock()
+            .map_err(|_| Error::msg("gradient checkpointing: a backward pass panicked"))?;
+        if slot.is_some() {
+            return Err(Error::msg(
+                "gradient checkpointing: a fused backward pass is already running",
+            ));
+        }
+        *slot = Some(sink);
+        drop(slot);
+        let grads = loss.backward();
+        // The sink goes whatever happened (its owner takes it back).
+        if let Ok(mut s) = self.sink.lock() {
+            s.take();
+        }
+        let mut grads = grads?;
+        // Nothing reached `grads` while the sink was set, unless a block ran
+        // its backward outside this call.
+        grads.extend(std::mem::take(&mut *self.lock()?))?;
         Ok(grads)
     }
 
@@ -328,7 +379,6 @@ impl CustomOp3 for CheckpointOp {
         let mut inner = seed.backward()?;
         let gx = inputs.x_var.and_then(|v| inner.remove(v.as_tensor()));
         let gc = inputs.context_var.and_then(|v| inner.remove(v.as_tensor()));
-        let mut kept = self.owner.lock().map_err(wrap)?;
         let mut params = GradStore::default();
         for id in inner.get_ids() {
             if self.owner.params.contains(id)
@@ -337,7 +387,17 @@ impl CustomOp3 for CheckpointOp {
                 params.insert_id(*id, g.clone());
             }
         }
-        kept.extend(params)?;
+        drop(inner);
+        let sink = self
+            .owner
+            .sink
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned sink".into()))?
+            .clone();
+        match sink {
+            Some(s) => s.receive(params).map_err(wrap)?,
+            None => self.owner.lock().map_err(wrap)?.extend(params)?,
+        }
         Ok((gx, gc, None))
     }
 }

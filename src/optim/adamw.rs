@@ -83,6 +83,21 @@ impl AdamW {
         self.slots.iter().map(|(k, s)| (k, &s.var))
     }
 
+    /// Each parameter's tensor id with its name.
+    pub fn ids(&self) -> impl Iterator<Item = (candle_core::TensorId, &String)> {
+        self.slots.iter().map(|(k, s)| (s.var.as_tensor().id(), k))
+    }
+
+    /// An empty group (no parameters), e.g. to stand in for one moved away.
+    pub fn empty(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            slots: BTreeMap::new(),
+            step: 0,
+            fused: true,
+        }
+    }
+
     /// Gradients of this group's parameters present in `grads`, by name.
     pub fn grads<'a>(
         &'a self,
@@ -129,51 +144,47 @@ impl AdamW {
         lr: f64,
         grad_scale: f64,
     ) -> Result<()> {
-        self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let step_size = lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
+        let coefs = self.begin_step(lr);
         for (key, slot) in self.slots.iter_mut() {
-            let Some(g) = grads.get(key) else {
-                continue;
-            };
-            let on_gpu = cfg!(feature = "cuda") && slot.var.device().is_cuda();
-            if self.fused && (fused_applies(slot, g) || on_gpu && cuda_applies(slot, g)) {
-                let k = FusedScalars {
-                    grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
-                    beta1: c.beta1 as f32,
-                    one_minus_beta1: (1.0 - c.beta1) as f32,
-                    beta2: c.beta2 as f32,
-                    one_minus_beta2: (1.0 - c.beta2) as f32,
-                    inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
-                    eps: c.eps as f32,
-                    decay: (1.0 - lr * c.weight_decay) as f32,
-                    step_size: step_size as f32,
-                };
-                if on_gpu {
-                    cuda_step(slot, g, &k)?;
-                } else {
-                    fused_step(slot, g, &k)?;
-                }
-                continue;
+            if let Some(g) = grads.get(key) {
+                update(slot, g, grad_scale, &coefs, self.fused)?;
             }
-            let g = if grad_scale != 1.0 {
-                (g * grad_scale)?
-            } else {
-                g.clone()
-            };
-            let p = slot.var.as_tensor();
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((slot.v.sqrt()? / bc2_sqrt)? + c.eps)?;
-            let decayed = (p * (1.0 - lr * c.weight_decay))?;
-            let new = (decayed - ((&slot.m / denom)? * step_size)?)?;
-            slot.var.set(&new)?;
         }
         Ok(())
+    }
+
+    /// Starts update number `step + 1` with learning rate `lr`: the step
+    /// count advances and the returned coefficients go to
+    /// [`AdamW::update`] for each parameter of this step (the parameters
+    /// may come one by one, as in a fused backward pass).
+    pub fn begin_step(&mut self, lr: f64) -> StepCoefs {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.config.beta1.powi(t);
+        let bc2 = 1.0 - self.config.beta2.powi(t);
+        StepCoefs {
+            config: self.config,
+            lr,
+            step_size: lr / bc1,
+            bc2_sqrt: bc2.sqrt(),
+        }
+    }
+
+    /// Updates parameter `key` from its gradient `g` (times `grad_scale`)
+    /// with the coefficients of the current step; `false` when the group
+    /// has no parameter `key`.
+    pub fn update(
+        &mut self,
+        key: &str,
+        g: &Tensor,
+        grad_scale: f64,
+        coefs: &StepCoefs,
+    ) -> Result<bool> {
+        let fused = self.fused;
+        match self.slots.get_mut(key) {
+            Some(slot) => update(slot, g, grad_scale, coefs, fused).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Moments by name (`m.<key>`, `v.<key>`) for checkpoints. The tensors
@@ -220,6 +231,54 @@ pub(crate) struct FusedScalars {
     pub(crate) eps: f32,
     pub(crate) decay: f32,
     pub(crate) step_size: f32,
+}
+
+/// The learning rate and bias corrections of one AdamW update
+/// ([`AdamW::begin_step`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StepCoefs {
+    config: AdamWConfig,
+    lr: f64,
+    step_size: f64,
+    bc2_sqrt: f64,
+}
+
+/// One parameter's update: the fused kernel where it applies, else the
+/// plain candle ops (the same f32 operations in the same order).
+fn update(slot: &mut Slot, g: &Tensor, grad_scale: f64, s: &StepCoefs, fused: bool) -> Result<()> {
+    let (c, lr, step_size, bc2_sqrt) = (s.config, s.lr, s.step_size, s.bc2_sqrt);
+    let on_gpu = cfg!(feature = "cuda") && slot.var.device().is_cuda();
+    if fused && (fused_applies(slot, g) || on_gpu && cuda_applies(slot, g)) {
+        let k = FusedScalars {
+            grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
+            beta1: c.beta1 as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            step_size: step_size as f32,
+        };
+        return if on_gpu {
+            cuda_step(slot, g, &k)
+        } else {
+            fused_step(slot, g, &k)
+        };
+    }
+    let g = if grad_scale != 1.0 {
+        (g * grad_scale)?
+    } else {
+        g.clone()
+    };
+    let p = slot.var.as_tensor();
+    slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+    slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+    let denom = ((slot.v.sqrt()? / bc2_sqrt)? + c.eps)?;
+    let decayed = (p * (1.0 - lr * c.weight_decay))?;
+    let new = (decayed - ((&slot.m / denom)? * step_size)?)?;
+    slot.var.set(&new)?;
+    Ok(())
 }
 
 /// Whether the fused update can run for this slot and gradient: f32 on the

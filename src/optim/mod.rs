@@ -1,9 +1,11 @@
 //! Optimizer and learning-rate schedules.
 
 pub mod adamw;
+pub mod fused_backward;
 pub mod grad_scaler;
 pub mod lr_schedule;
 
-pub use adamw::{AdamW, AdamWConfig, clip_factor, grad_norm};
+pub use adamw::{AdamW, AdamWConfig, StepCoefs, clip_factor, grad_norm};
+pub use fused_backward::fused_backward;
 pub use grad_scaler::{LossScaler, ScaledStep};
 pub use lr_schedule::{LrSchedule, LrScheduleKind};

@@ -6,7 +6,7 @@
 #   tools/cuda/device-bench.sh                 # every stage, in this order
 #   tools/cuda/device-bench.sh selftest step   # some stages
 #
-# Stages: info selftest step lora whole sample gradckpt release cudnn nofused peer
+# Stages: info selftest step lora whole sample gradckpt release fusedbwd cudnn nofused peer
 # profile. Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
 # the peer and profile stages, PROFILE_TIMEOUT 120 s for each profiled run)
@@ -26,7 +26,7 @@ export ROOT RUN
 T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt release cudnn nofused peer profile)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt release fusedbwd cudnn nofused peer profile)
 SUMMARY=()
 
 stage() {
@@ -94,6 +94,7 @@ for s in "${STAGES[@]}"; do
     sample) stage sample "$RUN" bench sample --device cuda --arch sd15 --random-weights --images 8 --batch 4 --dtype bf16 ;;
     gradckpt) stage gradckpt "$RUN" bench step "${SD15[@]}" --gradient-checkpointing ;;
     release) stage release "$RUN" bench step "${SD15[@]}" --release-block-graphs ;;
+    fusedbwd) stage fusedbwd "$RUN" bench step "${SD15[@]}" --fused-backward-pass ;;
     cudnn) stage cudnn env DREAMBOOTH_CUDNN=1 "$RUN" bench step "${SD15[@]}" ;;
     nofused) stage nofused env DREAMBOOTH_NO_FUSED=1 "$RUN" bench step "${SD15[@]}" ;;
     peer) T="${PEER_TIMEOUT:-300}" stage peer bash -c peer ;;
