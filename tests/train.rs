@@ -483,6 +483,39 @@ fn resumed_run_is_bit_identical_with_text_encoder_and_accumulation() {
     });
 }
 
+/// The fused backward pass's optimizer state (moments, step counts, with
+/// per-weight clipping) survives a checkpoint and resume.
+#[test]
+fn resumed_run_is_bit_identical_with_fused_backward_pass() {
+    check_resume("resume-fused", 2, |cfg| {
+        cfg.fused_backward_pass = true;
+        cfg.train_text_encoder = true;
+        cfg.text_encoder_lr = Some(5e-4);
+        cfg.max_train_steps = 4;
+        cfg.max_grad_norm = 0.05;
+    });
+}
+
+/// What a run trains, by name: LoRA's adapters, or the UNet's and the text
+/// encoder's weights (`te.`-prefixed).
+fn trained(m: &StableDiffusion, lora: bool) -> std::collections::BTreeMap<String, Tensor> {
+    if lora {
+        dreambooth::models::lora::trainable_vars(m)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
+    } else {
+        let mut t = m.unet_vb.tensors();
+        t.extend(
+            m.text_encoder_vb
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (format!("te.{k}"), v)),
+        );
+        t
+    }
+}
+
 /// `--gradient-checkpointing` and `--release-block-graphs` train the same
 /// weights (up to the order in which gradients add up): a full fine-tune of
 /// the UNet and the text encoder with prior preservation, and LoRA with
@@ -528,24 +561,7 @@ fn gradient_checkpointing_trains_the_same_weights() {
                     b.loss
                 );
             }
-            let tensors = |m: &StableDiffusion| {
-                if lora {
-                    dreambooth::models::lora::trainable_vars(m)
-                        .into_iter()
-                        .map(|(k, v)| (k, v.as_tensor().clone()))
-                        .collect()
-                } else {
-                    let mut t = m.unet_vb.tensors();
-                    t.extend(
-                        m.text_encoder_vb
-                            .tensors()
-                            .into_iter()
-                            .map(|(k, v)| (format!("te.{k}"), v)),
-                    );
-                    t
-                }
-            };
-            let (a, b) = (tensors(&plain), tensors(&ckpt));
+            let (a, b) = (trained(&plain, lora), trained(&ckpt, lora));
             assert_eq!(a.len(), b.len());
             assert!(
                 a.keys()
@@ -623,31 +639,14 @@ fn fused_backward_pass_trains_the_same_weights() {
                 b.grad_norm
             );
         }
-        let tensors = |m: &StableDiffusion| -> std::collections::BTreeMap<String, Tensor> {
-            if lora {
-                dreambooth::models::lora::trainable_vars(m)
-                    .into_iter()
-                    .map(|(k, v)| (k, v.as_tensor().clone()))
-                    .collect()
-            } else {
-                let mut t = m.unet_vb.tensors();
-                t.extend(
-                    m.text_encoder_vb
-                        .tensors()
-                        .into_iter()
-                        .map(|(k, v)| (format!("te.{k}"), v)),
-                );
-                t
-            }
-        };
-        let (a, b) = (tensors(&released), tensors(&fused));
+        let (a, b) = (trained(&released, lora), trained(&fused, lora));
         assert!(
             a.keys()
                 .any(|k| k.starts_with("te") || k.starts_with("text_encoder"))
         );
         // The weights moved (a run that updated nothing would match the
         // base, not the released run).
-        let base = tensors(&load(&tiny_sd1()));
+        let base = trained(&load(&tiny_sd1()), lora);
         if !lora {
             assert!(a.iter().any(|(k, t)| {
                 (t - &base[k])
