@@ -520,7 +520,7 @@ pub fn bench_step(
         watch.sample();
         let (t2, t3) =
             if let (true, Some(ck)) = (opts.fused_backward_pass, checkpointing.as_deref()) {
-                crate::optim::fused_backward(ck, &loss, &mut [(&mut opt, 1e-5)], 0.0)?;
+                crate::optim::fused_backward(ck, &loss, &mut [(&mut opt, 1e-5)], 0.0, false)?;
                 device.synchronize()?;
                 let t = Instant::now();
                 (t, t)

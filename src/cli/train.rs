@@ -167,7 +167,7 @@ pub struct Args {
     pub release_block_graphs: bool,
     /// Update each block's weights as soon as the backward has their
     /// gradients and drop them (kohya's --fused_backward_pass): peak memory
-    /// falls by the size of the trained weights; --max-grad-norm then clips
+    /// falls by up to the gradients' size; --max-grad-norm then clips
     /// each weight's gradient on its own. Not with gradient accumulation or
     /// fp16.
     #[arg(long)]

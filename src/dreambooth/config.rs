@@ -108,7 +108,8 @@ pub struct TrainConfig {
     /// Update each block's parameters as soon as the backward pass has their
     /// gradients, then drop the gradients (kohya's `--fused_backward_pass`):
     /// the gradients of the whole model never exist at once, so a full
-    /// fine-tune's peak memory falls by the size of the trained weights. The
+    /// fine-tune's peak memory falls by up to their size (where it was set
+    /// by the gradients, not by the activations at the backward's start). The
     /// blocks run as with `release_block_graphs` (or checkpointed, with
     /// `gradient_checkpointing`). `max_grad_norm` then clips each parameter's
     /// gradient by its own norm. Not with gradient accumulation or fp16.

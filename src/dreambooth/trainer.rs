@@ -575,7 +575,7 @@ pub fn train_model(
                 if cfg.train_text_encoder {
                     groups.push((&mut te_opt, te_sched.lr(step)));
                 }
-                fused_norm = Some(fused_backward(ck, &loss, &mut groups, cfg.max_grad_norm)?);
+                fused_norm = fused_backward(ck, &loss, &mut groups, cfg.max_grad_norm, true)?;
                 if let Some(d) = &dropout {
                     d.end_step();
                 }
