@@ -6,11 +6,14 @@
 #   tools/cuda/device-bench.sh                 # every stage, in this order
 #   tools/cuda/device-bench.sh selftest step   # some stages
 #
-# Stages: info selftest step lora whole sample gradckpt release fusedbwd cudnn nofused peer
-# profile. Each runs
+# Stages (default order: the ratio table's cases and the peer first):
+# info selftest step lora sample peer fusedbwd whole gradckpt release cudnn
+# nofused profile. Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
-# the peer and profile stages, PROFILE_TIMEOUT 120 s for each profiled run)
-# and a failing stage
+# the peer and profile stages, PROFILE_TIMEOUT 120 s for each profiled run),
+# cut to what is left of BUDGET_S (default 540 s: a `run` call's 600 s
+# limit less a margin, so the log and summary always come back; a stage
+# with under 20 s left is skipped and says so), and a failing stage
 # does not stop the rest; everything is logged to $OUT/device-bench.log (or
 # ./device-bench.log) with one summary line per stage at the end. The peer
 # stage installs diffusers from the carried .whl/ (../shared/bench/README.md)
@@ -21,21 +24,30 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 LOG="${OUT:-.}/device-bench.log"
-RUN=tools/cuda/device-run.sh
+RUN="${RUN:-tools/cuda/device-run.sh}"
 export ROOT RUN
 T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora whole sample gradckpt release fusedbwd cudnn nofused peer profile)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora sample peer fusedbwd whole gradckpt release cudnn nofused profile)
 SUMMARY=()
+BUDGET="${BUDGET_S:-540}"
+START=$(date +%s)
 
 stage() {
   local name="$1"
   shift
-  echo "=== $name: $*" | tee -a "$LOG"
-  local t0 rc
+  local t0 rc left limit
   t0=$(date +%s)
-  timeout "$T" "$@" 2>&1 | tee -a "$LOG"
+  left=$((BUDGET - (t0 - START)))
+  if ((left < 20)); then
+    echo "=== $name: skipped, ${left} s of BUDGET_S=$BUDGET left" | tee -a "$LOG"
+    SUMMARY+=("$name: skipped (budget)")
+    return
+  fi
+  limit=$((T < left ? T : left))
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   SUMMARY+=("$name: rc=$rc in $(($(date +%s) - t0)) s")
 }
