@@ -7,7 +7,7 @@
 #   tools/cuda/device-bench.sh selftest step   # some stages
 #
 # Stages (default order: the ratio table's cases and the peer first):
-# info selftest step lora sample peer fusedbwd whole gradckpt release cudnn
+# info selftest step lora sample peer fusedbwd fusedckpt whole gradckpt release cudnn
 # nofused profile. Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
 # the peer and profile stages, PROFILE_TIMEOUT 120 s for each profiled run),
@@ -29,7 +29,7 @@ export ROOT RUN
 T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora sample peer fusedbwd whole gradckpt release cudnn nofused profile)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora sample peer fusedbwd fusedckpt whole gradckpt release cudnn nofused profile)
 SUMMARY=()
 BUDGET="${BUDGET_S:-540}"
 START=$(date +%s)
@@ -107,6 +107,7 @@ for s in "${STAGES[@]}"; do
     gradckpt) stage gradckpt "$RUN" bench step "${SD15[@]}" --gradient-checkpointing ;;
     release) stage release "$RUN" bench step "${SD15[@]}" --release-block-graphs ;;
     fusedbwd) stage fusedbwd "$RUN" bench step "${SD15[@]}" --fused-backward-pass ;;
+    fusedckpt) stage fusedckpt "$RUN" bench step "${SD15[@]}" --fused-backward-pass --gradient-checkpointing ;;
     cudnn) stage cudnn env DREAMBOOTH_CUDNN=1 "$RUN" bench step "${SD15[@]}" ;;
     nofused) stage nofused env DREAMBOOTH_NO_FUSED=1 "$RUN" bench step "${SD15[@]}" ;;
     peer) T="${PEER_TIMEOUT:-300}" stage peer bash -c peer ;;
