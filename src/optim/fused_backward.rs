@@ -2,7 +2,7 @@
 //! each checkpointed block's parameters as soon as the block's backward has
 //! produced their gradients, and the gradients are dropped right there. The
 //! whole set of gradients never exists at once, so a full fine-tune's peak
-//! memory falls by up to their size (3.4 GB for SD 1.5's UNet in f32): all of
+//! memory falls by up to their size (3.2 GiB for SD 1.5's UNet in f32): all of
 //! it under gradient checkpointing, less where the activations held at the
 //! start of the backward set the peak (docs/performance.md).
 //!
@@ -11,7 +11,7 @@
 //! step. Clipping cannot use the global gradient norm (it is known only when
 //! the backward is over, after the updates); as in kohya's implementation,
 //! `max_grad_norm` then clips each parameter's gradient by its own norm. The
-//! global norm is still computed, for the log.
+//! global norm is still computed when asked for (the trainer logs it).
 //!
 //! Needs: no gradient accumulation (each backward is an update), no loss
 //! scaling (the overflow check needs every gradient before any update).
