@@ -424,6 +424,12 @@ pub fn bench_step(
             opts.res
         )));
     }
+    if opts.fused_backward_pass && opts.checkpointing.is_none() {
+        return Err(Error::msg(
+            "bench step: the fused backward pass runs through checkpointed blocks \
+             (set checkpointing: Mode::Release or Mode::Recompute)",
+        ));
+    }
     let cfg: UNetConfig = parse_config(opts.arch.config_json()?, "UNet")?;
     cfg.validate(Path::new(&opts.arch.name()))?;
     opts.precision.check_device(device)?;

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use common::{fixtures, load, rel_err};
+use common::{assert_identical, fixtures, load, rel_err};
 use dreambooth::models::lora::{self, LoraSpec};
 use dreambooth::models::{LoadOptions, StableDiffusion, UNet2DConditionModel};
 use dreambooth::nn::Precision;
@@ -529,18 +529,6 @@ fn adamw(vars: &BTreeMap<String, Var>) -> AdamW {
     .unwrap()
 }
 
-fn assert_bit_equal(what: &str, a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    for (k, ta) in a {
-        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let vb = b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(
-            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{what}: `{k}` differs"
-        );
-    }
-}
-
 /// Three fused steps give bit-identical weights to three backward passes
 /// each followed by an AdamW step (the moments carry over), with the blocks
 /// released and with them recomputed, and the returned norm (when asked
@@ -588,7 +576,7 @@ fn fused_backward_pass_matches_backward_then_step() {
             );
         }
         // ... exactly as the reference's did.
-        assert_bit_equal(&format!("{mode:?}"), &after, &reference.weights());
+        assert_identical(&format!("{mode:?}"), &after, &reference.weights());
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+use common::assert_identical;
 use image::RgbImage;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -244,27 +245,6 @@ fn class_photos(dir: &Path, n: usize, seed: u64) -> Vec<RgbImage> {
         img.save(dir.join(format!("ball-{i}.png"))).unwrap();
     }
     imgs
-}
-
-/// Every tensor of `a` equals the same-named tensor of `b`, bit for bit.
-fn assert_identical(
-    what: &str,
-    a: &std::collections::BTreeMap<String, Tensor>,
-    b: &std::collections::BTreeMap<String, Tensor>,
-) {
-    assert_eq!(a.len(), b.len(), "{what}: different tensor counts");
-    for (k, ta) in a {
-        let tb = b.get(k).unwrap_or_else(|| panic!("{what}: `{k}` missing"));
-        assert_eq!(ta.dims(), tb.dims(), "{what}: `{k}` shapes differ");
-        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let vb = tb.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        if let Some(i) = (0..va.len()).find(|&i| va[i].to_bits() != vb[i].to_bits()) {
-            panic!(
-                "{what}: `{k}` differs at element {i}: {} vs {}",
-                va[i], vb[i]
-            );
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------

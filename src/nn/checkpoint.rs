@@ -157,28 +157,25 @@ impl Checkpointing {
     /// gradients handed to `sink` as the block's backward finishes; returns
     /// the gradients of everything outside the blocks.
     pub fn backward_into(&self, loss: &Tensor, sink: Arc<dyn GradSink>) -> Result<GradStore> {
-        *self.lock()? = GradStore::default();
-        let mut slot = self
-            .sink
-            .lock()
-            .map_err(|_| Error::msg("gradient checkpointing: a backward pass panicked"))?;
-        if slot.is_some() {
-            return Err(Error::msg(
-                "gradient checkpointing: a fused backward pass is already running",
-            ));
+        {
+            let mut slot = self
+                .sink
+                .lock()
+                .map_err(|_| Error::msg("gradient checkpointing: a backward pass panicked"))?;
+            if slot.is_some() {
+                return Err(Error::msg(
+                    "gradient checkpointing: a fused backward pass is already running",
+                ));
+            }
+            *slot = Some(sink);
         }
-        *slot = Some(sink);
-        drop(slot);
-        let grads = loss.backward();
+        // With the sink set, nothing is collected for `backward` to add.
+        let grads = self.backward(loss);
         // The sink goes whatever happened (its owner takes it back).
         if let Ok(mut s) = self.sink.lock() {
             s.take();
         }
-        let mut grads = grads?;
-        // Nothing reached `grads` while the sink was set, unless a block ran
-        // its backward outside this call.
-        grads.extend(std::mem::take(&mut *self.lock()?))?;
-        Ok(grads)
+        grads
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, GradStore>> {

@@ -67,3 +67,24 @@ pub fn to_f64(t: &Tensor) -> Vec<f64> {
         .to_vec1()
         .unwrap()
 }
+
+/// Every tensor of `a` equals the same-named tensor of `b`, bit for bit.
+pub fn assert_identical(
+    what: &str,
+    a: &std::collections::BTreeMap<String, Tensor>,
+    b: &std::collections::BTreeMap<String, Tensor>,
+) {
+    assert_eq!(a.len(), b.len(), "{what}: different tensor counts");
+    for (k, ta) in a {
+        let tb = b.get(k).unwrap_or_else(|| panic!("{what}: `{k}` missing"));
+        assert_eq!(ta.dims(), tb.dims(), "{what}: `{k}` shapes differ");
+        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = tb.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if let Some(i) = (0..va.len()).find(|&i| va[i].to_bits() != vb[i].to_bits()) {
+            panic!(
+                "{what}: `{k}` differs at element {i}: {} vs {}",
+                va[i], vb[i]
+            );
+        }
+    }
+}
