@@ -28,6 +28,8 @@ use crate::{Error, Result};
 pub enum Arch {
     /// Stable Diffusion 1.5's UNet (860M parameters).
     Sd15,
+    /// Stable Diffusion XL base's UNet (2.6B parameters).
+    Sdxl,
     /// The bundled tiny model's UNet.
     Toy,
     /// A diffusers `config.json`.
@@ -38,6 +40,7 @@ impl Arch {
     pub fn parse(s: &str) -> Self {
         match s {
             "sd15" | "sd1.5" => Arch::Sd15,
+            "sdxl" => Arch::Sdxl,
             "toy" | "tiny" => Arch::Toy,
             path => Arch::Config(path.into()),
         }
@@ -47,6 +50,7 @@ impl Arch {
         Ok(match self {
             Arch::Toy => crate::toy::pretrain::unet_config(),
             Arch::Sd15 => sd15_unet_config(),
+            Arch::Sdxl => sdxl_unet_config(),
             Arch::Config(p) => crate::util::read_json(p)?,
         })
     }
@@ -86,12 +90,16 @@ impl Arch {
                 "--with-encoders needs --arch sd15 or toy (no VAE or text encoder config beside {})",
                 p.display()
             ))),
+            Arch::Sdxl => Err(Error::msg(
+                "--with-encoders needs --arch sd15 or toy (SDXL's two text encoders are not built here)",
+            )),
         }
     }
 
     pub fn name(&self) -> String {
         match self {
             Arch::Sd15 => "sd15".into(),
+            Arch::Sdxl => "sdxl".into(),
             Arch::Toy => "toy".into(),
             Arch::Config(p) => p.display().to_string(),
         }
@@ -112,6 +120,30 @@ pub fn sd15_unet_config() -> serde_json::Value {
         "norm_num_groups": 32,
         "cross_attention_dim": 768,
         "attention_head_dim": 8,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0
+    })
+}
+
+/// SDXL base's `unet/config.json` (stabilityai/stable-diffusion-xl-base-1.0).
+pub fn sdxl_unet_config() -> serde_json::Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "cross_attention_dim": 2048,
+        "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [1, 2, 10],
+        "use_linear_projection": true,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
         "flip_sin_to_cos": true,
         "freq_shift": 0
     })
@@ -496,6 +528,18 @@ pub fn bench_step(
     let ctx = randn(&mut rng, &[b, l, cfg.cross_attention_dim], device)?;
     let t: Vec<f32> = (0..b).map(|_| rng.random_range(0..1000) as f32).collect();
     let t = Tensor::from_vec(t, b, device)?;
+    // SDXL: random pooled text embeds and the time ids of a res × res square.
+    let added = match cfg.text_time_dims() {
+        Some((time_dim, in_dim)) => {
+            let pooled = randn(&mut rng, &[b, in_dim - 6 * time_dim], device)?;
+            let r = opts.res as f32;
+            Some(crate::models::AddedCond::new(
+                &pooled,
+                [r, r, 0.0, 0.0, r, r],
+            )?)
+        }
+        None => None,
+    };
     let encoders = if opts.with_encoders {
         Some(Encoders::new(opts, device, b, l, cfg.cross_attention_dim)?)
     } else {
@@ -518,7 +562,7 @@ pub fn bench_step(
         device.synchronize()?;
         let t0 = Instant::now();
         let pred = unet
-            .forward(&opts.precision.cast(&x)?, &t, &ctx)?
+            .forward_added(&opts.precision.cast(&x)?, &t, &ctx, added.as_ref())?
             .to_dtype(DType::F32)?;
         let loss = (pred - &target)?.sqr()?.mean_all()?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;

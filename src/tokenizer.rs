@@ -60,6 +60,8 @@ pub type Merges = Vec<(String, String)>;
 #[derive(Clone)]
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
+    /// The BPE vocabulary and merges it was built from (for writing it out).
+    bpe: std::sync::Arc<(HashMap<String, u32>, Merges)>,
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
@@ -319,6 +321,7 @@ impl ClipTokenizer {
                 format!("the unknown token `{unk}` is not in the vocabulary"),
             ));
         }
+        let files = std::sync::Arc::new((vocab.clone(), merges.clone()));
         let bpe = BPE::builder()
             .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
             .unk_token(unk)
@@ -397,6 +400,7 @@ impl ClipTokenizer {
         ));
         Ok(Self {
             tokenizer,
+            bpe: files,
             bos_id,
             eos_id,
             pad_id,
@@ -451,6 +455,24 @@ impl ClipTokenizer {
         text.replace(END_OF_WORD, " ")
             .trim_matches(|c: char| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c))
             .to_string()
+    }
+
+    /// The text of a `vocab.json` and a `merges.txt` holding this tokenizer's
+    /// BPE vocabulary and merges (what [`Self::from_vocab_merges_text`] reads).
+    pub fn vocab_merges_text(&self) -> (String, String) {
+        let (vocab, merges) = &*self.bpe;
+        let map: serde_json::Map<String, Value> = vocab
+            .iter()
+            .map(|(t, id)| (t.clone(), Value::from(*id)))
+            .collect();
+        let mut text = String::from("#version: 0.2\n");
+        for (a, b) in merges {
+            text.push_str(a);
+            text.push(' ');
+            text.push_str(b);
+            text.push('\n');
+        }
+        (Value::Object(map).to_string(), text)
     }
 
     /// Id of a token (a vocabulary entry such as `dog</w>`, or an added token).

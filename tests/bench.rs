@@ -110,3 +110,33 @@ fn gpu_memory_watch_watches_nothing_on_the_cpu() {
     std::thread::sleep(std::time::Duration::from_millis(5));
     assert_eq!(w.peak(), None);
 }
+
+/// `bench step` on an SDXL UNet (`text_time` conditioning: random pooled
+/// embeds and time ids): the tiny SDXL's config through the same binary path
+/// as `--arch sdxl`, which refuses `--with-encoders` with a message.
+#[test]
+fn bench_step_runs_an_sdxl_unet() {
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny-sdxl/unet/config.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["bench", "step", "--arch"])
+        .arg(&cfg)
+        .args(["--res", "16", "--warmup", "0", "--steps", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("median of 1"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = Arch::parse("sdxl")
+        .encoder_configs()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--with-encoders"), "{err}");
+    let sdxl: dreambooth::models::UNetConfig =
+        serde_json::from_value(Arch::Sdxl.config_json().unwrap()).unwrap();
+    sdxl.validate(std::path::Path::new("sdxl")).unwrap();
+    assert_eq!(sdxl.text_time_dims(), Some((256, 2816)));
+}

@@ -5,12 +5,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixtures, load, rel_err};
 use dreambooth::dreambooth::config::TrainConfig;
-use dreambooth::dreambooth::trainer::{Events, train};
 use dreambooth::models::lora::{self, KohyaNames, LoraFormat, LoraSpec};
 use dreambooth::models::{LoadOptions, StableDiffusion};
 use dreambooth::nn::{read_safetensors, save_safetensors};
@@ -508,19 +506,8 @@ fn run(
     StableDiffusion,
     dreambooth::dreambooth::trainer::TrainOutcome,
 ) {
-    let stop = AtomicBool::new(false);
-    let mut log = |_: &str| {};
-    let mut on_step = |s: &dreambooth::dreambooth::trainer::StepInfo| {
-        if Some(s.step) == stop_at {
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    };
-    let mut ev = Events {
-        log: &mut log,
-        step: &mut on_step,
-        stop: &stop,
-    };
-    train(cfg, &Device::Cpu, &mut ev).unwrap()
+    let (model, outcome, ..) = common::train_until(cfg, stop_at).unwrap();
+    (model, outcome)
 }
 
 /// `train --lora`: only the adapters change, checkpoints hold adapters and

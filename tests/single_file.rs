@@ -201,6 +201,7 @@ fn check_save_matches_python(name: &str, family: Family) {
         unet: &cfg.unet,
         vae: &cfg.vae,
         text_encoder: &cfg.text,
+        text_encoder_2: None,
         scheduler: &cfg.scheduler,
         tokenizer_files: None,
     };
@@ -210,6 +211,7 @@ fn check_save_matches_python(name: &str, family: Family) {
         &sorted(unet),
         &sorted(vae),
         &sorted(text),
+        None,
         &configs,
         DType::F32,
     )
@@ -279,6 +281,7 @@ fn check_round_trip(name: &str) {
         unet: &c.unet_config,
         vae: &c.vae_config,
         text_encoder: &c.text_config,
+        text_encoder_2: None,
         scheduler: &c.scheduler,
         tokenizer_files: None,
     };
@@ -288,6 +291,7 @@ fn check_round_trip(name: &str) {
         &sorted(&c.unet),
         &sorted(&c.vae),
         &sorted(&c.text_encoder),
+        None,
         &configs,
         DType::F32,
     )
@@ -321,6 +325,7 @@ fn check_round_trip(name: &str) {
         &sorted(&c.unet),
         &sorted(&c.vae),
         &sorted(&c.text_encoder),
+        None,
         &configs,
         DType::F16,
     )
@@ -395,7 +400,7 @@ fn configs_are_detected_without_metadata() {
         // one head where the channels are fewer).
         let heads = match family {
             Family::Sd1 => vec![8, 8, 8],
-            Family::Sd2 => vec![1, 1, 1],
+            _ => vec![1, 1, 1],
         };
         assert_eq!(u.heads(), heads, "{name}");
         assert_eq!(u.groups(), 32);
@@ -438,7 +443,7 @@ fn configs_are_detected_without_metadata() {
         );
         let (sample, vae_sample) = match family {
             Family::Sd1 => (64, 512),
-            Family::Sd2 => (96, 768),
+            _ => (96, 768),
         };
         assert_eq!((u.sample_size, v.sample_size), (sample, vae_sample));
 
@@ -626,10 +631,20 @@ fn check_sd_shaped_without_metadata(family: Family) {
         unet: &unet,
         vae: &vae,
         text_encoder: &text,
+        text_encoder_2: None,
         scheduler: &scheduler,
         tokenizer_files: None,
     };
-    save_single_file(&with_meta, &unet_w, &vae_w, &text_w, &configs, DType::F32).unwrap();
+    save_single_file(
+        &with_meta,
+        &unet_w,
+        &vae_w,
+        &text_w,
+        None,
+        &configs,
+        DType::F32,
+    )
+    .unwrap();
     let bare = dir.join("bare.safetensors");
     rewrite(&with_meta, &bare, &[], &[], false);
 

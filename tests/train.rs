@@ -29,7 +29,7 @@ use dreambooth::dreambooth::config::TrainConfig;
 use dreambooth::dreambooth::data::{Crop, prepare, to_tensor};
 use dreambooth::dreambooth::loss::denoising_loss;
 use dreambooth::dreambooth::trainer::{Events, StepInfo, TrainOutcome, train};
-use dreambooth::models::{LoadOptions, StableDiffusion};
+use dreambooth::models::{LoadOptions, StableDiffusion, UNetCond};
 use dreambooth::toy::world::{Subject, subject_photos};
 
 // The binary's allocator and CPU settings: a training step is several times
@@ -103,23 +103,7 @@ fn run_logged(
     cfg: &TrainConfig,
     stop_at: Option<u64>,
 ) -> (StableDiffusion, TrainOutcome, Vec<StepInfo>, Vec<String>) {
-    let stop = AtomicBool::new(false);
-    let mut steps = Vec::new();
-    let mut lines = Vec::new();
-    let mut log = |l: &str| lines.push(l.to_string());
-    let mut on_step = |s: &StepInfo| {
-        steps.push(s.clone());
-        if Some(s.step) == stop_at {
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    };
-    let mut ev = Events {
-        log: &mut log,
-        step: &mut on_step,
-        stop: &stop,
-    };
-    let (model, outcome) = train(cfg, &Device::Cpu, &mut ev).unwrap();
-    (model, outcome, steps, lines)
+    common::train_until(cfg, stop_at).unwrap()
 }
 
 fn load(path: &Path) -> StableDiffusion {
@@ -163,14 +147,20 @@ fn probe(model: &StableDiffusion, images: &[RgbImage], res: usize, seed: u64) ->
 
 /// Mean denoising error of `model` on `p` under `prompt`.
 fn error(model: &StableDiffusion, p: &Probe, prompt: &str) -> f64 {
-    let (ctx, _) = model.encode_prompt(&[prompt.to_string()], 0).unwrap();
-    let ctx = ctx.repeat((p.timesteps.len(), 1, 1)).unwrap();
+    let (emb, _) = model.encode_prompt(&[prompt.to_string()], 0).unwrap();
+    let emb = emb.repeat(p.timesteps.len()).unwrap();
+    let (_, _, h, w) = p.latents.dims4().unwrap();
+    let f = model.vae_scale_factor();
+    let added = model.added_cond(&emb, h * f, w * f).unwrap();
     let schedule = NoiseSchedule::new(&model.scheduler).unwrap();
     let per = denoising_loss(
         &model.unet,
         &schedule,
         &p.latents,
-        &ctx,
+        UNetCond {
+            context: &emb.context,
+            added: added.as_ref(),
+        },
         &p.timesteps,
         &p.noise,
         dreambooth::nn::Precision::F32,
@@ -179,17 +169,7 @@ fn error(model: &StableDiffusion, p: &Probe, prompt: &str) -> f64 {
     per.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
+use common::copy_dir;
 
 /// tiny-sd1 with a VAE that behaves like a trained one where it matters here:
 /// a sharp posterior (std ≈ 0.002 instead of ≈ 0.9, whose noise would drown

@@ -71,7 +71,7 @@ pub struct SampleArgs {
 
 #[derive(clap::Args)]
 pub struct StepArgs {
-    /// `sd15`, `toy` (the bundled tiny model) or a diffusers UNet config.json.
+    /// `sd15`, `sdxl` (SDXL base), `toy` (the bundled tiny model) or a diffusers UNet config.json.
     #[arg(long, default_value = "toy")]
     pub arch: String,
     /// `cpu`, `cuda` or `cuda:N` (GPUs need a build with the `cuda` feature).

@@ -18,7 +18,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::sampler::{SamplerKind, make_sampler};
 use crate::image_io::GenerationInfo;
-use crate::models::sd::StableDiffusion;
+use crate::models::sd::{PromptEmbeds, StableDiffusion};
 use crate::{Error, Result};
 
 /// What to generate. [`GenerateOptions::new`] gives diffusers' defaults.
@@ -163,13 +163,19 @@ pub fn generate(
         };
         let (cond, w) = model.encode_prompt(prompts, opts.clip_skip)?;
         warn(w);
-        let uncond = if opts.uses_guidance() {
+        let uncond = if !opts.uses_guidance() {
+            None
+        } else if model.is_sdxl()
+            && model.force_zeros_for_empty_prompt
+            && opts.negative_prompt.is_empty()
+        {
+            // StableDiffusionXLPipeline without a negative prompt.
+            Some(cond.zeros_like()?)
+        } else {
             let negs = vec![opts.negative_prompt.clone(); prompts.len()];
             let (u, w) = model.encode_prompt(&negs, opts.clip_skip)?;
             warn(w);
             Some(u)
-        } else {
-            None
         };
         let images_done = lo;
         let latents = denoise(
@@ -287,8 +293,8 @@ pub fn denoise(
     model: &StableDiffusion,
     opts: &GenerateOptions,
     x0: &Tensor,
-    cond: &Tensor,
-    uncond: Option<&Tensor>,
+    cond: &PromptEmbeds,
+    uncond: Option<&PromptEmbeds>,
     rngs: &mut [StdRng],
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
@@ -296,10 +302,14 @@ pub fn denoise(
     let dev = x0.device().clone();
     let mut sampler = make_sampler(opts.sampler, &model.scheduler, opts.steps, opts.eta)?;
     // Detached: a trainable model's Vars must not grow a graph across steps.
-    let context = match uncond {
-        Some(u) => Tensor::cat(&[u, cond], 0)?.detach(),
+    let embeds = match uncond {
+        Some(u) => PromptEmbeds::cat(&[u, cond])?.detach(),
         None => cond.detach(),
     };
+    let context = &embeds.context;
+    let f = model.vae_scale_factor();
+    let (_, _, lh, lw) = x0.dims4()?;
+    let added = model.added_cond(&embeds, lh * f, lw * f)?;
     let mut x = (x0 * sampler.init_noise_sigma())?;
     let steps = sampler.num_steps();
     let shape = {
@@ -322,7 +332,7 @@ pub fn denoise(
         let x_in = crate::nn::precision::cast(&x_in, unet_dtype)?;
         let out = model
             .unet
-            .forward(&x_in, &ts, &context)?
+            .forward_added(&x_in, &ts, context, added.as_ref())?
             .detach()
             .to_dtype(DType::F32)?;
         let pred = if uncond.is_some() {

@@ -1,17 +1,20 @@
 //! Writing a (trained) model out: a diffusers folder that diffusers,
 //! ComfyUI and this tool load, and optionally an original-layout single file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
+use crate::models::clip_text::ClipTextConfig;
 use crate::models::single_file::{
     Family, SaveConfigs, save_single_file, scheduler_config_json, text_config_json,
     unet_config_json, vae_config_json,
 };
 use crate::models::{ModelFormat, StableDiffusion};
 use crate::nn::save_safetensors;
+use crate::tokenizer::ClipTokenizer;
 use crate::util::write_atomic;
 use crate::{Error, Result};
 
@@ -32,16 +35,10 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The source model's tokenizer files (vocab.json, merges.txt), when it is a
-/// diffusers folder whose vocabulary is not CLIP's standard one.
+/// The model's tokenizer files (vocab.json, merges.txt text) when its
+/// vocabulary is not CLIP's standard one (which a single file's loader has).
 fn own_tokenizer_files(model: &StableDiffusion) -> Option<(String, String)> {
-    if model.format != ModelFormat::Diffusers || model.tokenizer.vocab_size() == 49408 {
-        return None;
-    }
-    let dir = model.source.join("tokenizer");
-    let vocab = std::fs::read_to_string(dir.join("vocab.json")).ok()?;
-    let merges = std::fs::read_to_string(dir.join("merges.txt")).ok()?;
-    Some((vocab, merges))
+    (model.tokenizer.vocab_size() != 49408).then(|| model.tokenizer.vocab_merges_text())
 }
 
 /// Writes `model` (with its current, possibly trained, weights) as a diffusers
@@ -81,18 +78,34 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
         &tmp.join("vae").join("diffusion_pytorch_model.safetensors"),
         None,
     )?;
-    let mut te_cfg = text_config_json(model.text_encoder.config());
-    if let Some(obj) = te_cfg.as_object_mut() {
-        obj.entry("architectures")
-            .or_insert(json!(["CLIPTextModel"]));
-        obj.entry("model_type").or_insert(json!("clip_text_model"));
-    }
-    write_json(&tmp.join("text_encoder").join("config.json"), &te_cfg)?;
-    save_safetensors(
+    write_text_encoder(
+        &tmp.join("text_encoder"),
+        model.text_encoder.config(),
+        "CLIPTextModel",
         &model.text_encoder_vb.tensors(),
-        &tmp.join("text_encoder").join("model.safetensors"),
-        None,
     )?;
+    // The source's tokenizer folders as they are; written out for a single file.
+    let src_folder = |name: &str| Some(src.join(name)).filter(|d| from_folder && d.is_dir());
+    write_tokenizer(
+        src_folder("tokenizer"),
+        &model.tokenizer,
+        &tmp.join("tokenizer"),
+    )?;
+    if let Some(te2) = &model.text_encoder_2 {
+        // SDXL's second text encoder, with its current (trained, merged or
+        // unchanged) weights.
+        write_text_encoder(
+            &tmp.join("text_encoder_2"),
+            te2.model.config(),
+            "CLIPTextModelWithProjection",
+            &te2.vb.tensors(),
+        )?;
+        write_tokenizer(
+            src_folder("tokenizer_2"),
+            &te2.tokenizer,
+            &tmp.join("tokenizer_2"),
+        )?;
+    }
     if from_folder && src.join("scheduler").is_dir() {
         copy_dir(&src.join("scheduler"), &tmp.join("scheduler"))?;
     } else {
@@ -101,14 +114,27 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
             &scheduler_config_json(&model.scheduler),
         )?;
     }
-    if from_folder && src.join("tokenizer").is_dir() {
-        copy_dir(&src.join("tokenizer"), &tmp.join("tokenizer"))?;
-    } else {
-        write_clip_tokenizer(model, &tmp.join("tokenizer"))?;
-    }
     if from_folder && src.join("model_index.json").is_file() {
         std::fs::copy(src.join("model_index.json"), tmp.join("model_index.json"))
             .map_err(|e| Error::io(src.join("model_index.json"), e))?;
+    } else if model.is_sdxl() {
+        write_json(
+            &tmp.join("model_index.json"),
+            &json!({
+                "_class_name": "StableDiffusionXLPipeline",
+                "_diffusers_version": "0.42.1",
+                "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+                "feature_extractor": [null, null],
+                "image_encoder": [null, null],
+                "scheduler": ["diffusers", model.scheduler.class_name.clone().unwrap_or_else(|| "EulerDiscreteScheduler".into())],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"]
+            }),
+        )?;
     } else {
         write_json(
             &tmp.join("model_index.json"),
@@ -132,37 +158,43 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }
 
-/// CLIP's standard vocabulary as vocab.json + merges.txt (for models loaded
-/// from a single file, which carries no tokenizer).
-fn write_clip_tokenizer(model: &StableDiffusion, dir: &Path) -> Result<()> {
-    if let Some((vocab, merges)) = own_tokenizer_files(model) {
-        write_atomic(&dir.join("vocab.json"), vocab.as_bytes())?;
-        return write_atomic(&dir.join("merges.txt"), merges.as_bytes());
+/// A text encoder's `config.json` (naming transformers' `architecture`) and
+/// `model.safetensors` in `dir`.
+fn write_text_encoder(
+    dir: &Path,
+    cfg: &ClipTextConfig,
+    architecture: &str,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let mut json = text_config_json(cfg);
+    json["architectures"] = json!([architecture]);
+    write_json(&dir.join("config.json"), &json)?;
+    save_safetensors(tensors, &dir.join("model.safetensors"), None)
+}
+
+/// A tokenizer folder at `to`: a copy of `from` when there is one, else
+/// written from `tokenizer` ([`write_clip_tokenizer`]).
+fn write_tokenizer(from: Option<PathBuf>, tokenizer: &ClipTokenizer, to: &Path) -> Result<()> {
+    match from {
+        Some(from) => copy_dir(&from, to),
+        None => write_clip_tokenizer(tokenizer, to),
     }
-    let (tokens, merges) = crate::tokenizer::read_bpe_gz(crate::models::sd::clip_bpe_file()?)?;
-    let vocab: serde_json::Map<String, serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    write_atomic(
-        &dir.join("vocab.json"),
-        serde_json::Value::Object(vocab).to_string().as_bytes(),
-    )?;
-    let mut text = String::from("#version: 0.2\n");
-    for (a, b) in &merges {
-        text.push_str(&format!("{a} {b}\n"));
-    }
-    write_atomic(&dir.join("merges.txt"), text.as_bytes())?;
-    let pad = model
-        .tokenizer
-        .id_to_token(model.tokenizer.pad_id())
+}
+
+/// A tokenizer's vocab.json, merges.txt and tokenizer_config.json (for models
+/// loaded from a single file, which carries no tokenizer folder).
+fn write_clip_tokenizer(tokenizer: &ClipTokenizer, dir: &Path) -> Result<()> {
+    let (vocab, merges) = tokenizer.vocab_merges_text();
+    write_atomic(&dir.join("vocab.json"), vocab.as_bytes())?;
+    write_atomic(&dir.join("merges.txt"), merges.as_bytes())?;
+    let pad = tokenizer
+        .id_to_token(tokenizer.pad_id())
         .unwrap_or_else(|| "<|endoftext|>".into());
     write_json(
         &dir.join("tokenizer_config.json"),
         &json!({
             "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": model.tokenizer.model_max_length(),
+            "model_max_length": tokenizer.model_max_length(),
             "bos_token": "<|startoftext|>",
             "eos_token": "<|endoftext|>",
             "unk_token": "<|endoftext|>",
@@ -178,8 +210,14 @@ fn write_clip_tokenizer(model: &StableDiffusion, dir: &Path) -> Result<()> {
 pub fn save_single(model: &StableDiffusion, path: &Path, dtype: DType) -> Result<PathBuf> {
     let te_cfg = model.text_encoder.config();
     let tok = own_tokenizer_files(model);
+    let te2 = model.text_encoder_2.as_ref();
     let configs = SaveConfigs {
-        family: Family::from_text_config(te_cfg),
+        family: if te2.is_some() {
+            Family::Sdxl
+        } else {
+            Family::from_text_config(te_cfg)
+        },
+        text_encoder_2: te2.map(|t| t.model.config()),
         unet: &model.unet.config,
         vae: model.vae.config(),
         text_encoder: te_cfg,
@@ -191,6 +229,7 @@ pub fn save_single(model: &StableDiffusion, path: &Path, dtype: DType) -> Result
         &model.unet_vb.tensors(),
         &model.vae_vb.tensors(),
         &model.text_encoder_vb.tensors(),
+        te2.map(|t| t.vb.tensors()).as_ref(),
         &configs,
         dtype,
     )?;

@@ -6,18 +6,19 @@ use candle_core::{DType, Tensor};
 
 use crate::Result;
 use crate::diffusion::{NoiseSchedule, PredictionType};
-use crate::models::UNet2DConditionModel;
+use crate::models::{UNet2DConditionModel, UNetCond};
 use crate::nn::Precision;
 
 /// Per-sample mean squared error (B,) of the UNet's prediction on
-/// `latents` noised with `noise` at `timesteps`, conditioned on `context`.
+/// `latents` noised with `noise` at `timesteps`, conditioned on `cond` (the
+/// text context, and for SDXL the pooled text embeddings and time ids).
 /// The UNet computes in `precision` (mixed precision: bf16 / f16 activations,
 /// f32 weights); noise, target and the error are f32.
 pub fn denoising_loss(
     unet: &UNet2DConditionModel,
     schedule: &NoiseSchedule,
     latents: &Tensor,
-    context: &Tensor,
+    cond: UNetCond,
     timesteps: &[usize],
     noise: &Tensor,
     precision: Precision,
@@ -26,7 +27,7 @@ pub fn denoising_loss(
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(t, timesteps.len(), latents.device())?;
     let pred = unet
-        .forward(&precision.cast(&noisy)?, &t, context)?
+        .forward_added(&precision.cast(&noisy)?, &t, cond.context, cond.added)?
         .to_dtype(DType::F32)?;
     let target = schedule.target(latents, noise, timesteps)?;
     per_sample_mse(&pred, &target)

@@ -27,7 +27,8 @@ use super::data::{self, Crop, ImageFolder};
 use super::export;
 use super::loss::{denoising_loss, min_snr_weights};
 use crate::diffusion::{GenerateOptions, NoiseSchedule, SamplerKind, generate};
-use crate::models::{LoadOptions, StableDiffusion, lora};
+use crate::models::sd::{PromptEmbeds, encode_ids};
+use crate::models::{LoadOptions, StableDiffusion, UNetCond, lora};
 use crate::nn::Precision;
 use crate::nn::checkpoint::Checkpointing;
 use crate::optim::{
@@ -284,12 +285,16 @@ pub fn train_model(
     // Text: cached embeddings when the text encoder is frozen.
     let (inst_ids, _) = model.tokenize(std::slice::from_ref(&cfg.instance_prompt))?;
     let (class_ids, _) = model.tokenize(std::slice::from_ref(&class_prompt))?;
+    // SDXL: the same prompts for the second text encoder.
+    let inst_ids2 = model.tokenize_2(std::slice::from_ref(&cfg.instance_prompt))?;
+    let class_ids2 = model.tokenize_2(std::slice::from_ref(&class_prompt))?;
     let cached_ctx = if cfg.train_text_encoder {
         None
     } else {
-        let a = model.text_encoder.forward(&inst_ids)?.detach();
-        let b = model.text_encoder.forward(&class_ids)?.detach();
-        Some((a, b))
+        let encode = |p: &String| -> Result<PromptEmbeds> {
+            Ok(model.encode_prompt(std::slice::from_ref(p), 0)?.0.detach())
+        };
+        Some((encode(&cfg.instance_prompt)?, encode(&class_prompt)?))
     };
 
     // Optimizers: one parameter group per trained network.
@@ -305,14 +310,22 @@ pub fn train_model(
     let (unet_vars, te_vars, unet_group, te_group) = if cfg.lora {
         let (te, unet): (BTreeMap<_, _>, BTreeMap<_, _>) = lora::trainable_vars(model)
             .into_iter()
-            .partition(|(k, _)| k.starts_with("text_encoder."));
+            .partition(|(k, _)| k.starts_with("text_encoder"));
         (unet, te, "unet_lora", "text_encoder_lora")
     } else {
-        let te = if cfg.train_text_encoder {
-            model.text_encoder_vb.vars()
-        } else {
-            BTreeMap::new()
-        };
+        let mut te = BTreeMap::new();
+        if cfg.train_text_encoder {
+            te = model.text_encoder_vb.vars();
+            // SDXL's second text encoder trains with the first, under its own names.
+            if let Some(te2) = &model.text_encoder_2 {
+                te.extend(
+                    te2.vb
+                        .vars()
+                        .into_iter()
+                        .map(|(k, v)| (format!("text_encoder_2.{k}"), v)),
+                );
+            }
+        }
         (model.unet_vb.vars(), te, "unet", "text_encoder")
     };
     if unet_vars.is_empty() {
@@ -337,12 +350,20 @@ pub fn train_model(
         )?),
         None => None,
     };
-    let (unet, text_encoder) = match &checkpointing {
+    let (unet, text_encoder, text_encoder_2) = match &checkpointing {
         Some(c) => (
             model.unet.with_gradient_checkpointing(c),
             model.text_encoder.with_gradient_checkpointing(c),
+            model
+                .text_encoder_2
+                .as_ref()
+                .map(|t| t.model.with_gradient_checkpointing(c)),
         ),
-        None => (model.unet.clone(), model.text_encoder.clone()),
+        None => (
+            model.unet.clone(),
+            model.text_encoder.clone(),
+            model.text_encoder_2.as_ref().map(|t| t.model.clone()),
+        ),
     };
     let schedule_of = |lr: f64| LrSchedule {
         kind: cfg.lr_scheduler,
@@ -384,10 +405,13 @@ pub fn train_model(
     let mut scaler = LossScaler::for_precision(precision);
     // A text encoder being trained computes in the same dtype (a frozen one
     // ran once, in f32, for the cached embeddings).
-    let text_encoder = if cfg.train_text_encoder && precision != Precision::F32 {
-        text_encoder.with_mixed_precision(precision)
+    let (text_encoder, text_encoder_2) = if cfg.train_text_encoder && precision != Precision::F32 {
+        (
+            text_encoder.with_mixed_precision(precision),
+            text_encoder_2.map(|t| t.with_mixed_precision(precision)),
+        )
     } else {
-        text_encoder
+        (text_encoder, text_encoder_2)
     };
     if precision != Precision::F32 {
         (ev.log)(&format!(
@@ -520,22 +544,37 @@ pub fn train_model(
             } else {
                 0
             };
-            let context = match &cached_ctx {
+            let embeds = match &cached_ctx {
                 Some((a, b)) => {
-                    ctx_parts.push(a.repeat((bs, 1, 1))?);
+                    ctx_parts.push(a.repeat(bs)?);
                     if n_class > 0 {
-                        ctx_parts.push(b.repeat((n_class, 1, 1))?);
+                        ctx_parts.push(b.repeat(n_class)?);
                     }
-                    Tensor::cat(&ctx_parts, 0)?
+                    PromptEmbeds::cat(&ctx_parts.iter().collect::<Vec<_>>())?
                 }
                 None => {
-                    let mut ids = vec![inst_ids.repeat((bs, 1))?];
-                    if n_class > 0 {
-                        ids.push(class_ids.repeat((n_class, 1))?);
-                    }
-                    text_encoder.forward(&Tensor::cat(&ids, 0)?)?
+                    let batch = |inst: &Tensor, class: &Tensor| -> Result<Tensor> {
+                        let mut ids = vec![inst.repeat((bs, 1))?];
+                        if n_class > 0 {
+                            ids.push(class.repeat((n_class, 1))?);
+                        }
+                        Ok(Tensor::cat(&ids, 0)?)
+                    };
+                    let ids2 = match (&inst_ids2, &class_ids2) {
+                        (Some(a), Some(b)) => Some(batch(a, b)?),
+                        _ => None,
+                    };
+                    encode_ids(
+                        &text_encoder,
+                        text_encoder_2.as_ref(),
+                        &batch(&inst_ids, &class_ids)?,
+                        ids2.as_ref(),
+                        0,
+                    )?
                 }
             };
+            // SDXL: time ids of the training crop as it is (res × res, no offset).
+            let added = model.added_cond(&embeds, res, res)?;
             let n = bs + n_class;
             let timesteps: Vec<usize> = (0..n).map(|_| rng.random_range(0..n_train_t)).collect();
             let mut noise = randn(&mut rng, latents.dims(), &model.device)?;
@@ -548,7 +587,10 @@ pub fn train_model(
                 &unet,
                 &noise_schedule,
                 &latents,
-                &context,
+                UNetCond {
+                    context: &embeds.context,
+                    added: added.as_ref(),
+                },
                 &timesteps,
                 &noise,
                 precision,
@@ -708,7 +750,12 @@ pub fn train_model(
             outcome.lora_files.push(lora::export_kohya(
                 model,
                 &out.join(lora::KOHYA_FILE),
-                lora::KohyaNames::Diffusers,
+                // sd-scripts names SDXL's UNet layers by the original modules.
+                if model.is_sdxl() {
+                    lora::KohyaNames::Ldm
+                } else {
+                    lora::KohyaNames::Diffusers
+                },
             )?);
         }
         for f in &outcome.lora_files {

@@ -190,13 +190,16 @@ impl ClipEncoderLayer {
     }
 }
 
-/// transformers' `CLIPTextModel` (without the pooled output).
+/// transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` (SDXL's
+/// second text encoder: [`new_with_projection`](Self::new_with_projection)).
 #[derive(Clone, Debug)]
 pub struct ClipTextModel {
     pub token_embedding: Embedding,
     pub position_embedding: Embedding,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (hidden → projection_dim, no bias).
+    pub text_projection: Option<Linear>,
     pub config: ClipTextConfig,
     /// Gradient checkpointing of every encoder layer
     /// ([`with_gradient_checkpointing`](Self::with_gradient_checkpointing)).
@@ -226,12 +229,33 @@ impl ClipTextModel {
         device: &Device,
         trainable: bool,
     ) -> Result<(Self, Vb)> {
+        Self::load_as(path, cfg, device, trainable, false)
+    }
+
+    /// [`load`](Self::load) for a `CLIPTextModelWithProjection` (SDXL's
+    /// `text_encoder_2/`).
+    pub fn load_with_projection(
+        path: &Path,
+        cfg: &ClipTextConfig,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<(Self, Vb)> {
+        Self::load_as(path, cfg, device, trainable, true)
+    }
+
+    fn load_as(
+        path: &Path,
+        cfg: &ClipTextConfig,
+        device: &Device,
+        trainable: bool,
+        projection: bool,
+    ) -> Result<(Self, Vb)> {
         let mut tensors = read_safetensors(path, device)?;
         for k in BUFFER_KEYS {
             tensors.remove(k);
         }
         let vb = Vb::from_tensors(path, tensors, device, trainable);
-        let model = Self::new(&vb, cfg)?;
+        let model = Self::build(&vb, cfg, projection)?;
         vb.finish()?;
         Ok((model, vb))
     }
@@ -239,6 +263,16 @@ impl ClipTextModel {
     /// Builds the model from `vb`, under `text_model.` when the file uses that
     /// prefix (or `vb` is a random init), at the root otherwise.
     pub fn new(vb: &Vb, cfg: &ClipTextConfig) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    /// Builds a `CLIPTextModelWithProjection` from `vb`: as [`new`](Self::new),
+    /// and `text_projection.weight` (hidden → projection_dim) at the root.
+    pub fn new_with_projection(vb: &Vb, cfg: &ClipTextConfig) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    fn build(vb: &Vb, cfg: &ClipTextConfig, projection: bool) -> Result<Self> {
         cfg.validate(&vb.path())?;
         let token_key = "embeddings.token_embedding.weight";
         let prefix = if vb.contains(token_key) && !vb.pp(PREFIX).contains(token_key) {
@@ -256,6 +290,17 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(&root.pp("encoder").pp("layers").pp(i), cfg, act))
             .collect::<Result<Vec<_>>>()?;
+        // `CLIPTextModelWithProjection` keeps `text_projection` beside `text_model`.
+        let text_projection = if projection {
+            Some(Linear::new(
+                &vb.pp("text_projection"),
+                cfg.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             token_embedding: Embedding::new(
                 &emb.pp("token_embedding"),
@@ -273,6 +318,7 @@ impl ClipTextModel {
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
             )?,
+            text_projection,
             config: cfg.clone(),
             checkpointing: None,
             precision: None,
@@ -371,6 +417,63 @@ impl ClipTextModel {
             .pop()
             .expect("one state");
         self.final_layer_norm.forward(&h)
+    }
+
+    /// What SDXL's pipeline takes from a text encoder: the hidden state
+    /// `clip_skip + 1` layers before the last, without the final layer norm
+    /// (`hidden_states[-(clip_skip + 2)]`), and, for a
+    /// `CLIPTextModelWithProjection`, the projected pooled output
+    /// (`text_embeds`: the final-layer-normed state at each prompt's first
+    /// end-of-text token, through `text_projection`).
+    pub fn forward_sdxl(&self, ids: &Tensor, clip_skip: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let n = self.layers.len();
+        if clip_skip >= n {
+            return Err(Error::msg(format!(
+                "clip_skip = {clip_skip} leaves no layer of a {n}-layer text encoder"
+            )));
+        }
+        let keep = n - 1 - clip_skip;
+        let Some(proj) = &self.text_projection else {
+            let h = self.run(ids, keep, false)?.pop().expect("one state");
+            return Ok((h, None));
+        };
+        let states = self.run(ids, n, true)?;
+        let hidden = states[keep].clone();
+        let last = self.final_layer_norm.forward(&states[n])?;
+        let pooled = proj.forward(&self.pool(&last, ids)?)?;
+        Ok((hidden, Some(pooled)))
+    }
+
+    /// `pooler_output`: each row of `last` (B, L, D) at its prompt's first
+    /// end-of-text token (transformers' rule for configs whose
+    /// `eos_token_id` is not the legacy 2; with 2, the largest id's position).
+    fn pool(&self, last: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let eos = self.config.eos_token_id;
+        let pos: Vec<u32> = ids
+            .iter()
+            .map(|row| {
+                let p = if eos == 2 {
+                    (0..l)
+                        .max_by_key(|&i| (row[i], std::cmp::Reverse(i)))
+                        .unwrap_or(0)
+                } else {
+                    row.iter().position(|&t| t == eos).unwrap_or(0)
+                };
+                p as u32
+            })
+            .collect();
+        let idx = Tensor::from_vec(
+            (0..b as u32)
+                .zip(&pos)
+                .map(|(i, &p)| i * l as u32 + p)
+                .collect::<Vec<_>>(),
+            b,
+            last.device(),
+        )?;
+        let d = last.dim(2)?;
+        Ok(last.reshape((b * l, d))?.index_select(&idx, 0)?)
     }
 
     /// transformers' `hidden_states`: the embeddings and each layer's output

@@ -97,7 +97,7 @@ fn d_three() -> usize {
     3
 }
 
-/// `UNet2DConditionModel` configuration (SD 1.x / 2.x subset).
+/// `UNet2DConditionModel` configuration (the SD 1.x / 2.x / XL subset).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct UNetConfig {
     #[serde(default = "d_sample_size")]
@@ -150,6 +150,14 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL (`addition_embed_type: "text_time"`): the width of each of the six
+    /// size / crop conditioning numbers' sinusoidal embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: the input width of `add_embedding` (pooled text embeds + 6 ×
+    /// `addition_time_embed_dim`).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
     #[serde(default)]
@@ -204,6 +212,23 @@ impl UNetConfig {
 
     pub fn groups(&self) -> usize {
         self.norm_num_groups.unwrap_or(32)
+    }
+
+    /// SDXL's micro-conditioning (`addition_embed_type: "text_time"`): the
+    /// UNet also takes pooled text embeddings and six size / crop numbers.
+    pub fn is_sdxl(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
+    }
+
+    /// SDXL: (per-number time embedding width, `add_embedding` input width).
+    pub fn text_time_dims(&self) -> Option<(usize, usize)> {
+        if !self.is_sdxl() {
+            return None;
+        }
+        Some((
+            self.addition_time_embed_dim?,
+            self.projection_class_embeddings_input_dim?,
+        ))
     }
 
     /// Checks the config describes a model this crate builds; the error names
@@ -262,11 +287,33 @@ impl UNetConfig {
                 ));
             }
         }
+        if self.is_sdxl() {
+            match self.text_time_dims() {
+                None => {
+                    return bad(
+                        "addition_embed_type `text_time` (SDXL) needs addition_time_embed_dim \
+                         and projection_class_embeddings_input_dim"
+                            .into(),
+                    );
+                }
+                Some((t, p)) if t == 0 || p <= 6 * t => {
+                    return bad(format!(
+                        "addition_time_embed_dim {t} must be positive and \
+                         projection_class_embeddings_input_dim {p} larger than 6 × it \
+                         (pooled text embeds + six time ids)"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         let unsupported = [
             ("act_fn", self.act_fn != "silu"),
             ("class_embed_type", self.class_embed_type.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
+            (
+                "addition_embed_type",
+                self.addition_embed_type.is_some() && !self.is_sdxl(),
+            ),
             ("dual_cross_attention", self.dual_cross_attention),
             (
                 "only_cross_attention",
@@ -301,7 +348,7 @@ impl UNetConfig {
         for (field, is_bad) in unsupported {
             if is_bad {
                 return bad(format!(
-                    "unsupported value for `{field}` (this crate builds SD 1.x/2.x UNets)"
+                    "unsupported value for `{field}` (this crate builds SD 1.x/2.x/XL UNets)"
                 ));
             }
         }

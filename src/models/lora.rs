@@ -209,14 +209,17 @@ impl LoraSpec {
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
-    /// `unet` / `text_encoder`: the key prefix of peft files.
+    /// `unet` / `text_encoder` / `text_encoder_2`: the key prefix of peft files.
     pub fn prefix(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 }
@@ -362,10 +365,10 @@ macro_rules! walkers {
         }
 
         /// Every adaptable layer of a CLIP text encoder, in model order.
-        pub fn $text_fn<'a>(te: &'a $($m)? ClipTextModel) -> Vec<Module<$Layer<'a>>> {
+        pub fn $text_fn<'a>(te: &'a $($m)? ClipTextModel, component: Component) -> Vec<Module<$Layer<'a>>> {
             let mut v = Vec::new();
             let mut push = |path: String, kind, l: &'a $($m)? Linear| {
-                v.push(Module { component: Component::TextEncoder, path, kind, layer: $Layer::Linear(l) });
+                v.push(Module { component, path, kind, layer: $Layer::Linear(l) });
             };
             for (i, layer) in (&$($m)? te.layers).into_iter().enumerate() {
                 let p = format!("text_model.encoder.layers.{i}");
@@ -386,16 +389,34 @@ macro_rules! walkers {
 walkers!(unet_modules, text_modules, Layer);
 walkers!(unet_modules_mut, text_modules_mut, LayerMut, mut);
 
-/// The UNet's and the text encoder's adaptable layers.
+/// The UNet's and the text encoders' adaptable layers.
 pub fn modules(sd: &StableDiffusion) -> Vec<Module<Layer<'_>>> {
     let mut v = unet_modules(&sd.unet);
-    v.extend(text_modules(&sd.text_encoder));
+    v.extend(text_modules(&sd.text_encoder, Component::TextEncoder));
+    if let Some(te2) = &sd.text_encoder_2 {
+        v.extend(text_modules(&te2.model, Component::TextEncoder2));
+    }
     v
 }
 
 pub fn modules_mut(sd: &mut StableDiffusion) -> Vec<Module<LayerMut<'_>>> {
     let mut v = unet_modules_mut(&mut sd.unet);
-    v.extend(text_modules_mut(&mut sd.text_encoder));
+    v.extend(text_encoder_modules_mut(
+        sd.text_encoder_2.as_mut(),
+        &mut sd.text_encoder,
+    ));
+    v
+}
+
+/// The text encoders' adaptable layers (SDXL's second one after the first).
+fn text_encoder_modules_mut<'a>(
+    te2: Option<&'a mut crate::models::sd::SecondTextEncoder>,
+    te: &'a mut ClipTextModel,
+) -> Vec<Module<LayerMut<'a>>> {
+    let mut v = text_modules_mut(te, Component::TextEncoder);
+    if let Some(te2) = te2 {
+        v.extend(text_modules_mut(&mut te2.model, Component::TextEncoder2));
+    }
     v
 }
 
@@ -433,7 +454,10 @@ pub fn attach_trainable(
     let device = sd.device.clone();
     let mut mods = unet_modules_mut(&mut sd.unet);
     if spec.text_encoder {
-        mods.extend(text_modules_mut(&mut sd.text_encoder));
+        mods.extend(text_encoder_modules_mut(
+            sd.text_encoder_2.as_mut(),
+            &mut sd.text_encoder,
+        ));
     }
     attach_new(mods, spec, &device)
 }
@@ -460,7 +484,7 @@ fn attach_new(
     for (id, mut m) in mods.into_iter().enumerate() {
         let wanted = match m.component {
             Component::Unet => spec.targets.includes(m.kind),
-            Component::TextEncoder => m.kind == ModuleKind::TextAttn,
+            Component::TextEncoder | Component::TextEncoder2 => m.kind == ModuleKind::TextAttn,
         };
         if !wanted {
             continue;
@@ -671,12 +695,20 @@ fn name_index(sd: &StableDiffusion) -> (Vec<Target>, HashMap<String, usize>) {
                     add(format!("lora_unet_{}", ldm.replace('.', "_")));
                 }
             }
-            Component::TextEncoder => {
+            c @ (Component::TextEncoder | Component::TextEncoder2) => {
+                // kohya's prefix; SDXL's first encoder also answers to plain `lora_te`.
+                let own = kohya_text_prefix(sd, c);
+                let kohya: &[&str] = match own {
+                    "lora_te1" => &["lora_te1", "lora_te"],
+                    _ => &[own],
+                };
                 let short = p.strip_prefix("text_model.").unwrap_or(p);
-                add(format!("text_encoder.{p}"));
-                add(format!("text_encoder.{short}"));
-                add(format!("lora_te_{}", p.replace('.', "_")));
-                add(format!("lora_te_{}", short.replace('.', "_")));
+                for name in [p.as_str(), short] {
+                    add(format!("{}.{name}", c.prefix()));
+                    for k in kohya {
+                        add(format!("{k}_{}", name.replace('.', "_")));
+                    }
+                }
             }
         }
         targets.push(Target {
@@ -781,8 +813,12 @@ pub fn read_lora(sd: &StableDiffusion, path: &Path) -> Result<LoraFile> {
             split_key(key).map_err(|why| cfg_err(format!("tensor `{key}` is {why}")))?;
         let is_kohya = stem.starts_with("lora_unet_") || stem.starts_with("lora_te");
         let Some(&idx) = names.get(&stem) else {
-            let hint = if stem.starts_with("lora_te1_") || stem.starts_with("lora_te2_") {
-                " (an SDXL LoRA? only Stable Diffusion 1.x and 2.x are supported)"
+            let hint = if (stem.starts_with("lora_te1_")
+                || stem.starts_with("lora_te2_")
+                || stem.starts_with("text_encoder_2."))
+                && !sd.is_sdxl()
+            {
+                " (an SDXL LoRA? this model is Stable Diffusion 1.x / 2.x)"
             } else if !is_kohya && !stem.starts_with("unet.") && !stem.starts_with("text_encoder.")
             {
                 " (peft/diffusers keys start with `unet.` or `text_encoder.`, kohya keys with `lora_unet_` or `lora_te_`)"
@@ -974,23 +1010,33 @@ fn merge_deltas(sd: &mut StableDiffusion, deltas: Vec<(Component, String, Tensor
     let te_root = sd.text_encoder.key_prefix();
     let mut unet_t = None;
     let mut te_t = None;
+    let mut te2_t = None;
+    let text_key = |root: &str, module: &str| {
+        let rel = module.strip_prefix("text_model.").unwrap_or(module);
+        if root.is_empty() {
+            format!("{rel}.weight")
+        } else {
+            format!("{root}.{rel}.weight")
+        }
+    };
     for (c, module, delta) in deltas {
-        let (map, key) = match c {
-            Component::Unet => (
+        let (map, key) = match (c, &sd.text_encoder_2) {
+            (Component::Unet, _) => (
                 unet_t.get_or_insert_with(|| sd.unet_vb.tensors()),
                 format!("{module}.weight"),
             ),
-            Component::TextEncoder => {
-                let rel = module.strip_prefix("text_model.").unwrap_or(&module);
-                let key = if te_root.is_empty() {
-                    format!("{rel}.weight")
-                } else {
-                    format!("{te_root}.{rel}.weight")
-                };
-                (
-                    te_t.get_or_insert_with(|| sd.text_encoder_vb.tensors()),
-                    key,
-                )
+            (Component::TextEncoder, _) => (
+                te_t.get_or_insert_with(|| sd.text_encoder_vb.tensors()),
+                text_key(te_root, &module),
+            ),
+            (Component::TextEncoder2, Some(te2)) => (
+                te2_t.get_or_insert_with(|| te2.vb.tensors()),
+                text_key(te2.model.key_prefix(), &module),
+            ),
+            (Component::TextEncoder2, None) => {
+                return Err(Error::msg(
+                    "merging a LoRA: adapters for a second text encoder, which the model lacks",
+                ));
             }
         };
         let w = map.get(&key).ok_or_else(|| {
@@ -1013,6 +1059,12 @@ fn merge_deltas(sd: &mut StableDiffusion, deltas: Vec<(Component, String, Tensor
         vb.finish()?;
         sd.text_encoder = te;
         sd.text_encoder_vb = vb;
+    }
+    if let (Some(t), Some(te2)) = (te2_t, sd.text_encoder_2.as_mut()) {
+        let vb = Vb::from_tensors(&sd.source, t.into_iter().collect(), &device, false);
+        te2.model = ClipTextModel::new_with_projection(&vb, te2.model.config())?;
+        vb.finish()?;
+        te2.vb = vb;
     }
     Ok(())
 }
@@ -1073,11 +1125,24 @@ pub fn export_peft(sd: &StableDiffusion, path: &Path) -> Result<PathBuf> {
     write(&tensors, path, meta)
 }
 
-/// `sd_v1` / `sd_v2`, kohya's `ss_base_model_version`.
+/// `sd_v1` / `sd_v2` / `sdxl_base_v1-0`, kohya's `ss_base_model_version`.
 pub fn base_model_version(sd: &StableDiffusion) -> &'static str {
+    if sd.is_sdxl() {
+        return "sdxl_base_v1-0";
+    }
     match Family::from_text_config(sd.text_encoder.config()) {
-        Family::Sd1 => "sd_v1",
         Family::Sd2 => "sd_v2",
+        Family::Sd1 | Family::Sdxl => "sd_v1",
+    }
+}
+
+/// kohya's prefix for a text encoder's layers: `lora_te`, or sd-scripts'
+/// `lora_te1` / `lora_te2` for SDXL's two.
+fn kohya_text_prefix(sd: &StableDiffusion, c: Component) -> &'static str {
+    match c {
+        Component::TextEncoder2 => "lora_te2",
+        _ if sd.is_sdxl() => "lora_te1",
+        _ => "lora_te",
     }
 }
 
@@ -1089,7 +1154,9 @@ pub fn kohya_name(
     names: KohyaNames,
 ) -> Result<String> {
     Ok(match (c, names) {
-        (Component::TextEncoder, _) => format!("lora_te_{}", module.replace('.', "_")),
+        (Component::TextEncoder | Component::TextEncoder2, _) => {
+            format!("{}_{}", kohya_text_prefix(sd, c), module.replace('.', "_"))
+        }
         (Component::Unet, KohyaNames::Diffusers) => {
             format!("lora_unet_{}", module.replace('.', "_"))
         }

@@ -19,4 +19,4 @@ pub mod vae;
 
 pub use config::UNetConfig;
 pub use sd::{LoadOptions, ModelFormat, StableDiffusion};
-pub use unet::UNet2DConditionModel;
+pub use unet::{AddedCond, UNet2DConditionModel, UNetCond};

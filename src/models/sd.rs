@@ -1,9 +1,10 @@
 //! A whole Stable Diffusion model: tokenizer, text encoder, UNet, VAE and the
 //! noise schedule, loaded from a diffusers folder or a single-file checkpoint.
+//! SDXL adds a second tokenizer and text encoder ([`SecondTextEncoder`]).
 //!
 //! ```ignore
 //! let sd = StableDiffusion::load(Path::new("models/sd15"), &Device::Cpu, LoadOptions::default())?;
-//! let (context, warnings) = sd.encode_prompt(&["a photo of sks dog".into()], 0)?;
+//! let (embeds, warnings) = sd.encode_prompt(&["a photo of sks dog".into()], 0)?;
 //! ```
 
 use std::io::{Read, Seek, SeekFrom};
@@ -15,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::clip_text::{ClipTextConfig, ClipTextModel};
 use super::config::UNetConfig;
 use super::load::weights_file;
-use super::unet::UNet2DConditionModel;
+use super::unet::{AddedCond, UNet2DConditionModel};
 use super::vae::{AutoencoderKL, VaeConfig};
 use crate::diffusion::{PredictionType, SchedulerConfig};
 use crate::nn::Vb;
@@ -24,6 +25,69 @@ use crate::{Error, Result};
 
 /// The component folders of a diffusers Stable Diffusion folder.
 pub const COMPONENTS: [&str; 5] = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+/// The folders an SDXL folder has besides [`COMPONENTS`].
+pub const SDXL_COMPONENTS: [&str; 2] = ["text_encoder_2", "tokenizer_2"];
+
+/// SDXL's second tokenizer and text encoder (OpenCLIP ViT-bigG as
+/// transformers' `CLIPTextModelWithProjection`); trainable (its `vb` holds
+/// `Var`s) with [`LoadOptions::train_text_encoder`].
+#[derive(Clone)]
+pub struct SecondTextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextModel,
+    pub vb: Vb,
+}
+
+/// A prompt batch's text conditioning: the UNet's cross-attention context
+/// and, for SDXL, the pooled text embeddings of the second encoder.
+#[derive(Clone, Debug)]
+pub struct PromptEmbeds {
+    /// (B, 77, cross_attention_dim).
+    pub context: Tensor,
+    /// SDXL: (B, projection_dim).
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptEmbeds {
+    /// Zeros of the same shapes (SDXL's `force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(Self {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+        })
+    }
+
+    /// The rows of `parts` one after another.
+    pub fn cat(parts: &[&PromptEmbeds]) -> Result<Self> {
+        let c: Vec<&Tensor> = parts.iter().map(|p| &p.context).collect();
+        let pooled = parts
+            .iter()
+            .map(|p| p.pooled.as_ref())
+            .collect::<Option<Vec<&Tensor>>>()
+            .map(|v| Tensor::cat(&v, 0))
+            .transpose()?;
+        Ok(Self {
+            context: Tensor::cat(&c, 0)?,
+            pooled,
+        })
+    }
+
+    /// Each row repeated `n` times in a block.
+    pub fn repeat(&self, n: usize) -> Result<Self> {
+        Ok(Self {
+            context: self.context.repeat((n, 1, 1))?,
+            pooled: self.pooled.as_ref().map(|p| p.repeat((n, 1))).transpose()?,
+        })
+    }
+
+    /// Cut from the graph.
+    pub fn detach(&self) -> Self {
+        Self {
+            context: self.context.detach(),
+            pooled: self.pooled.as_ref().map(|p| p.detach()),
+        }
+    }
+}
 
 /// Which networks get trainable parameters (their [`Vb`] holds `Var`s).
 #[derive(Debug, Clone, Copy, Default)]
@@ -61,6 +125,11 @@ pub struct StableDiffusion {
     /// The text encoder's parameters (`Var`s when [`LoadOptions::train_text_encoder`]).
     pub text_encoder_vb: Vb,
     pub vae_vb: Vb,
+    /// SDXL's second tokenizer and text encoder; `None` for SD 1.x / 2.x.
+    pub text_encoder_2: Option<SecondTextEncoder>,
+    /// SDXL: an empty negative prompt conditions on zeros, not on the
+    /// encoded empty string (`model_index.json`, default true as in diffusers).
+    pub force_zeros_for_empty_prompt: bool,
     pub device: Device,
     /// The weights files, with the component each holds (for [`Self::model_hash`]).
     weight_files: Vec<(&'static str, PathBuf)>,
@@ -103,16 +172,20 @@ impl StableDiffusion {
             ));
         }
         let index: serde_json::Value = crate::util::read_json(&index_path)?;
-        check_model_index(&index, &index_path)?;
-        for c in COMPONENTS {
+        let sdxl = check_model_index(&index, &index_path)?;
+        let extra: &[&str] = if sdxl { &SDXL_COMPONENTS } else { &[] };
+        for c in COMPONENTS.iter().chain(extra) {
             if !dir.join(c).is_dir() {
                 return Err(Error::config(
                     dir,
                     format!(
                         "the `{c}/` folder is missing (a Stable Diffusion folder has {})",
                         {
-                            let names: Vec<String> =
-                                COMPONENTS.iter().map(|c| format!("{c}/")).collect();
+                            let names: Vec<String> = COMPONENTS
+                                .iter()
+                                .chain(extra)
+                                .map(|c| format!("{c}/"))
+                                .collect();
                             names.join(" ")
                         }
                     ),
@@ -144,6 +217,36 @@ impl StableDiffusion {
         let vae = AutoencoderKL::new(&vae_vb, &vae_cfg)?;
         vae_vb.finish()?;
 
+        let mut weight_files = vec![
+            ("unet", unet_file),
+            ("text_encoder", te_file),
+            ("vae", vae_file),
+        ];
+        let text_encoder_2 = if sdxl {
+            let dir2 = dir.join("text_encoder_2");
+            let file2 = weights_file(&dir2)?;
+            let cfg2 = ClipTextConfig::from_file(&dir2.join("config.json"))?;
+            // SDXL's second text encoder is a CLIPTextModelWithProjection.
+            let (model2, vb2) = ClipTextModel::load_with_projection(
+                &file2,
+                &cfg2,
+                device,
+                opts.train_text_encoder,
+            )?;
+            weight_files.push(("text_encoder_2", file2));
+            Some(SecondTextEncoder {
+                tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer_2"))?,
+                model: model2,
+                vb: vb2,
+            })
+        } else {
+            None
+        };
+        let force_zeros_for_empty_prompt = index
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+
         let model = Self {
             tokenizer,
             text_encoder,
@@ -155,12 +258,10 @@ impl StableDiffusion {
             unet_vb,
             text_encoder_vb,
             vae_vb,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             device: device.clone(),
-            weight_files: vec![
-                ("unet", unet_file),
-                ("text_encoder", te_file),
-                ("vae", vae_file),
-            ],
+            weight_files,
         };
         model.check_compatible()?;
         Ok(model)
@@ -174,6 +275,10 @@ impl StableDiffusion {
         };
         let c = super::single_file::load_components(path, device, &sf_opts)?;
         let tokenizer = c.tokenizer(&clip_bpe_file()?)?;
+        let tokenizer_2 = match c.text_encoder_2 {
+            Some(_) => Some(c.tokenizer_2(&clip_bpe_file()?)?),
+            None => None,
+        };
         let from = |tensors: std::collections::HashMap<String, Tensor>, trainable: bool| {
             Vb::from_tensors(path, tensors, device, trainable)
         };
@@ -194,6 +299,20 @@ impl StableDiffusion {
         let vae = AutoencoderKL::new(&vae_vb, &c.vae_config)?;
         vae_vb.finish()?;
 
+        let text_encoder_2 = match (c.text_encoder_2, tokenizer_2) {
+            (Some((cfg, tensors)), Some(tokenizer)) => {
+                let vb = from(tensors, opts.train_text_encoder);
+                let model = ClipTextModel::new_with_projection(&vb, &cfg)?;
+                vb.finish()?;
+                Some(SecondTextEncoder {
+                    tokenizer,
+                    model,
+                    vb,
+                })
+            }
+            _ => None,
+        };
+
         let model = Self {
             tokenizer,
             text_encoder,
@@ -205,6 +324,8 @@ impl StableDiffusion {
             unet_vb,
             text_encoder_vb,
             vae_vb,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: true,
             device: device.clone(),
             weight_files: vec![("checkpoint", path.to_path_buf())],
         };
@@ -254,6 +375,8 @@ impl StableDiffusion {
             unet_vb,
             text_encoder_vb,
             vae_vb,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: true,
             device: device.clone(),
             weight_files: Vec::new(),
         };
@@ -265,25 +388,61 @@ impl StableDiffusion {
     fn check_compatible(&self) -> Result<()> {
         let u = &self.unet.config;
         let te = self.text_encoder.config();
-        if u.cross_attention_dim != te.hidden_size {
-            return Err(Error::config(
-                &self.source,
-                format!(
-                    "the UNet's cross_attention_dim ({}) differs from the text encoder's hidden_size ({})",
-                    u.cross_attention_dim, te.hidden_size
-                ),
-            ));
+        match (&self.text_encoder_2, u.text_time_dims()) {
+            (None, None) => {
+                if u.cross_attention_dim != te.hidden_size {
+                    return Err(Error::config(
+                        &self.source,
+                        format!(
+                            "the UNet's cross_attention_dim ({}) differs from the text encoder's hidden_size ({})",
+                            u.cross_attention_dim, te.hidden_size
+                        ),
+                    ));
+                }
+            }
+            (Some(te2), Some((time_dim, in_dim))) => {
+                let c2 = te2.model.config();
+                let want = te.hidden_size + c2.hidden_size;
+                if u.cross_attention_dim != want {
+                    return Err(Error::config(
+                        &self.source,
+                        format!(
+                            "the UNet's cross_attention_dim ({}) differs from the two text encoders' \
+                             hidden sizes together ({} + {} = {want})",
+                            u.cross_attention_dim, te.hidden_size, c2.hidden_size
+                        ),
+                    ));
+                }
+                let want = c2.projection_dim + 6 * time_dim;
+                if in_dim != want {
+                    return Err(Error::config(
+                        &self.source,
+                        format!(
+                            "the UNet's projection_class_embeddings_input_dim ({in_dim}) differs from \
+                             text_encoder_2's projection_dim + 6 × addition_time_embed_dim \
+                             ({} + 6 × {time_dim} = {want})",
+                            c2.projection_dim
+                        ),
+                    ));
+                }
+                self.check_vocab("tokenizer_2", &te2.tokenizer, "text_encoder_2", c2)?;
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    &self.source,
+                    "the UNet is SDXL's (addition_embed_type `text_time`) but there is no \
+                     text_encoder_2",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(Error::config(
+                    &self.source,
+                    "the model has a text_encoder_2 but its UNet takes no pooled text \
+                     embeddings (addition_embed_type is not `text_time`)",
+                ));
+            }
         }
-        let (nt, nv) = (self.tokenizer.vocab_size(), te.vocab_size);
-        if nt > nv {
-            return Err(Error::config(
-                &self.source,
-                format!(
-                    "the tokenizer has {nt} tokens but the text encoder's vocabulary has {nv}; \
-                     they do not belong together"
-                ),
-            ));
-        }
+        self.check_vocab("the tokenizer", &self.tokenizer, "the text encoder", te)?;
         let lc = self.vae.config().latent_channels;
         if u.in_channels != lc || u.out_channels != lc {
             return Err(Error::config(
@@ -291,6 +450,27 @@ impl StableDiffusion {
                 format!(
                     "the UNet has {} input / {} output channels but the VAE's latents have {lc}",
                     u.in_channels, u.out_channels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A tokenizer must not hand out ids beyond its text encoder's vocabulary.
+    fn check_vocab(
+        &self,
+        tokenizer_name: &str,
+        tokenizer: &ClipTokenizer,
+        encoder_name: &str,
+        cfg: &ClipTextConfig,
+    ) -> Result<()> {
+        let (nt, nv) = (tokenizer.vocab_size(), cfg.vocab_size);
+        if nt > nv {
+            return Err(Error::config(
+                &self.source,
+                format!(
+                    "{tokenizer_name} has {nt} tokens but {encoder_name}'s vocabulary has {nv}; \
+                     they do not belong together"
                 ),
             ));
         }
@@ -347,6 +527,8 @@ impl StableDiffusion {
             unet_vb,
             text_encoder_vb: self.text_encoder_vb.clone(),
             vae_vb: self.vae_vb.clone(),
+            text_encoder_2: self.text_encoder_2.clone(),
+            force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
             device: self.device.clone(),
             weight_files: self.weight_files.clone(),
         }))
@@ -384,9 +566,7 @@ impl StableDiffusion {
     /// Tokens a prompt is cut to: the tokenizer's `model_max_length` (77), at
     /// most the text encoder's positions.
     pub fn max_tokens(&self) -> usize {
-        self.tokenizer
-            .model_max_length()
-            .min(self.text_encoder.config().max_position_embeddings)
+        max_tokens(&self.tokenizer, self.text_encoder.config())
     }
 
     /// A short name for the model: the folder's or file's name.
@@ -408,36 +588,70 @@ impl StableDiffusion {
     /// diffusers' pipelines do, and a warning per prompt that was cut, naming
     /// the words dropped.
     pub fn tokenize(&self, prompts: &[String]) -> Result<(Tensor, Vec<String>)> {
-        let max_len = self.max_tokens();
-        let mut ids = Vec::with_capacity(prompts.len() * max_len);
-        let mut warnings = Vec::new();
-        for p in prompts {
-            let (t, cut) = self.tokenizer.encode_padded(p, max_len);
-            if let Some(cut) = cut {
-                warnings.push(format!(
-                    "prompt truncated to {max_len} tokens (CLIP's limit); dropped: \"{cut}\""
-                ));
-            }
-            ids.extend(t);
-        }
-        let ids = Tensor::from_vec(ids, (prompts.len(), max_len), &self.device)?;
-        Ok((ids, warnings))
+        tokenize_with(
+            &self.tokenizer,
+            self.text_encoder.config(),
+            prompts,
+            &self.device,
+        )
     }
 
-    /// Text context (B, 77, hidden) of `prompts` for the UNet's cross-attention;
-    /// `clip_skip` as diffusers' (0 = last layer, 1 = penultimate). Returns the
-    /// truncation warnings of [`Self::tokenize`].
+    /// Text conditioning of `prompts`: the context (B, 77, hidden) for the
+    /// UNet's cross-attention, `clip_skip` as diffusers' (0 = last layer, 1 =
+    /// penultimate); for SDXL both encoders' states concatenated (each taken
+    /// one layer earlier, as `StableDiffusionXLPipeline`) and the pooled
+    /// embeddings. Returns the truncation warnings of [`Self::tokenize`].
     pub fn encode_prompt(
         &self,
         prompts: &[String],
         clip_skip: usize,
-    ) -> Result<(Tensor, Vec<String>)> {
+    ) -> Result<(PromptEmbeds, Vec<String>)> {
         if prompts.is_empty() {
             return Err(Error::msg("encode_prompt: no prompts given"));
         }
         let (ids, warnings) = self.tokenize(prompts)?;
-        let context = self.text_encoder.forward_with_skip(&ids, clip_skip)?;
-        Ok((context, warnings))
+        let ids2 = self.tokenize_2(prompts)?;
+        let te2 = self.text_encoder_2.as_ref().map(|t| &t.model);
+        let embeds = encode_ids(&self.text_encoder, te2, &ids, ids2.as_ref(), clip_skip)?;
+        Ok((embeds, warnings))
+    }
+
+    /// SDXL: the token ids of `prompts` for the second text encoder; `None`
+    /// for SD 1.x / 2.x.
+    pub fn tokenize_2(&self, prompts: &[String]) -> Result<Option<Tensor>> {
+        self.text_encoder_2
+            .as_ref()
+            .map(|te2| {
+                tokenize_with(&te2.tokenizer, te2.model.config(), prompts, &self.device)
+                    .map(|(ids, _)| ids)
+            })
+            .transpose()
+    }
+
+    /// Whether this is an SDXL model (two text encoders, micro-conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
+    /// SDXL's extra UNet conditioning for images of `height` × `width`
+    /// generated or trained as they are (original size = target size, no
+    /// crop: the pipeline's defaults); `None` for SD 1.x / 2.x.
+    pub fn added_cond(
+        &self,
+        embeds: &PromptEmbeds,
+        height: usize,
+        width: usize,
+    ) -> Result<Option<AddedCond>> {
+        match (&self.text_encoder_2, &embeds.pooled) {
+            (None, _) => Ok(None),
+            (Some(_), Some(p)) => {
+                let (h, w) = (height as f32, width as f32);
+                Ok(Some(AddedCond::new(p, [h, w, 0.0, 0.0, h, w])?))
+            }
+            (Some(_), None) => Err(Error::msg(
+                "SDXL conditioning needs the second text encoder's pooled embeddings",
+            )),
+        }
     }
 
     /// A short stable fingerprint of the weights (16 hex digits): SHA-256 over
@@ -510,18 +724,98 @@ fn scheduler_config_file(dir: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Rejects pipelines this crate does not run (SDXL's second text encoder, ...).
-fn check_model_index(index: &serde_json::Value, path: &Path) -> Result<()> {
+/// The text conditioning of token ids through the given text encoders (the
+/// model's, or copies with checkpointing / mixed precision being trained):
+/// SD 1.x / 2.x, `te` alone with `clip_skip`; SDXL, both encoders' states
+/// `clip_skip + 1` layers before the last side by side and the second's
+/// pooled projection.
+pub fn encode_ids(
+    te: &ClipTextModel,
+    te2: Option<&ClipTextModel>,
+    ids: &Tensor,
+    ids2: Option<&Tensor>,
+    clip_skip: usize,
+) -> Result<PromptEmbeds> {
+    match (te2, ids2) {
+        (None, _) => Ok(PromptEmbeds {
+            context: te.forward_with_skip(ids, clip_skip)?,
+            pooled: None,
+        }),
+        (Some(te2), Some(ids2)) => {
+            let (h1, _) = te.forward_sdxl(ids, clip_skip)?;
+            let (h2, pooled) = te2.forward_sdxl(ids2, clip_skip)?;
+            let h2 = crate::nn::precision::like(&h2, &h1)?;
+            Ok(PromptEmbeds {
+                context: Tensor::cat(&[&h1, &h2], 2)?,
+                pooled,
+            })
+        }
+        (Some(_), None) => Err(Error::msg(
+            "SDXL text encoding needs the second tokenizer's ids",
+        )),
+    }
+}
+
+/// Tokens a prompt is cut to: the tokenizer's `model_max_length`, at most
+/// the text encoder's positions.
+fn max_tokens(tokenizer: &ClipTokenizer, cfg: &ClipTextConfig) -> usize {
+    tokenizer
+        .model_max_length()
+        .min(cfg.max_position_embeddings)
+}
+
+/// Token ids (B, max tokens) u32 of `prompts` for one tokenizer / text
+/// encoder pair, padded or truncated as diffusers' pipelines do, and a warning
+/// per prompt that was cut, naming the words dropped.
+fn tokenize_with(
+    tokenizer: &ClipTokenizer,
+    cfg: &ClipTextConfig,
+    prompts: &[String],
+    device: &Device,
+) -> Result<(Tensor, Vec<String>)> {
+    let max_len = max_tokens(tokenizer, cfg);
+    let mut ids = Vec::with_capacity(prompts.len() * max_len);
+    let mut warnings = Vec::new();
+    for p in prompts {
+        let (t, cut) = tokenizer.encode_padded(p, max_len);
+        if let Some(cut) = cut {
+            warnings.push(format!(
+                "prompt truncated to {max_len} tokens (CLIP's limit); dropped: \"{cut}\""
+            ));
+        }
+        ids.extend(t);
+    }
+    let ids = Tensor::from_vec(ids, (prompts.len(), max_len), device)?;
+    Ok((ids, warnings))
+}
+
+/// Rejects pipelines this crate does not run (SDXL's refiner, ...); true for
+/// an SDXL base pipeline (two text encoders).
+fn check_model_index(index: &serde_json::Value, path: &Path) -> Result<bool> {
     let class = index
         .get("_class_name")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    if index.get("text_encoder_2").is_some() || class.contains("XL") {
+    let has = |k: &str| {
+        index
+            .get(k)
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.first().is_some_and(|x| !x.is_null()))
+    };
+    let sdxl = has("text_encoder_2") || class.contains("XL");
+    if sdxl && !has("text_encoder") {
         return Err(Error::config(
             path,
             format!(
-                "`{class}` (Stable Diffusion XL) is not supported; use a Stable Diffusion 1.x or 2.x model"
+                "`{class}` has no first text encoder (the SDXL refiner?); only SDXL base \
+                 pipelines (text_encoder and text_encoder_2) are supported"
             ),
+        ));
+    }
+    if sdxl && !has("text_encoder_2") {
+        return Err(Error::config(
+            path,
+            format!("`{class}` names no text_encoder_2 (an SDXL pipeline has two text encoders)"),
         ));
     }
     if let Some(unet) = index.get("unet").and_then(|v| v.as_array())
@@ -533,7 +827,7 @@ fn check_model_index(index: &serde_json::Value, path: &Path) -> Result<()> {
             format!("unet is a `{name}`; only UNet2DConditionModel is supported"),
         ));
     }
-    Ok(())
+    Ok(sdxl)
 }
 
 /// Where the bundled tiny model lives, relative to the crate.

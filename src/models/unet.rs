@@ -1,5 +1,7 @@
-//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x and 2.x:
-//! ε̂ (or v̂) = UNet(noisy latents, per-sample timesteps, text context).
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x, 2.x and XL:
+//! ε̂ (or v̂) = UNet(noisy latents, per-sample timesteps, text context), and for
+//! SDXL also the pooled text embeddings and six size / crop numbers
+//! ([`AddedCond`], diffusers' `added_cond_kwargs`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,11 +34,71 @@ impl TimestepEmbedding {
     }
 }
 
+/// SDXL's extra conditioning (diffusers' `added_cond_kwargs`).
+#[derive(Clone, Debug)]
+pub struct AddedCond {
+    /// (B, projection_dim): the second text encoder's pooled, projected output.
+    pub text_embeds: Tensor,
+    /// (B, 6): original height, width, crop top, crop left, target height, width.
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    /// The same `time_ids` (original size, crop top-left, target size) for
+    /// every row of `text_embeds`.
+    pub fn new(text_embeds: &Tensor, time_ids: [f32; 6]) -> Result<Self> {
+        let b = text_embeds.dim(0)?;
+        let ids = Tensor::from_slice(&time_ids, (1, 6), text_embeds.device())?.repeat((b, 1))?;
+        Ok(Self {
+            text_embeds: text_embeds.clone(),
+            time_ids: ids,
+        })
+    }
+}
+
+/// What a UNet call is conditioned on: the text context (B, L, D) and, for
+/// SDXL, the added conditioning.
+#[derive(Clone, Copy, Debug)]
+pub struct UNetCond<'a> {
+    pub context: &'a Tensor,
+    pub added: Option<&'a AddedCond>,
+}
+
+/// SDXL's `add_time_proj` + `add_embedding`: each time id's sinusoidal
+/// embedding, concatenated after the pooled text embeds, through an MLP.
+#[derive(Clone, Debug)]
+pub struct TextTimeEmbedding {
+    pub add_embedding: TimestepEmbedding,
+    pub time_dim: usize,
+}
+
+impl TextTimeEmbedding {
+    /// (B, time_embed_dim), added to the timestep embedding.
+    fn forward(&self, cfg: &UNetConfig, added: &AddedCond, like: &Tensor) -> Result<Tensor> {
+        let b = added.text_embeds.dim(0)?;
+        let ids = added.time_ids.flatten_all()?;
+        if ids.elem_count() != b * 6 {
+            return Err(crate::Error::msg(format!(
+                "SDXL time_ids have shape {:?}, expected ({b}, 6)",
+                added.time_ids.dims()
+            )));
+        }
+        let t = timestep_embedding(&ids, self.time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)?
+            .reshape((b, ()))?;
+        let text = added.text_embeds.to_dtype(t.dtype())?;
+        let x = Tensor::cat(&[&text, &t], 1)?;
+        self.add_embedding
+            .forward(&crate::nn::precision::like(&x, like)?)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub conv_in: Conv2d,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's micro-conditioning embedding (`addition_embed_type: "text_time"`).
+    pub add_embedding: Option<TextTimeEmbedding>,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<MidBlock>,
     pub up_blocks: Vec<UpBlock>,
@@ -73,6 +135,13 @@ impl UNet2DConditionModel {
             k_in / 2,
         )?;
         let time_embedding = TimestepEmbedding::new(&vb.pp("time_embedding"), boc[0], temb)?;
+        let add_embedding = match config.text_time_dims() {
+            Some((time_dim, in_dim)) => Some(TextTimeEmbedding {
+                add_embedding: TimestepEmbedding::new(&vb.pp("add_embedding"), in_dim, temb)?,
+                time_dim,
+            }),
+            None => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = boc[0];
@@ -140,6 +209,7 @@ impl UNet2DConditionModel {
             config: config.clone(),
             conv_in,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -188,6 +258,18 @@ impl UNet2DConditionModel {
     /// compute in `sample`'s dtype (f32, or bf16 / f16 for mixed precision:
     /// [`crate::nn::precision`]); the output has that dtype.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_added(sample, timesteps, context, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's extra conditioning, which an SDXL
+    /// UNet needs and any other refuses.
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let timesteps = if timesteps.elem_count() == 1 && b > 1 {
             timesteps.reshape(1)?.repeat(b)?
@@ -204,7 +286,25 @@ impl UNet2DConditionModel {
         // (diffusers: `t_emb.to(dtype=sample.dtype)`).
         let t_emb = crate::nn::precision::like(&t_emb, sample)?;
         let context = &crate::nn::precision::like(context, sample)?;
-        let emb = self.time_embedding.forward(&t_emb)?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        match (&self.add_embedding, added) {
+            (Some(a), Some(added)) => {
+                emb = (emb + a.forward(&self.config, added, sample)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(crate::Error::msg(
+                    "this UNet is SDXL's: it needs pooled text embeddings and time ids \
+                     (added_cond_kwargs) besides the text context",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(crate::Error::msg(
+                    "pooled text embeddings and time ids were given to a UNet without \
+                     addition_embed_type `text_time` (only SDXL's takes them)",
+                ));
+            }
+        }
         let ck = self.checkpointing.as_ref();
 
         let mut h = self.conv_in.forward(sample)?;

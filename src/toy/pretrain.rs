@@ -21,10 +21,10 @@ use super::vocab::build_vocab_files;
 use super::world::{self, RARE_TOKENS};
 use crate::diffusion::{NoiseSchedule, SchedulerConfig};
 use crate::dreambooth::loss::denoising_loss;
-use crate::models::UNet2DConditionModel;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::config::UNetConfig;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::models::{UNet2DConditionModel, UNetCond};
 use crate::nn::{Vb, read_safetensors, save_safetensors};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, LrScheduleKind, clip_factor, grad_norm};
 use crate::tokenizer::ClipTokenizer;
@@ -479,7 +479,10 @@ pub fn pretrain(opts: &PretrainOptions, log: Log) -> Result<()> {
             &unet,
             &schedule,
             &latents,
-            &context,
+            UNetCond {
+                context: &context,
+                added: None,
+            },
             &timesteps,
             &noise,
             crate::nn::Precision::F32,

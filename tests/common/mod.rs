@@ -88,3 +88,48 @@ pub fn assert_identical(
         }
     }
 }
+
+/// Copies a folder tree (a fixture model to change in a test).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// Trains per `cfg` on the CPU, raising the stop flag after step `stop_at`:
+/// the model, the outcome, every step's info and the lines the trainer logged.
+pub fn train_until(
+    cfg: &dreambooth::dreambooth::config::TrainConfig,
+    stop_at: Option<u64>,
+) -> dreambooth::Result<(
+    dreambooth::models::StableDiffusion,
+    dreambooth::dreambooth::trainer::TrainOutcome,
+    Vec<dreambooth::dreambooth::trainer::StepInfo>,
+    Vec<String>,
+)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let mut steps = Vec::new();
+    let mut lines = Vec::new();
+    let mut log = |l: &str| lines.push(l.to_string());
+    let mut on_step = |s: &dreambooth::dreambooth::trainer::StepInfo| {
+        steps.push(s.clone());
+        if Some(s.step) == stop_at {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+    let mut ev = dreambooth::dreambooth::trainer::Events {
+        log: &mut log,
+        step: &mut on_step,
+        stop: &stop,
+    };
+    let (model, outcome) = dreambooth::dreambooth::trainer::train(cfg, &Device::Cpu, &mut ev)?;
+    Ok((model, outcome, steps, lines))
+}

@@ -50,10 +50,30 @@ SD15 = {
     "freq_shift": 0,
 }
 
+SDXL = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="toy", help="toy, sd15 or a diffusers UNet config.json")
+    ap.add_argument("--arch", default="toy", help="toy, sd15, sdxl or a diffusers UNet config.json")
     ap.add_argument("--res", type=int, default=None, help="pixels (latent = res/4 for toy, res/8 otherwise)")
     ap.add_argument("--latent", type=int, default=None, help="latent side (overrides --res)")
     ap.add_argument("--batch", type=int, default=1)
@@ -70,6 +90,8 @@ def main():
         cfg = TOY
     elif args.arch in ("sd15", "sd1.5"):
         cfg = SD15
+    elif args.arch == "sdxl":
+        cfg = SDXL
     else:
         with open(args.arch) as f:
             cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
@@ -91,6 +113,13 @@ def main():
     target = torch.randn(b, cfg["out_channels"], lat, lat)
     ctx = torch.randn(b, ctx_len, cfg["cross_attention_dim"])
     t = torch.randint(0, 1000, (b,)).float()
+    added = None
+    if cfg.get("addition_embed_type") == "text_time":
+        # SDXL: random pooled text embeds, the time ids of the square (as ours).
+        td = cfg["addition_time_embed_dim"]
+        r = float(args.res or lat * 8)
+        added = {"text_embeds": torch.randn(b, cfg["projection_class_embeddings_input_dim"] - 6 * td),
+                 "time_ids": torch.tensor([[r, r, 0.0, 0.0, r, r]] * b)}
     print(f"pytorch {torch.__version__}: {params / 1e6:.1f}M params, batch {b}, latent {lat}x{lat}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
@@ -98,7 +127,7 @@ def main():
     for i in range(args.warmup + args.steps):
         c0 = time.process_time()
         t0 = time.perf_counter()
-        pred = unet(x, t, encoder_hidden_states=ctx).sample
+        pred = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
         loss = torch.nn.functional.mse_loss(pred, target)
         loss.item()
         t1 = time.perf_counter()

@@ -48,6 +48,17 @@ def write_tokenizer(out_dir, pad_token):
     return tok
 
 
+def tiny_vae(**extra):
+    """The tiny pipelines' VAE (two levels: latents 1/2 of the image)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=16, **extra,
+    )
+
+
 def build(name, sd2):
     torch.manual_seed(0 if not sd2 else 1)
     out = os.path.join(FIX, name)
@@ -62,13 +73,7 @@ def build(name, sd2):
         use_linear_projection=sd2, upcast_attention=sd2,
         flip_sin_to_cos=True, freq_shift=0,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=16, scaling_factor=0.13025 if sd2 else 0.18215,
-    )
+    vae = tiny_vae(scaling_factor=0.13025 if sd2 else 0.18215)
     te = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,

@@ -6,7 +6,9 @@ Run with the pinned venv (tools/parity/requirements.txt) from the repository roo
     python tools/parity/single_file.py
 
 For tiny-sd1 and tiny-sd2 (tests/fixtures/tiny-sd*/, from make_tiny_models.py) it
-writes tests/fixtures/tiny-sd1.safetensors and tests/fixtures/tiny-sd2.safetensors:
+writes tests/fixtures/tiny-sd1.safetensors and tests/fixtures/tiny-sd2.safetensors
+(`python tools/parity/single_file.py sdxl`: tests/fixtures/tiny-sdxl.safetensors
+from tiny-sdxl, tools/parity/sdxl.py, in the SDXL layout below):
 the pipeline's weights renamed to the layout of an original Stable Diffusion
 checkpoint by the mapping below, written independently of the Rust one:
 
@@ -20,6 +22,15 @@ checkpoint by the mapping below, written independently of the Rust one:
                                SD2 files hold all 24 OpenCLIP layers and SD2 uses 23),
                                `text_projection` and `logit_scale`, which SD does not use
   betas, alphas_cumprod        DDPM buffers real files carry at the top level
+
+SDXL (Stability's `sgm` layout, as sd_xl_base_1.0.safetensors):
+
+  model.diffusion_model.*      UNet, with label_emb.0.0 / label_emb.0.2 (add_embedding)
+  first_stage_model.*          VAE
+  conditioner.embedders.0.transformer.text_model.*   CLIP ViT-L (text_encoder)
+  conditioner.embedders.1.model.*   OpenCLIP ViT-bigG (text_encoder_2): every layer is
+                               used, text_projection is the projection (transposed) and
+                               logit_scale is unused
 
 Metadata: `dreambooth.unet_config`, `dreambooth.vae_config`,
 `dreambooth.text_encoder_config`, `dreambooth.scheduler_config` hold the tiny
@@ -93,6 +104,8 @@ def unet_to_ldm(sd, cfg):
     n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
     r.module("time_embedding.linear_1", "time_embed.0")
     r.module("time_embedding.linear_2", "time_embed.2")
+    r.module("add_embedding.linear_1", "label_emb.0.0")
+    r.module("add_embedding.linear_2", "label_emb.0.2")
     r.module("conv_in", "input_blocks.0.0")
     block = 1
     for i in range(n):
@@ -145,15 +158,19 @@ def vae_to_ldm(sd, cfg):
     return r.done()
 
 
-def clip_to_ldm(sd, cfg):
-    out = {CLIP + k.removeprefix("text_model."): v for k, v in sd.items()}
-    out[CLIP + "embeddings.position_ids"] = torch.arange(cfg["max_position_embeddings"]).unsqueeze(0)
+def clip_to_ldm(sd, cfg, prefix=CLIP):
+    out = {prefix + k.removeprefix("text_model."): v for k, v in sd.items()}
+    out[prefix + "embeddings.position_ids"] = torch.arange(cfg["max_position_embeddings"]).unsqueeze(0)
     return out
 
 
-def openclip_to_ldm(sd, cfg, gen):
+def openclip_to_ldm(sd, cfg, gen, prefix=OPENCLIP, sdxl=False):
+    """SD 2.x: one more (unused, random) resblock and a random projection. SDXL: the
+    encoder's own layers and its projection (OpenCLIP stores x @ P, transformers P x)."""
+    OPENCLIP = prefix  # noqa: N806
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+    projection = sd.pop("text_projection.weight", None)
     out = {
         OPENCLIP + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
         OPENCLIP + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
@@ -170,6 +187,10 @@ def openclip_to_ldm(sd, cfg, gen):
             for a, b in parts.items():
                 out[f"{dst}{b}.{leaf}"] = sd.pop(f"{src}{a}.{leaf}")
     assert not sd, f"unmapped text encoder keys: {sorted(sd)[:5]}"
+    if sdxl:
+        out[OPENCLIP + "text_projection"] = projection.T.contiguous()
+        out[OPENCLIP + "logit_scale"] = torch.tensor(4.6052)
+        return out
     # The OpenCLIP layer SD2 skips: same shapes as the others, random values.
     for k in [k for k in out if k.startswith(f"{OPENCLIP}transformer.resblocks.{n - 1}.")]:
         extra = k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}.")
@@ -203,18 +224,64 @@ def check_with_diffusers(ckpt, unet, vae, text, cfgs, sd2):
     assert_same("text encoder", got, want)
 
 
+SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP = "conditioner.embedders.1.model."
+
+
+def read_pipeline(base, text_encoders):
+    """The configs and the UNet, VAE and text encoders' weights of a diffusers folder."""
+    cfgs = {}
+    parts = [("unet", "unet/config.json"), ("vae", "vae/config.json")]
+    parts += [(t, f"{t}/config.json") for t in text_encoders]
+    for part, cfg_file in parts + [("scheduler", "scheduler/scheduler_config.json")]:
+        with open(os.path.join(base, cfg_file)) as f:
+            cfgs[part] = json.load(f)
+    weights = [load_file(os.path.join(base, p, "diffusion_pytorch_model.safetensors")) for p in ("unet", "vae")]
+    weights += [load_file(os.path.join(base, t, "model.safetensors")) for t in text_encoders]
+    return cfgs, weights
+
+
+def sdxl():
+    base = os.path.join(FIX, "tiny-sdxl")
+    cfgs, (unet, vae, text, text2) = read_pipeline(base, ["text_encoder", "text_encoder_2"])
+    gen = torch.Generator().manual_seed(310)
+    ckpt = {}
+    ckpt.update(unet_to_ldm(unet, cfgs["unet"]))
+    ckpt.update(vae_to_ldm(vae, cfgs["vae"]))
+    ckpt.update(clip_to_ldm(text, cfgs["text_encoder"], SDXL_CLIP))
+    ckpt.update(openclip_to_ldm(text2, cfgs["text_encoder_2"], gen, SDXL_OPENCLIP, sdxl=True))
+
+    # diffusers' converters must invert the mapping.
+    assert_same("unet", sfu.convert_ldm_unet_checkpoint(ckpt, cfgs["unet"]), unet)
+    assert_same("vae", sfu.convert_ldm_vae_checkpoint(ckpt, cfgs["vae"]), vae)
+    got = {k.removeprefix("text_model."): v
+           for k, v in sfu.convert_ldm_clip_checkpoint(ckpt, remove_prefix="conditioner.embedders.0.transformer.").items()
+           if not k.endswith("position_ids")}
+    assert_same("text encoder", got, {k.removeprefix("text_model."): v for k, v in text.items()})
+    model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=cfgs["text_encoder_2"]["hidden_size"]))
+    got = sfu.convert_open_clip_checkpoint(model, ckpt, prefix=SDXL_OPENCLIP)
+    got = {k.removeprefix("text_model."): v for k, v in got.items()}
+    assert_same("text encoder 2", got, {k.removeprefix("text_model."): v for k, v in text2.items()})
+
+    metadata = {"format": "pt"}
+    for part, cfg in cfgs.items():
+        metadata[f"dreambooth.{part}_config"] = json.dumps(cfg, sort_keys=True)
+    # The tiny vocabulary (both tokenizers share it), as files this tool writes carry it.
+    for key, name in [("vocab", "vocab.json"), ("merges", "merges.txt")]:
+        with open(os.path.join(base, "tokenizer", name), encoding="utf-8") as f:
+            metadata[f"dreambooth.tokenizer_{key}"] = f.read()
+    path = os.path.join(FIX, "tiny-sdxl.safetensors")
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, path, metadata=metadata)
+    print(path, len(ckpt), "tensors", os.path.getsize(path), "bytes")
+
+
 def main():
+    import sys
+    if sys.argv[1:] == ["sdxl"]:
+        return sdxl()
     for i, name in enumerate(["sd1", "sd2"]):
         base = os.path.join(FIX, f"tiny-{name}")
-        cfgs = {}
-        for part, cfg_file in [("unet", "unet/config.json"), ("vae", "vae/config.json"),
-                               ("text_encoder", "text_encoder/config.json"),
-                               ("scheduler", "scheduler/scheduler_config.json")]:
-            with open(os.path.join(base, cfg_file)) as f:
-                cfgs[part] = json.load(f)
-        unet = load_file(os.path.join(base, "unet", "diffusion_pytorch_model.safetensors"))
-        vae = load_file(os.path.join(base, "vae", "diffusion_pytorch_model.safetensors"))
-        text = load_file(os.path.join(base, "text_encoder", "model.safetensors"))
+        cfgs, (unet, vae, text) = read_pipeline(base, ["text_encoder"])
         gen = torch.Generator().manual_seed(300 + i)
 
         ckpt = {}

@@ -18,6 +18,8 @@ pub(crate) enum Transform {
     ConvToLinear,
     /// LDM stores q, k, v stacked on dim 0 in one tensor; this is part `i` of 3.
     Chunk(usize),
+    /// OpenCLIP's `text_projection` (x @ P) is the transpose of a linear weight.
+    Transpose,
 }
 
 /// One renamed sub-module (or leaf) below an [`Entry`].
@@ -138,6 +140,7 @@ pub(crate) fn to_diffusers_tensor(t: &Tensor, transform: Transform, key: &str) -
             [o, i, 1, 1] | [o, i, 1] => Ok(t.reshape((*o, *i))?),
             _ => Ok(t.clone()),
         },
+        Transform::Transpose => Ok(t.t()?.contiguous()?),
         Transform::Chunk(part) => {
             let n = t.dim(0)?;
             if !n.is_multiple_of(3) {
@@ -155,6 +158,7 @@ pub(crate) fn to_diffusers_tensor(t: &Tensor, transform: Transform, key: &str) -
 pub(crate) fn to_ldm_tensor(t: &Tensor, transform: Transform) -> Result<Tensor> {
     match (transform, t.dims()) {
         (Transform::ConvToLinear, [o, i]) => Ok(t.reshape((*o, *i, 1, 1))?),
+        (Transform::Transpose, [_, _]) => Ok(t.t()?.contiguous()?),
         _ => Ok(t.clone()),
     }
 }

@@ -10,6 +10,8 @@
 //! | VAE           | `first_stage_model.`                        | [`vae_keys`]       |
 //! | text (SD 1.x) | `cond_stage_model.transformer.text_model.`  | [`text_keys`]      |
 //! | text (SD 2.x) | `cond_stage_model.model.` (OpenCLIP)        | [`text_keys`]      |
+//! | text (SDXL)   | `conditioner.embedders.0.transformer.text_model.` | [`text_keys`] |
+//! | text 2 (SDXL) | `conditioner.embedders.1.model.` (OpenCLIP) | [`text_keys`]      |
 //!
 //! Top-level DDPM buffers (`betas`, `alphas_cumprod`, ...), EMA copies
 //! (`model_ema.*`), CLIP's `position_ids` and OpenCLIP's `text_projection` /
@@ -63,6 +65,10 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// SD 2.x text encoder (OpenCLIP).
 pub const OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (transformers' CLIP, as SD 1.x's).
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second text encoder (OpenCLIP ViT-bigG, with its projection).
+pub const SDXL_OPENCLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 pub const META_UNET_CONFIG: &str = "dreambooth.unet_config";
 pub const META_VAE_CONFIG: &str = "dreambooth.vae_config";
@@ -71,6 +77,7 @@ pub const META_VAE_CONFIG: &str = "dreambooth.vae_config";
 pub const META_TOKENIZER_VOCAB: &str = "dreambooth.tokenizer_vocab";
 pub const META_TOKENIZER_MERGES: &str = "dreambooth.tokenizer_merges";
 pub const META_TEXT_ENCODER_CONFIG: &str = "dreambooth.text_encoder_config";
+pub const META_TEXT_ENCODER_2_CONFIG: &str = "dreambooth.text_encoder_2_config";
 pub const META_SCHEDULER_CONFIG: &str = "dreambooth.scheduler_config";
 
 /// Buffers of LDM's `DDPM` wrapper (the noise schedule) stored at the top level.
@@ -90,26 +97,29 @@ const DDPM_BUFFERS: [&str; 13] = [
     "logvar",
 ];
 
-/// Stable Diffusion 1.x (CLIP ViT-L/14 text encoder) or 2.x (OpenCLIP ViT-H/14).
+/// Stable Diffusion 1.x (CLIP ViT-L/14 text encoder), 2.x (OpenCLIP
+/// ViT-H/14) or XL (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     Sd1,
     Sd2,
+    Sdxl,
 }
 
 impl Family {
-    /// The tokenizer's pad token: `<|endoftext|>` for SD 1.x, `!` for SD 2.x.
+    /// The (first) tokenizer's pad token: `<|endoftext|>` for SD 1.x and XL,
+    /// `!` for SD 2.x (and SDXL's second tokenizer).
     pub fn tokenizer_pad(self) -> &'static str {
         match self {
-            Family::Sd1 => "<|endoftext|>",
+            Family::Sd1 | Family::Sdxl => "<|endoftext|>",
             Family::Sd2 => "!",
         }
     }
 
-    /// `epsilon` for SD 1.x, `v_prediction` for SD 2.x (the 768-v model).
+    /// `epsilon` for SD 1.x and XL, `v_prediction` for SD 2.x (the 768-v model).
     pub fn default_prediction_type(self) -> PredictionType {
         match self {
-            Family::Sd1 => PredictionType::Epsilon,
+            Family::Sd1 | Family::Sdxl => PredictionType::Epsilon,
             Family::Sd2 => PredictionType::VPrediction,
         }
     }
@@ -128,12 +138,13 @@ impl Family {
         match self {
             Family::Sd1 => CLIP_PREFIX,
             Family::Sd2 => OPENCLIP_PREFIX,
+            Family::Sdxl => SDXL_CLIP_PREFIX,
         }
     }
 
     fn text_key_map(self, cfg: &ClipTextConfig) -> KeyMap {
         match self {
-            Family::Sd1 => text_keys::clip_key_map(cfg),
+            Family::Sd1 | Family::Sdxl => text_keys::clip_key_map(cfg),
             Family::Sd2 => text_keys::openclip_key_map(cfg),
         }
     }
@@ -141,7 +152,7 @@ impl Family {
     /// Where the text encoder's layers sit (below the family's prefix).
     fn text_layers(self) -> &'static str {
         match self {
-            Family::Sd1 => "text_model.encoder.layers",
+            Family::Sd1 | Family::Sdxl => "text_model.encoder.layers",
             Family::Sd2 => "transformer.resblocks",
         }
     }
@@ -161,6 +172,8 @@ pub struct SingleFileConfigs {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text_encoder: ClipTextConfig,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: Option<ClipTextConfig>,
     pub scheduler: SchedulerConfig,
     /// Every config came from the file's `dreambooth.*` metadata.
     pub from_metadata: bool,
@@ -178,6 +191,8 @@ pub struct SingleFileComponents {
     pub text_config: ClipTextConfig,
     /// Keys under `text_model.` (as transformers ≤ 4 and the Hub's SD repositories name them).
     pub text_encoder: HashMap<String, Tensor>,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection` keys) and its config.
+    pub text_encoder_2: Option<(ClipTextConfig, HashMap<String, Tensor>)>,
     pub scheduler: SchedulerConfig,
     /// The pad token of the pipeline's tokenizer ([`Family::tokenizer_pad`]).
     pub tokenizer_pad: String,
@@ -191,13 +206,24 @@ impl SingleFileComponents {
     /// The CLIP tokenizer of this family from OpenAI's / open_clip's
     /// `bpe_simple_vocab_16e6.txt.gz` (`assets/clip/`), padding with [`Self::tokenizer_pad`].
     pub fn tokenizer(&self, bpe_gz: &Path) -> Result<ClipTokenizer> {
-        let tok = match &self.tokenizer_files {
-            Some((vocab, merges)) => ClipTokenizer::from_vocab_merges_text(vocab, merges)?,
-            None => ClipTokenizer::from_bpe_gz(bpe_gz)?,
-        };
+        let tok = self.bpe_tokenizer(bpe_gz)?;
         match self.family {
-            Family::Sd1 => Ok(tok),
+            Family::Sd1 | Family::Sdxl => Ok(tok),
             Family::Sd2 => tok.with_pad_token(&self.tokenizer_pad),
+        }
+    }
+
+    /// SDXL's second tokenizer: CLIP's BPE padding with `!` (OpenCLIP's).
+    pub fn tokenizer_2(&self, bpe_gz: &Path) -> Result<ClipTokenizer> {
+        self.bpe_tokenizer(bpe_gz)?
+            .with_pad_token(Family::Sd2.tokenizer_pad())
+    }
+
+    /// The file's own vocabulary when it carries one, else CLIP's BPE.
+    fn bpe_tokenizer(&self, bpe_gz: &Path) -> Result<ClipTokenizer> {
+        match &self.tokenizer_files {
+            Some((vocab, merges)) => ClipTokenizer::from_vocab_merges_text(vocab, merges),
+            None => ClipTokenizer::from_bpe_gz(bpe_gz),
         }
     }
 }
@@ -210,6 +236,8 @@ pub struct SaveConfigs<'a> {
     pub unet: &'a UNetConfig,
     pub vae: &'a VaeConfig,
     pub text_encoder: &'a ClipTextConfig,
+    /// SDXL's second text encoder (family [`Family::Sdxl`]).
+    pub text_encoder_2: Option<&'a ClipTextConfig>,
     pub scheduler: &'a SchedulerConfig,
     /// The model's own tokenizer files (vocab.json, merges.txt) to embed, for
     /// vocabularies other than CLIP's standard one.
@@ -300,6 +328,8 @@ struct Scan<'a> {
     unet: Part<'a>,
     vae: Part<'a>,
     text: Part<'a>,
+    /// SDXL's second text encoder (OpenCLIP layout).
+    text2: Option<Part<'a>>,
     metadata: HashMap<String, String>,
 }
 
@@ -312,9 +342,19 @@ fn scan<'a>(
     let mut vae = Part::new(VAE_PREFIX, "VAE", path);
     let mut clip = Part::new(CLIP_PREFIX, "text encoder", path);
     let mut openclip = Part::new(OPENCLIP_PREFIX, "text encoder", path);
+    let mut xl_clip = Part::new(SDXL_CLIP_PREFIX, "text encoder", path);
+    let mut xl_openclip = Part::new(SDXL_OPENCLIP_PREFIX, "second text encoder", path);
     let mut unknown = Vec::new();
     for (key, shape) in tensors {
-        if let Some(rest) = key.strip_prefix(UNET_PREFIX) {
+        if let Some(rest) = key.strip_prefix(SDXL_CLIP_PREFIX) {
+            if rest != "text_model.embeddings.position_ids" {
+                xl_clip.insert(rest.to_string(), &key, shape);
+            }
+        } else if let Some(rest) = key.strip_prefix(SDXL_OPENCLIP_PREFIX) {
+            if rest != "logit_scale" {
+                xl_openclip.insert(rest.to_string(), &key, shape);
+            }
+        } else if let Some(rest) = key.strip_prefix(UNET_PREFIX) {
             unet.insert(rest.to_string(), &key, shape);
         } else if let Some(rest) = key.strip_prefix(VAE_PREFIX) {
             vae.insert(rest.to_string(), &key, shape);
@@ -338,7 +378,9 @@ fn scan<'a>(
     if !unknown.is_empty() {
         unknown.sort();
         let hint = if unknown[0].starts_with("conditioner.") {
-            " (an SDXL checkpoint? only Stable Diffusion 1.x and 2.x are supported)"
+            " (an SDXL checkpoint has `conditioner.embedders.0.transformer.*` and \
+             `conditioner.embedders.1.model.*`; other conditioners, as the refiner's, \
+             are not supported)"
         } else {
             ""
         };
@@ -346,15 +388,41 @@ fn scan<'a>(
             path,
             format!(
                 "{} tensor(s) outside a Stable Diffusion checkpoint's UNet (`{UNET_PREFIX}`), VAE \
-                 (`{VAE_PREFIX}`) and text encoder (`cond_stage_model.`), e.g. `{}`{hint}",
+                 (`{VAE_PREFIX}`) and text encoders (`cond_stage_model.`, SDXL's \
+                 `conditioner.embedders.`), e.g. `{}`{hint}",
                 unknown.len(),
                 unknown[0]
             ),
         ));
     }
-    let (family, text) = match (clip.shapes.is_empty(), openclip.shapes.is_empty()) {
-        (false, true) => (Family::Sd1, clip),
-        (true, false) => (Family::Sd2, openclip),
+    let sdxl = !xl_clip.shapes.is_empty() || !xl_openclip.shapes.is_empty();
+    if sdxl {
+        if !(clip.shapes.is_empty() && openclip.shapes.is_empty()) {
+            return Err(Error::config(
+                path,
+                "the file holds both SDXL (`conditioner.embedders.*`) and SD 1.x/2.x \
+                 (`cond_stage_model.*`) text encoders",
+            ));
+        }
+        for (part, name) in [
+            (&xl_clip, SDXL_CLIP_PREFIX),
+            (&xl_openclip, SDXL_OPENCLIP_PREFIX),
+        ] {
+            if part.shapes.is_empty() {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "an SDXL checkpoint needs both text encoders; there is no `{name}*` \
+                         (the SDXL refiner, with only the second, is not supported)"
+                    ),
+                ));
+            }
+        }
+    }
+    let (family, text, text2) = match (clip.shapes.is_empty(), openclip.shapes.is_empty()) {
+        _ if sdxl => (Family::Sdxl, xl_clip, Some(xl_openclip)),
+        (false, true) => (Family::Sd1, clip, None),
+        (true, false) => (Family::Sd2, openclip, None),
         (false, false) => {
             return Err(Error::config(
                 path,
@@ -388,6 +456,7 @@ fn scan<'a>(
         unet,
         vae,
         text,
+        text2,
         metadata,
     })
 }
@@ -484,6 +553,15 @@ fn resolve_configs(
         Some(c) => c,
         None => text_keys::config(&text_keys::detect(&scan.text, family)?, family)?,
     };
+    let text_encoder_2 = match &scan.text2 {
+        None => None,
+        Some(part) => Some(
+            match parse_meta::<ClipTextConfig>(scan, path, META_TEXT_ENCODER_2_CONFIG)? {
+                Some(c) => c,
+                None => text_keys::config_2(part)?,
+            },
+        ),
+    };
     let scheduler = match scheduler_meta {
         Some(mut s) => {
             s.prediction_type = prediction;
@@ -496,6 +574,7 @@ fn resolve_configs(
         unet,
         vae,
         text_encoder,
+        text_encoder_2,
         scheduler,
         from_metadata,
     })
@@ -654,6 +733,10 @@ pub fn load_components(
         .text_encoder
         .validate(path)
         .map_err(|e| hint(META_TEXT_ENCODER_CONFIG, e))?;
+    if let Some(c) = &configs.text_encoder_2 {
+        c.validate(path)
+            .map_err(|e| hint(META_TEXT_ENCODER_2_CONFIG, e))?;
+    }
 
     // SD 2.x files hold one text layer more than the model uses.
     let layers = configs.text_encoder.num_hidden_layers;
@@ -711,6 +794,34 @@ pub fn load_components(
             rename_error(e, |k| file_name(&text_map, family.text_prefix(), k)),
         )
     })?;
+    let text_encoder_2 = match (&scan.text2, &configs.text_encoder_2) {
+        (Some(part), Some(cfg)) => {
+            let in_file = part.count("transformer.resblocks");
+            if in_file != cfg.num_hidden_layers {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "the second text encoder has {in_file} layers in the file \
+                         (`{SDXL_OPENCLIP_PREFIX}transformer.resblocks.N`), the config {}",
+                        cfg.num_hidden_layers
+                    ),
+                ));
+            }
+            let map = text_keys::openclip_projection_key_map(cfg);
+            let tensors = convert(&st, part, &map, device, |_| false)?;
+            check_model(path, &tensors, device, |vb| {
+                ClipTextModel::new_with_projection(vb, cfg).map(drop)
+            })
+            .map_err(|e| {
+                hint(
+                    META_TEXT_ENCODER_2_CONFIG,
+                    rename_error(e, |k| file_name(&map, SDXL_OPENCLIP_PREFIX, k)),
+                )
+            })?;
+            Some((cfg.clone(), tensors))
+        }
+        _ => None,
+    };
 
     Ok(SingleFileComponents {
         family,
@@ -720,6 +831,7 @@ pub fn load_components(
         vae,
         text_config: configs.text_encoder,
         text_encoder,
+        text_encoder_2,
         scheduler: configs.scheduler,
         tokenizer_pad: family.tokenizer_pad().to_string(),
         configs_from_metadata: configs.from_metadata,
@@ -850,24 +962,43 @@ pub fn save_single_file(
     unet: &BTreeMap<String, Tensor>,
     vae: &BTreeMap<String, Tensor>,
     text_encoder: &BTreeMap<String, Tensor>,
+    text_encoder_2: Option<&BTreeMap<String, Tensor>>,
     configs: &SaveConfigs,
     dtype: DType,
 ) -> Result<()> {
     configs.unet.validate(path)?;
     configs.vae.validate(path)?;
     configs.text_encoder.validate(path)?;
-    let text: BTreeMap<String, Tensor> = text_encoder
-        .iter()
-        .filter(|(k, _)| !BUFFER_KEYS.contains(&k.as_str()))
-        .map(|(k, t)| {
-            let k = if k.starts_with("text_model.") {
-                k.clone()
-            } else {
-                format!("text_model.{k}")
-            };
-            (k, t.clone())
-        })
-        .collect();
+    let sdxl = configs.family == Family::Sdxl;
+    let second = match (sdxl, text_encoder_2, configs.text_encoder_2) {
+        (true, Some(t), Some(c)) => {
+            c.validate(path)?;
+            Some((t, c))
+        }
+        (false, None, None) => None,
+        _ => {
+            return Err(Error::config(
+                path,
+                "an SDXL single file needs the second text encoder and its config \
+                 (and only SDXL has one)",
+            ));
+        }
+    };
+    // Text encoder keys under `text_model.` (`text_projection` stays at the root).
+    let prefixed = |m: &BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+        m.iter()
+            .filter(|(k, _)| !BUFFER_KEYS.contains(&k.as_str()))
+            .map(|(k, t)| {
+                let k = if k.starts_with("text_model.") || k.starts_with("text_projection.") {
+                    k.clone()
+                } else {
+                    format!("text_model.{k}")
+                };
+                (k, t.clone())
+            })
+            .collect()
+    };
+    let text = prefixed(text_encoder);
 
     let device = unet
         .values()
@@ -889,6 +1020,15 @@ pub fn save_single_file(
         &device,
         |vb| ClipTextModel::new(vb, configs.text_encoder).map(drop),
     )?;
+    let second = second.map(|(t, c)| (prefixed(t), c));
+    if let Some((t, c)) = &second {
+        check_model(
+            &source("second text encoder"),
+            &as_hash_map(t),
+            &device,
+            |vb| ClipTextModel::new_with_projection(vb, c).map(drop),
+        )?;
+    }
 
     let family = configs.family;
     let mut out = BTreeMap::new();
@@ -921,6 +1061,22 @@ pub fn save_single_file(
         &mut out,
     )?;
 
+    if let Some((t, c)) = &second {
+        to_ldm(
+            path,
+            "second text encoder",
+            t,
+            &text_keys::openclip_projection_key_map(c),
+            SDXL_OPENCLIP_PREFIX,
+            dtype,
+            &mut out,
+        )?;
+        // OpenCLIP's contrastive temperature, ln(100), as in Stability's files.
+        out.insert(
+            format!("{SDXL_OPENCLIP_PREFIX}logit_scale"),
+            Tensor::new(100f32.ln(), &device)?.to_dtype(dtype)?,
+        );
+    }
     if family == Family::Sd2 {
         let n = configs.text_encoder.num_hidden_layers;
         let last = format!("{OPENCLIP_PREFIX}transformer.resblocks.{}.", n - 1);
@@ -960,6 +1116,12 @@ pub fn save_single_file(
         ),
     ]);
     let mut metadata = metadata;
+    if let Some((_, c)) = &second {
+        metadata.insert(
+            META_TEXT_ENCODER_2_CONFIG.to_string(),
+            text_config_json(c).to_string(),
+        );
+    }
     if let Some((vocab, merges)) = configs.tokenizer_files {
         metadata.insert(META_TOKENIZER_VOCAB.to_string(), vocab.to_string());
         metadata.insert(META_TOKENIZER_MERGES.to_string(), merges.to_string());

@@ -9,6 +9,10 @@
 //!   attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`.
 //!   SD 2.x conditions on the penultimate layer, so diffusers' text encoder has
 //!   one layer fewer than the file: the last resblock is dropped on load.
+//! - SDXL, `conditioner.embedders.0.transformer.text_model.*` (CLIP, as SD 1.x)
+//!   and `conditioner.embedders.1.model.*` (OpenCLIP, as SD 2.x, every layer
+//!   used, and `text_projection` — OpenCLIP's `x @ P` — transposed into
+//!   `CLIPTextModelWithProjection`'s `text_projection.weight`).
 
 use serde_json::json;
 
@@ -64,6 +68,21 @@ pub(crate) fn clip_key_map(cfg: &ClipTextConfig) -> KeyMap {
     m
 }
 
+/// SDXL's second text encoder: the OpenCLIP table and its projection.
+pub(crate) fn openclip_projection_key_map(cfg: &ClipTextConfig) -> KeyMap {
+    let mut m = openclip_key_map(cfg);
+    m.push(
+        "text_projection",
+        "text_projection.weight",
+        Inner::Renames(&[Rename {
+            ldm: "",
+            diffusers: "",
+            transform: Transform::Transpose,
+        }]),
+    );
+    m
+}
+
 /// The name table of an SD 2.x (OpenCLIP layout) text encoder.
 pub(crate) fn openclip_key_map(cfg: &ClipTextConfig) -> KeyMap {
     let mut m = KeyMap::default();
@@ -101,7 +120,7 @@ pub(crate) struct Detected {
 
 pub(crate) fn detect(p: &Part, family: Family) -> Result<Detected> {
     let (tok, pos, layers, fc1) = match family {
-        Family::Sd1 => (
+        Family::Sd1 | Family::Sdxl => (
             "text_model.embeddings.token_embedding.weight",
             "text_model.embeddings.position_embedding.weight",
             "text_model.encoder.layers",
@@ -131,7 +150,7 @@ pub(crate) fn detect(p: &Part, family: Family) -> Result<Detected> {
 /// exported by diffusers' conversion script, which drops the unused layer — uses all 23.
 pub(crate) fn used_layers(family: Family, layers_in_file: usize) -> usize {
     match family {
-        Family::Sd1 => layers_in_file,
+        Family::Sd1 | Family::Sdxl => layers_in_file,
         Family::Sd2 if layers_in_file == 23 => 23,
         Family::Sd2 => layers_in_file.saturating_sub(1),
     }
@@ -143,7 +162,7 @@ pub(crate) fn config(d: &Detected, family: Family) -> Result<ClipTextConfig> {
     let h = d.hidden_size;
     let heads = if h.is_multiple_of(64) { h / 64 } else { 1 };
     let (act, projection_dim, pad) = match family {
-        Family::Sd1 => ("quick_gelu", 768, 49407),
+        Family::Sd1 | Family::Sdxl => ("quick_gelu", 768, 49407),
         Family::Sd2 => ("gelu", 512, 0),
     };
     let value = json!({
@@ -162,6 +181,17 @@ pub(crate) fn config(d: &Detected, family: Family) -> Result<ClipTextConfig> {
     });
     serde_json::from_value(value)
         .map_err(|e| Error::msg(format!("building the text encoder config: {e}")))
+}
+
+/// SDXL's second text encoder from the OpenCLIP tensors' shapes: every
+/// layer used, gelu, heads of 64 channels, pad id 0 (`!`), the projection's width.
+pub(crate) fn config_2(p: &Part) -> Result<ClipTextConfig> {
+    let d = detect(p, Family::Sd2)?;
+    let proj = p.shape("text_projection", 2)?[1];
+    let mut cfg = config(&d, Family::Sd2)?;
+    cfg.num_hidden_layers = d.layers_in_file;
+    cfg.projection_dim = proj;
+    Ok(cfg)
 }
 
 /// `text_encoder/config.json` as transformers writes it (the fields [`ClipTextConfig`] models).

@@ -38,6 +38,10 @@ pub(crate) fn key_map(cfg: &UNetConfig) -> KeyMap {
     let mut m = KeyMap::default();
     m.push("time_embed.0", "time_embedding.linear_1", Inner::Same);
     m.push("time_embed.2", "time_embedding.linear_2", Inner::Same);
+    if cfg.is_sdxl() {
+        m.push("label_emb.0.0", "add_embedding.linear_1", Inner::Same);
+        m.push("label_emb.0.2", "add_embedding.linear_2", Inner::Same);
+    }
     m.push("input_blocks.0.0", "conv_in", Inner::Same);
     for i in 0..n {
         let first = 1 + i * (per + 1);
@@ -124,6 +128,8 @@ pub(crate) struct Detected {
     pub transformer_layers: Vec<usize>,
     pub cross_attention_dim: Option<usize>,
     pub use_linear_projection: bool,
+    /// SDXL: the input width of `label_emb.0.0` (`add_embedding.linear_1`).
+    pub label_emb_in: Option<usize>,
 }
 
 /// One input block: a resnet (its output channels, attention depth if any) or a downsampler.
@@ -228,13 +234,18 @@ pub(crate) fn detect(p: &Part) -> Result<Detected> {
         transformer_layers,
         cross_attention_dim,
         use_linear_projection,
+        label_emb_in: p
+            .has("label_emb.0.0.weight")
+            .then(|| p.shape("label_emb.0.0.weight", 2).map(|s| s[1]))
+            .transpose()?,
     })
 }
 
 /// The diffusers config of a Stable Diffusion UNet with the detected shapes.
 /// What the weights do not hold is SD's: 32 norm groups; 8 heads per block for
-/// SD 1.x, heads of 64 channels for SD 2.x; sample size 64 (96 for an SD 2.x
-/// v-prediction model, the 768×768 one); attention upcast for SD 2.x v-models.
+/// SD 1.x, heads of 64 channels for SD 2.x and XL; sample size 64 (96 for an
+/// SD 2.x v-prediction model, the 768×768 one; 128 for XL); attention upcast
+/// for SD 2.x v-models; for XL, time ids embedded in 256 channels each.
 pub(crate) fn config(
     d: &Detected,
     family: Family,
@@ -245,7 +256,7 @@ pub(crate) fn config(
         .iter()
         .map(|&c| match family {
             Family::Sd1 if c.is_multiple_of(8) => 8,
-            Family::Sd2 if c.is_multiple_of(64) => c / 64,
+            Family::Sd2 | Family::Sdxl if c.is_multiple_of(64) => c / 64,
             _ => 1,
         })
         .collect();
@@ -279,10 +290,16 @@ pub(crate) fn config(
     let cross = d.cross_attention_dim.unwrap_or(match family {
         Family::Sd1 => 768,
         Family::Sd2 => 1024,
+        Family::Sdxl => 2048,
     });
-    let value = json!({
+    let sample_size = match family {
+        _ if v768 => 96,
+        Family::Sdxl => 128,
+        _ => 64,
+    };
+    let mut value = json!({
         "_class_name": "UNet2DConditionModel",
-        "sample_size": if v768 { 96 } else { 64 },
+        "sample_size": sample_size,
         "in_channels": d.in_channels,
         "out_channels": d.out_channels,
         "conv_in_kernel": d.conv_in_kernel,
@@ -299,5 +316,10 @@ pub(crate) fn config(
         "upcast_attention": v768,
         "norm_num_groups": 32,
     });
+    if let Some(in_dim) = d.label_emb_in {
+        value["addition_embed_type"] = json!("text_time");
+        value["addition_time_embed_dim"] = json!(256);
+        value["projection_class_embeddings_input_dim"] = json!(in_dim);
+    }
     serde_json::from_value(value).map_err(|e| Error::msg(format!("building the UNet config: {e}")))
 }

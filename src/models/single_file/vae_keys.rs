@@ -157,8 +157,8 @@ pub(crate) fn detect(p: &Part) -> Result<Detected> {
 }
 
 /// The diffusers config of a Stable Diffusion VAE with the detected shapes:
-/// 32 norm groups, scaling factor 0.18215 (SD 1.x and 2.x), sample size 512
-/// (768 for an SD 2.x v-prediction model).
+/// 32 norm groups, scaling factor 0.18215 (SD 1.x and 2.x; 0.13025 for XL),
+/// sample size 512 (768 for an SD 2.x v-prediction model, 1024 for XL).
 pub(crate) fn config(
     d: &Detected,
     family: Family,
@@ -175,8 +175,12 @@ pub(crate) fn config(
         "layers_per_block": d.layers_per_block,
         "latent_channels": d.latent_channels,
         "norm_num_groups": 32,
-        "sample_size": if v768 { 768 } else { 512 },
-        "scaling_factor": 0.18215,
+        "sample_size": match family {
+            _ if v768 => 768,
+            Family::Sdxl => 1024,
+            _ => 512,
+        },
+        "scaling_factor": if family == Family::Sdxl { 0.13025 } else { 0.18215 },
         "use_quant_conv": d.use_quant_conv,
         "use_post_quant_conv": d.use_post_quant_conv,
         "mid_block_add_attention": d.mid_attention,
