@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Benchmarks: time a UNet training step (and PyTorch's, to compare).
     Bench(cli::bench::Args),
+    /// Write a model in another format (diffusers folder, single-file .safetensors).
+    Convert(cli::convert::Args),
     /// Run DreamBooth end to end on the bundled tiny model and write report.html.
     Demo(cli::demo::Args),
     /// Score generated images the DreamBooth paper's way (DINO, CLIP-I, CLIP-T, PRES, DIV).
@@ -45,6 +47,7 @@ fn main() {
     let args = Cli::parse();
     let result = dreambooth::nn::cpu::run_in_pool(|| match args.command {
         Command::Bench(a) => cli::bench::run(a),
+        Command::Convert(a) => cli::convert::run(a),
         Command::Demo(a) => cli::demo::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),

@@ -1206,3 +1206,47 @@ fn validation_images_follow_the_validation_precision() {
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("--validation-precision"), "{err}");
 }
+
+/// An exported folder keeps the components the base model's `model_index.json`
+/// names and this tool does not write (SD 1.5's safety checker and feature
+/// extractor), so diffusers loads it; one whose folder the base lacks is nulled.
+#[test]
+fn export_carries_the_components_it_does_not_write() {
+    let base = std::env::temp_dir().join(format!("dreambooth-export-extra-{}", std::process::id()));
+    std::fs::remove_dir_all(&base).ok();
+    common::copy_dir(&common::fixtures().join("tiny-sd1"), &base);
+    let index_path = base.join("model_index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["safety_checker"] =
+        serde_json::json!(["stable_diffusion", "StableDiffusionSafetyChecker"]);
+    index["feature_extractor"] = serde_json::json!(["transformers", "CLIPImageProcessor"]);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    std::fs::create_dir_all(base.join("safety_checker/nested")).unwrap();
+    std::fs::write(base.join("safety_checker/config.json"), "{\"checker\": 1}").unwrap();
+    std::fs::write(base.join("safety_checker/nested/a.txt"), "kept").unwrap();
+
+    let model = StableDiffusion::load(&base, &Device::Cpu, LoadOptions::default()).unwrap();
+    let out = base.with_extension("out");
+    dreambooth::dreambooth::export::save_diffusers(&model, &out).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["safety_checker"], index["safety_checker"]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("safety_checker/config.json")).unwrap(),
+        "{\"checker\": 1}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("safety_checker/nested/a.txt")).unwrap(),
+        "kept"
+    );
+    assert_eq!(
+        written["feature_extractor"],
+        serde_json::json!([null, null])
+    );
+    assert_eq!(written["unet"], index["unet"]);
+    StableDiffusion::load(&out, &Device::Cpu, LoadOptions::default()).unwrap();
+    std::fs::remove_dir_all(&base).ok();
+    std::fs::remove_dir_all(&out).ok();
+}

@@ -19,7 +19,7 @@ use dreambooth::models::{LoadOptions, StableDiffusion};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A diffusers model folder or a single-file .safetensors checkpoint
+    /// A diffusers model folder or a single-file .safetensors or .ckpt checkpoint
     /// (default: the bundled tiny model, assets/tiny-model).
     #[arg(long)]
     pub model: Option<PathBuf>,

@@ -10,7 +10,7 @@ use dreambooth::models::{LoadOptions, StableDiffusion};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A diffusers model folder or a single-file .safetensors checkpoint.
+    /// A diffusers model folder or a single-file .safetensors or .ckpt checkpoint.
     #[arg(long)]
     pub model: PathBuf,
     /// How many candidates to list.

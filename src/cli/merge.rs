@@ -9,7 +9,7 @@ use dreambooth::models::{LoadOptions, StableDiffusion};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model: a diffusers folder or a single-file .safetensors.
+    /// The base model: a diffusers folder or a single-file .safetensors or .ckpt.
     #[arg(long)]
     pub model: PathBuf,
     /// A LoRA file (peft/diffusers or kohya); repeatable.

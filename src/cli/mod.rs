@@ -1,6 +1,7 @@
 //! One module per subcommand; each has `Args` (clap) and `run(args) -> anyhow::Result<()>`.
 
 pub mod bench;
+pub mod convert;
 pub mod demo;
 pub mod device;
 pub mod eval;
@@ -25,10 +26,10 @@ pub fn command_line() -> String {
 /// The evaluation encoders' flags, shared by `eval` and `bench paper`.
 #[derive(clap::Args)]
 pub struct EncoderArgs {
-    /// DINO ViT-S/16 (`ViTModel`): model.safetensors or its folder with config.json.
+    /// DINO ViT-S/16 (`ViTModel`): model.safetensors (or pytorch_model.bin) or its folder with config.json.
     #[arg(long)]
     pub dino: std::path::PathBuf,
-    /// CLIP (`CLIPModel`, e.g. ViT-B/32 or ViT-L/14): model.safetensors or its folder.
+    /// CLIP (`CLIPModel`, e.g. ViT-B/32 or ViT-L/14): model.safetensors (or pytorch_model.bin) or its folder.
     #[arg(long)]
     pub clip: std::path::PathBuf,
     /// The CLIP tokenizer folder (default: the CLIP folder or its tokenizer/).

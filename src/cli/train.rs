@@ -18,7 +18,7 @@ pub struct Args {
     /// A TOML file with any of the options below (snake_case keys); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Base model: diffusers folder or single-file .safetensors (default: bundled tiny model).
+    /// Base model: diffusers folder or single-file .safetensors or .ckpt (default: bundled tiny model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Folder with the subject's photos (jpg, png, webp).

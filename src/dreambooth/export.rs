@@ -23,16 +23,61 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// `from` with its subfolders, copied to `to`.
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
     for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let e = e.map_err(|e| Error::io(from, e))?;
-        if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name()))
-                .map_err(|err| Error::io(e.path(), err))?;
+        let path = e.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(&path, to.join(e.file_name())).map_err(|err| Error::io(&path, err))?;
         }
     }
     Ok(())
+}
+
+/// The components this tool writes itself; any other a `model_index.json` names
+/// (`safety_checker`, `feature_extractor`, `image_encoder`, ...) is carried over.
+const WRITTEN_COMPONENTS: [&str; 7] = [
+    "unet",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+];
+
+/// The source folder's `model_index.json` in `tmp`, with the components this
+/// tool does not write copied over as they are (as diffusers' `save_pretrained`
+/// of the loaded pipeline keeps them, e.g. SD 1.5's `safety_checker/` and
+/// `feature_extractor/`). A component the index names whose folder the source
+/// lacks becomes `[null, null]`, so the written pipeline loads in diffusers.
+fn carry_model_index(src: &Path, tmp: &Path) -> Result<()> {
+    let index_path = src.join("model_index.json");
+    let mut index: serde_json::Value = crate::util::read_json(&index_path)?;
+    if let Some(map) = index.as_object_mut() {
+        for (name, value) in map.iter_mut() {
+            let names_a_class = value
+                .as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|v| v.is_string()));
+            if name.starts_with('_')
+                || WRITTEN_COMPONENTS.contains(&name.as_str())
+                || !names_a_class
+            {
+                continue;
+            }
+            let dir = src.join(name);
+            if dir.is_dir() {
+                copy_dir(&dir, &tmp.join(name))?;
+            } else {
+                *value = json!([null, null]);
+            }
+        }
+    }
+    write_json(&tmp.join("model_index.json"), &index)
 }
 
 /// The model's tokenizer files (vocab.json, merges.txt text) when its
@@ -115,8 +160,7 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
         )?;
     }
     if from_folder && src.join("model_index.json").is_file() {
-        std::fs::copy(src.join("model_index.json"), tmp.join("model_index.json"))
-            .map_err(|e| Error::io(src.join("model_index.json"), e))?;
+        carry_model_index(src, &tmp)?;
     } else if model.is_sdxl() {
         write_json(
             &tmp.join("model_index.json"),

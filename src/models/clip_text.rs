@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::nn::checkpoint::{self, Checkpointing};
 use crate::nn::{
-    Activation, Embedding, LayerNorm, Linear, Precision, Vb, causal_mask, read_safetensors,
+    Activation, Embedding, LayerNorm, Linear, Precision, Vb, causal_mask, read_weights,
     scaled_dot_product_attention,
 };
 use crate::{Error, Result};
@@ -250,7 +250,7 @@ impl ClipTextModel {
         trainable: bool,
         projection: bool,
     ) -> Result<(Self, Vb)> {
-        let mut tensors = read_safetensors(path, device)?;
+        let mut tensors = read_weights(path, device)?;
         for k in BUFFER_KEYS {
             tensors.remove(k);
         }

@@ -18,7 +18,7 @@ use super::clip_text::{
     ClipAttention, ClipEncoderLayer, ClipMlp, ClipTextConfig, ClipTextModel, check_encoder_shape,
     check_patches,
 };
-use crate::nn::{Activation, Conv2d, Init, LayerNorm, Linear, Vb, read_safetensors};
+use crate::nn::{Activation, Conv2d, Init, LayerNorm, Linear, Vb, read_weights};
 use crate::{Error, Result};
 
 fn d_act() -> String {
@@ -97,16 +97,17 @@ impl ClipConfig {
 }
 
 /// The weights file and the `config.json` beside it, for a path that names
-/// either the weights (`.../model.safetensors`) or the folder holding them.
+/// either the weights (`.../model.safetensors`, `pytorch_model.bin`, ...) or
+/// the folder holding them (found as in a diffusers component folder).
 pub fn resolve_model_path(path: &Path) -> Result<(PathBuf, PathBuf)> {
     let weights = if path.is_dir() {
-        path.join("model.safetensors")
+        super::load::weights_file(path)?
     } else {
         path.to_path_buf()
     };
     if !weights.is_file() {
         return Err(Error::msg(format!(
-            "no weights at {}: pass a model.safetensors file or the folder holding it",
+            "no weights at {}: pass a model.safetensors (or pytorch_model.bin) file or the folder holding it",
             weights.display()
         )));
     }
@@ -120,7 +121,7 @@ pub(crate) fn read_without(
     device: &Device,
     drop: impl Fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut tensors = read_safetensors(path, device)?;
+    let mut tensors = read_weights(path, device)?;
     tensors.retain(|k, _| !drop(k));
     Ok(tensors)
 }

@@ -29,7 +29,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::nn::{Conv2d, Init, Vb, read_safetensors};
+use crate::nn::{Conv2d, Init, Vb, read_weights};
 use crate::{Error, Result};
 
 /// The LPIPS package's ScalingLayer constants (ImageNet statistics in [-1, 1]).
@@ -161,7 +161,7 @@ impl Lpips {
     /// (see the module docs). A file of another model, or of an LPIPS with the
     /// SqueezeNet backbone, is an error that names the file and what is missing.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let tensors = read_safetensors(path, device)?;
+        let tensors = read_weights(path, device)?;
         let has = |k: &str| tensors.contains_key(k);
         let any_net = tensors.keys().any(|k| k.starts_with("net.slice"));
         let any_lin = tensors

@@ -168,7 +168,7 @@ impl StableDiffusion {
             return Err(Error::config(
                 dir,
                 "not a diffusers model folder: model_index.json is missing \
-                 (pass a diffusers folder or a single-file .safetensors checkpoint)",
+                 (pass a diffusers folder or a single-file .safetensors or .ckpt checkpoint)",
             ));
         }
         let index: serde_json::Value = crate::util::read_json(&index_path)?;
@@ -667,7 +667,18 @@ impl StableDiffusion {
 pub fn hash_files(files: &[(&str, PathBuf)]) -> Result<String> {
     const CHUNK: u64 = 1 << 20;
     let mut h = Sha256::new();
+    // A shard index stands for itself and every shard it lists.
+    let mut expanded = Vec::new();
     for (name, path) in files {
+        if path.to_string_lossy().ends_with(".index.json") {
+            for p in crate::nn::WeightsReader::open(path)?.files() {
+                expanded.push((*name, p));
+            }
+        } else {
+            expanded.push((*name, path.clone()));
+        }
+    }
+    for (name, path) in &expanded {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         h.update(name.as_bytes());

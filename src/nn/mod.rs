@@ -21,8 +21,10 @@ pub mod lora;
 pub mod norm;
 pub mod precision;
 pub mod store;
+pub mod torch_pickle;
 pub mod upsample;
 pub mod vmath;
+pub mod weights;
 
 pub use activation::{Activation, gelu, quick_gelu, sigmoid, silu};
 pub use attention::{causal_mask, scaled_dot_product_attention, softmax_last_dim};
@@ -34,3 +36,4 @@ pub use norm::{GroupNorm, LayerNorm};
 pub use precision::Precision;
 pub use store::{Init, Vb, read_safetensors, save_safetensors};
 pub use upsample::{upsample_nearest, upsample_nearest_2x};
+pub use weights::{WeightsReader, read_weights};

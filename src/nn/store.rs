@@ -100,9 +100,10 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
 }
 
 impl Vb {
-    /// Parameters read from a safetensors file (f32, f16 or bf16 stored; f32 in memory).
+    /// Parameters read from a weight file (safetensors, a shard index or a
+    /// PyTorch zip pickle: [`super::weights`]; f32, f16 or bf16 stored; f32 in memory).
     pub fn from_file(path: &Path, device: &Device, trainable: bool) -> Result<Self> {
-        let tensors = read_safetensors(path, device)?;
+        let tensors = super::weights::read_weights(path, device)?;
         Ok(Self::from_tensors(path, tensors, device, trainable))
     }
 

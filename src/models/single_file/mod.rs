@@ -1,6 +1,8 @@
 //! Single-file checkpoints in the original latent-diffusion layout (CompVis /
-//! Stability / A1111 / ComfyUI `.safetensors`), read into diffusers-named
-//! tensors and written back from them.
+//! Stability / A1111 / ComfyUI `.safetensors`, or the original `.ckpt`
+//! PyTorch pickles, read by [`crate::nn::weights`] without running code from
+//! them), read into diffusers-named tensors and written back (as safetensors)
+//! from them.
 //!
 //! One file holds the three networks under fixed prefixes:
 //!
@@ -45,9 +47,7 @@ pub mod vae_keys;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use safetensors::SafeTensors;
 use serde_json::json;
 
 use self::keymap::{KeyMap, Transform};
@@ -55,7 +55,7 @@ use crate::diffusion::{FinalSigmas, PredictionType, SchedulerConfig};
 use crate::models::clip_text::{BUFFER_KEYS, ClipTextConfig, ClipTextModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::models::{UNet2DConditionModel, UNetConfig};
-use crate::nn::{Vb, save_safetensors};
+use crate::nn::{Vb, WeightsReader, save_safetensors};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -461,30 +461,6 @@ fn scan<'a>(
     })
 }
 
-/// The file's bytes, mapped into memory.
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::NotFound {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
-    // SAFETY: the map is only read, and only while this module holds it; like
-    // candle's `MmapedSafetensors`, we assume nobody truncates the checkpoint
-    // while it is being loaded.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
-}
-
-fn safetensors_error(path: &Path, e: safetensors::SafeTensorError) -> Error {
-    Error::Safetensors {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    }
-}
-
 fn parse_meta<T: serde::de::DeserializeOwned>(
     scan: &Scan,
     path: &Path,
@@ -584,40 +560,18 @@ fn resolve_configs(
 /// loading any tensor. Not validated: a detected config may describe a model this
 /// crate does not build (e.g. channels that 32 norm groups do not divide).
 pub fn detect_configs(path: &Path, options: &SingleFileOptions) -> Result<SingleFileConfigs> {
-    let bytes = map_file(path)?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| safetensors_error(path, e))?;
-    let tensors = meta
-        .tensors()
-        .into_iter()
-        .map(|(k, info)| (k, info.shape.clone()));
-    let scan = scan(path, tensors, meta.metadata().clone().unwrap_or_default())?;
+    let file = WeightsReader::open(path)?;
+    let scan = scan(path, file.shapes().into_iter(), file.metadata())?;
     resolve_configs(&scan, path, options)
 }
 
 // ---------------------------------------------------------------------------
 // Loading.
 
-fn load_view(
-    view: &safetensors::tensor::TensorView,
-    device: &Device,
-    path: &Path,
-    key: &str,
-) -> Result<Tensor> {
-    use safetensors::Dtype as D;
-    match view.dtype() {
-        D::F32 | D::F16 | D::BF16 | D::F64 => Ok(view.load(device)?.to_dtype(DType::F32)?),
-        d => Err(Error::UnsupportedDType {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            dtype: format!("{d:?}"),
-        }),
-    }
-}
-
 /// Renames one component's tensors to diffusers keys; `skip` names tensors the
 /// model does not use.
 fn convert(
-    st: &SafeTensors,
+    file: &WeightsReader,
     part: &Part,
     map: &KeyMap,
     device: &Device,
@@ -636,10 +590,14 @@ fn convert(
                 part.what
             )));
         }
-        let view = st
-            .tensor(&key)
-            .map_err(|e| safetensors_error(part.path, e))?;
-        let t = load_view(&view, device, part.path, &key)?;
+        let t = file.load(&key, device)?;
+        if !t.dtype().is_float() {
+            return Err(Error::UnsupportedDType {
+                path: part.path.to_path_buf(),
+                key,
+                dtype: format!("{:?}", t.dtype()),
+            });
+        }
         for (target, transform) in targets {
             let t = keymap::to_diffusers_tensor(&t, transform, &key)?;
             if out.insert(target.clone(), t).is_some() {
@@ -703,11 +661,8 @@ pub fn load_components(
     device: &Device,
     options: &SingleFileOptions,
 ) -> Result<SingleFileComponents> {
-    let bytes = map_file(path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| safetensors_error(path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| safetensors_error(path, e))?;
-    let tensors = st.iter().map(|(k, v)| (k.to_string(), v.shape().to_vec()));
-    let scan = scan(path, tensors, meta.metadata().clone().unwrap_or_default())?;
+    let file = WeightsReader::open(path)?;
+    let scan = scan(path, file.shapes().into_iter(), file.metadata())?;
     let configs = resolve_configs(&scan, path, options)?;
     let family = configs.family;
     // A config detected from the weights assumed SD's defaults; say so when it does not fit.
@@ -757,9 +712,9 @@ pub fn load_components(
     let unet_map = unet_keys::key_map(&configs.unet);
     let vae_map = vae_keys::key_map(&configs.vae);
     let text_map = family.text_key_map(&configs.text_encoder);
-    let unet = convert(&st, &scan.unet, &unet_map, device, |_| false)?;
-    let vae = convert(&st, &scan.vae, &vae_map, device, |_| false)?;
-    let text_encoder = convert(&st, &scan.text, &text_map, device, |k| {
+    let unet = convert(&file, &scan.unet, &unet_map, device, |_| false)?;
+    let vae = convert(&file, &scan.vae, &vae_map, device, |_| false)?;
+    let text_encoder = convert(&file, &scan.text, &text_map, device, |k| {
         extra_layer && k.starts_with(&unused)
     })?;
 
@@ -808,7 +763,7 @@ pub fn load_components(
                 ));
             }
             let map = text_keys::openclip_projection_key_map(cfg);
-            let tensors = convert(&st, part, &map, device, |_| false)?;
+            let tensors = convert(&file, part, &map, device, |_| false)?;
             check_model(path, &tensors, device, |vb| {
                 ClipTextModel::new_with_projection(vb, cfg).map(drop)
             })

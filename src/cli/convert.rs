@@ -1,0 +1,57 @@
+//! `dreambooth convert`: write a model in another format.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use candle_core::{DType, Device};
+use dreambooth::dreambooth::export;
+use dreambooth::models::{LoadOptions, StableDiffusion};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SaveDType {
+    F32,
+    Fp16,
+    Bf16,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model: a diffusers folder (safetensors, sharded or .bin weights) or a
+    /// single-file .safetensors or .ckpt.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A folder (diffusers layout, safetensors), or a `.safetensors` file
+    /// (original single-file layout, as A1111 and ComfyUI load).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Precision of a single-file output (a folder is written in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: SaveDType,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let single = args.out.extension().is_some_and(|e| e == "safetensors");
+    let dtype = match args.dtype {
+        SaveDType::F32 => DType::F32,
+        SaveDType::Fp16 => DType::F16,
+        SaveDType::Bf16 => DType::BF16,
+    };
+    if !single && dtype != DType::F32 {
+        bail!(
+            "--dtype {:?} applies to a single-file output (--out NAME.safetensors); a diffusers folder is written in f32",
+            dtype
+        );
+    }
+    if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
+        bail!("{}: --out is the model itself", args.out.display());
+    }
+    let model = StableDiffusion::load(&args.model, &Device::Cpu, LoadOptions::default())?;
+    if single {
+        export::save_single(&model, &args.out, dtype)?;
+        println!("wrote single-file checkpoint {}", args.out.display());
+    } else {
+        export::save_diffusers(&model, &args.out)?;
+        println!("wrote diffusers folder {}", args.out.display());
+    }
+    Ok(())
+}
