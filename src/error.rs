@@ -2,7 +2,7 @@
 //! file (and where it applies the key and the shapes) so the message alone says
 //! what to fix.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Result alias used across the library.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -76,6 +76,17 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An I/O error on `path`: [`Error::NotFound`] when it is not there.
+    pub fn reading(path: &Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            Error::io(path, source)
         }
     }
 

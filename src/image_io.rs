@@ -177,12 +177,7 @@ pub fn png_text(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, String>> {
 
 /// Reads a PNG (any colour type, converted to 8-bit RGB) and its text chunks.
 pub fn read_png(path: &Path) -> Result<(RgbImage, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound {
-            path: path.to_path_buf(),
-        },
-        _ => Error::io(path, e),
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::reading(path, e))?;
     let text = png_text(&bytes, path)?;
     let image = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
         .map_err(|e| Error::Image {

@@ -515,11 +515,11 @@ impl ClipTokenizer {
 /// and `<|endoftext|>`.
 pub fn read_bpe_gz(path: impl AsRef<Path>) -> Result<(Vec<String>, Merges)> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::reading(path, e))?;
     let mut text = String::new();
     flate2::read::GzDecoder::new(file)
         .read_to_string(&mut text)
-        .map_err(|e| io_error(path, e))?;
+        .map_err(|e| Error::reading(path, e))?;
     const N_MERGES: usize = 49152 - 256 - 2;
     let lines: Vec<&str> = text.split('\n').skip(1).take(N_MERGES).collect();
     if lines.len() != N_MERGES {
@@ -661,18 +661,8 @@ impl TokenSpec {
     }
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> Error {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Error::NotFound {
-            path: path.to_path_buf(),
-        }
-    } else {
-        Error::io(path, e)
-    }
-}
-
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| io_error(path, e))
+    std::fs::read_to_string(path).map_err(|e| Error::reading(path, e))
 }
 
 fn read_json_if_exists(path: &Path) -> Result<Option<Value>> {

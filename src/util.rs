@@ -22,15 +22,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 /// Reads a JSON file into `T`, with errors naming the file.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::NotFound {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::reading(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),

@@ -1250,3 +1250,44 @@ fn export_carries_the_components_it_does_not_write() {
     std::fs::remove_dir_all(&base).ok();
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// `vae`: the VAE given replaces the model's for training and is exported.
+#[test]
+fn training_uses_and_exports_the_vae_given() {
+    let dir = tmp("vae");
+    let instance = dir.join("instance");
+    instance_dir(&instance, 2);
+    let mut vae = dreambooth::nn::read_safetensors(
+        &tiny_sd1().join("vae/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w = vae["decoder.conv_out.weight"].affine(2.0, 0.0).unwrap();
+    vae.insert("decoder.conv_out.weight".into(), w);
+    let vae: std::collections::BTreeMap<String, Tensor> = vae.into_iter().collect();
+    let vae_file = dir.join("vae.safetensors");
+    dreambooth::nn::save_safetensors(&vae, &vae_file, None).unwrap();
+
+    let mut cfg = config(&instance, &dir.join("out"));
+    cfg.class_prompt = None;
+    cfg.max_train_steps = 2;
+    cfg.vae = Some(vae_file);
+    let (model, outcome, _) = run(&cfg, None);
+    assert_eq!(outcome.final_step, 2);
+    let got = model.vae_vb.tensors();
+    let exported = dreambooth::nn::read_safetensors(
+        &dir.join("out/model/vae/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (k, want) in &vae {
+        for (what, t) in [("model", &got[k]), ("export", &exported[k])] {
+            assert_eq!(
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{what}: `{k}`"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -24,6 +24,9 @@ pub struct Args {
     /// (original single-file layout, as A1111 and ComfyUI load).
     #[arg(long)]
     pub out: PathBuf,
+    /// A VAE to write in place of the model's (folder or file, as `generate --vae`).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// Precision of a single-file output (a folder is written in f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: SaveDType,
@@ -45,7 +48,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
         bail!("{}: --out is the model itself", args.out.display());
     }
-    let model = StableDiffusion::load(&args.model, &Device::Cpu, LoadOptions::default())?;
+    let mut model = StableDiffusion::load(&args.model, &Device::Cpu, LoadOptions::default())?;
+    if let Some(vae) = &args.vae {
+        model.set_vae(vae)?;
+    }
     if single {
         export::save_single(&model, &args.out, dtype)?;
         println!("wrote single-file checkpoint {}", args.out.display());

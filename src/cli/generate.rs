@@ -23,6 +23,10 @@ pub struct Args {
     /// (default: the bundled tiny model, assets/tiny-model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A VAE in place of the model's: a diffusers VAE folder, or a file
+    /// (original layout or diffusers names, e.g. vae-ft-mse-840000-ema-pruned.safetensors).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// What to draw (cut to 77 CLIP tokens, with a warning naming the dropped words).
     #[arg(long)]
     pub prompt: String,
@@ -91,6 +95,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = super::device::select(args.device.as_deref())?;
     // Library errors name the file at fault; no extra context needed.
     let mut model = StableDiffusion::load(&model_path, &device, LoadOptions::default())?;
+    if let Some(vae) = &args.vae {
+        model.set_vae(vae)?;
+    }
     // Folded into the weights: no per-step cost, and several files stack.
     for (path, scale) in &loras {
         let f = dreambooth::models::lora::merge_file(&mut model, path, *scale)?;

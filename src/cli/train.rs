@@ -21,6 +21,10 @@ pub struct Args {
     /// Base model: diffusers folder or single-file .safetensors or .ckpt (default: bundled tiny model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A VAE in place of the model's: a diffusers VAE folder, or a file
+    /// (original layout or diffusers names, e.g. vae-ft-mse-840000-ema-pruned.safetensors).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// Folder with the subject's photos (jpg, png, webp).
     #[arg(long)]
     pub instance_dir: Option<PathBuf>,
@@ -245,6 +249,7 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         cfg,
         args,
         model,
+        vae,
         class_prompt,
         class_dir,
         resolution,

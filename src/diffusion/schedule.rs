@@ -253,15 +253,7 @@ impl SchedulerConfig {
     /// Reads diffusers' `scheduler_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::NotFound {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                Error::io(path, e)
-            }
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::reading(path, e))?;
         Self::from_json_str(&text, path)
     }
 

@@ -16,6 +16,8 @@ use crate::{Error, Result};
 pub struct TrainConfig {
     /// Base model: diffusers folder or single-file checkpoint (default: bundled tiny model).
     pub model: Option<PathBuf>,
+    /// A VAE to use in place of the model's (folder or file; see `StableDiffusion::set_vae`).
+    pub vae: Option<PathBuf>,
     pub instance_dir: PathBuf,
     pub instance_prompt: String,
     pub class_prompt: Option<String>,
@@ -120,6 +122,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: None,
+            vae: None,
             instance_dir: PathBuf::new(),
             instance_prompt: String::new(),
             class_prompt: None,

@@ -57,12 +57,7 @@ fn image_err(path: &Path, msg: impl Into<String>) -> Error {
 /// interrupted download or copy leaves it) is an error, though decoders would
 /// fill the missing part with grey.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound {
-            path: path.to_path_buf(),
-        },
-        _ => Error::io(path, e),
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::reading(path, e))?;
     decode_image(&bytes, path)
 }
 

@@ -140,6 +140,9 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
             ..Default::default()
         },
     )?;
+    if let Some(vae) = &cfg.vae {
+        model.set_vae(vae)?;
+    }
     if let Some(spec) = &spec {
         // LoRA with mixed precision: the frozen base is stored in the compute
         // dtype (half the memory, no per-step casts), the adapters stay f32.

@@ -723,15 +723,7 @@ fn name_index(sd: &StableDiffusion) -> (Vec<Target>, HashMap<String, usize>) {
 /// The safetensors header's `__metadata__`.
 pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::NotFound {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::reading(path, e))?;
     let bad = |msg: String| Error::Safetensors {
         path: path.to_path_buf(),
         msg,

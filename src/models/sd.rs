@@ -654,6 +654,53 @@ impl StableDiffusion {
         }
     }
 
+    /// Replaces the VAE with another one (`--vae`, as diffusers'
+    /// `--pretrained_vae_model_name_or_path` and kohya's `--vae`): a diffusers
+    /// VAE folder (`config.json` + weights, e.g. `sdxl-vae-fp16-fix/`), a whole
+    /// diffusers model folder (its `vae/`), or a file read by
+    /// [`super::single_file::load_vae_file`] with this model's VAE architecture
+    /// (`vae-ft-mse-840000-ema-pruned.safetensors`, another checkpoint's VAE).
+    /// The latent channels must match the UNet's.
+    pub fn set_vae(&mut self, path: &Path) -> Result<()> {
+        let (cfg, tensors, file) = if path.is_dir() {
+            let dir = if path.join("model_index.json").is_file() {
+                path.join("vae")
+            } else {
+                path.to_path_buf()
+            };
+            let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
+            let file = weights_file(&dir)?;
+            let tensors = crate::nn::read_weights(&file, &self.device)?;
+            (cfg, tensors, file)
+        } else if path.is_file() {
+            let cfg = self.vae.config().clone();
+            let tensors = super::single_file::load_vae_file(path, &cfg, &self.device)?;
+            (cfg, tensors, path.to_path_buf())
+        } else {
+            return Err(Error::NotFound {
+                path: path.to_path_buf(),
+            });
+        };
+        cfg.validate(&file)?;
+        if cfg.latent_channels != self.unet.config.in_channels {
+            return Err(Error::config(
+                &file,
+                format!(
+                    "this VAE has {} latent channels, the model's UNet takes {}",
+                    cfg.latent_channels, self.unet.config.in_channels
+                ),
+            ));
+        }
+        let vb = Vb::from_tensors(&file, tensors, &self.device, false);
+        let vae = AutoencoderKL::new(&vb, &cfg)?;
+        vb.finish()?;
+        self.vae = vae;
+        self.vae_vb = vb;
+        self.weight_files.retain(|(name, _)| *name != "vae");
+        self.weight_files.push(("vae", file));
+        Ok(())
+    }
+
     /// A short stable fingerprint of the weights (16 hex digits): SHA-256 over
     /// each weights file's component name, size, first and last MiB. Cheap on
     /// multi-GB files; changes whenever the weights are rewritten with other values

@@ -63,15 +63,7 @@ pub struct Vb {
 
 /// Reads every tensor of a safetensors file, converted to f32 on `device`.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::NotFound {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::reading(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
         msg: e.to_string(),

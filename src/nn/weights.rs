@@ -50,19 +50,9 @@ impl std::fmt::Debug for WeightsReader {
     }
 }
 
-fn open_error(path: &Path, e: std::io::Error) -> Error {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Error::NotFound {
-            path: path.to_path_buf(),
-        }
-    } else {
-        Error::io(path, e)
-    }
-}
-
 /// The first bytes of a file (fewer when it is shorter).
 fn magic(path: &Path) -> Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path).map_err(|e| open_error(path, e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::reading(path, e))?;
     let mut buf = Vec::with_capacity(8);
     (&mut f)
         .take(8)
@@ -101,7 +91,7 @@ impl WeightsReader {
     }
 
     fn open_safetensors(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| open_error(path, e))?;
+        let file = std::fs::File::open(path).map_err(|e| Error::reading(path, e))?;
         // SAFETY: the map is only read; like candle's `MmapedSafetensors`, we
         // assume nobody truncates the file while it is being loaded.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

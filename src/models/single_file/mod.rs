@@ -800,6 +800,57 @@ pub fn load_components(
     })
 }
 
+/// The VAE of a standalone VAE file (`vae-ft-mse-840000-ema-pruned.safetensors`,
+/// `sdxl_vae.safetensors`, ...) or of a full checkpoint, with `cfg`'s
+/// architecture (the base model's VAE), as diffusers-named tensors. The file
+/// may use the original layout (`encoder.down.N.block.M…`, with or without
+/// `first_stage_model.`; a full checkpoint's other components are ignored) or
+/// diffusers' names (`encoder.down_blocks.N…`), in any format
+/// [`WeightsReader`] reads. Training leftovers (`loss.*`, `model_ema.*`) are
+/// skipped; any other tensor that is not the VAE's is an error naming it.
+pub fn load_vae_file(
+    path: &Path,
+    cfg: &VaeConfig,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let file = WeightsReader::open(path)?;
+    let shapes = file.shapes();
+    let has = |p: &str| shapes.iter().any(|(k, _)| k.starts_with(p));
+    let leftover = |k: &str| k.starts_with("loss.") || k.starts_with("model_ema.");
+    let build = |vb: &Vb| AutoencoderKL::new(vb, cfg).map(drop);
+    if has("encoder.down_blocks.") || has("decoder.up_blocks.") {
+        let mut tensors = HashMap::new();
+        for (k, _) in &shapes {
+            if !leftover(k) {
+                tensors.insert(k.clone(), file.load(k, device)?);
+            }
+        }
+        check_model(path, &tensors, device, build)?;
+        return Ok(tensors);
+    }
+    let prefix = if has(VAE_PREFIX) { VAE_PREFIX } else { "" };
+    let mut part = Part::new(prefix, "VAE", path);
+    for (key, shape) in shapes {
+        if let Some(rest) = key.strip_prefix(prefix)
+            && !leftover(rest)
+        {
+            part.insert(rest.to_string(), &key, shape);
+        }
+    }
+    if part.shapes.is_empty() {
+        return Err(Error::config(path, "no VAE tensors in this file"));
+    }
+    let map = vae_keys::key_map(cfg);
+    let tensors = convert(&file, &part, &map, device, |_| false)?;
+    check_model(path, &tensors, device, build).map_err(|e| {
+        rename_error(e, |k| match map.to_ldm(k) {
+            Some((ldm, _)) => format!("{prefix}{ldm}"),
+            None => k.to_string(),
+        })
+    })?;
+    Ok(tensors)
+}
+
 // ---------------------------------------------------------------------------
 // Saving.
 
