@@ -309,33 +309,98 @@ impl Vb {
     }
 }
 
-/// Writes named tensors as a safetensors file (f32), atomically (temp file + rename).
+/// The safetensors dtype a tensor is written in: its own for f16, bf16 and the
+/// integer types, f32 for the rest.
+fn stored_dtype(t: &Tensor) -> safetensors::Dtype {
+    match t.dtype() {
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::I64 => safetensors::Dtype::I64,
+        DType::U32 => safetensors::Dtype::U32,
+        DType::U8 => safetensors::Dtype::U8,
+        _ => safetensors::Dtype::F32,
+    }
+}
+
+/// A tensor whose bytes are made only when the writer reaches it, so saving
+/// holds one tensor's bytes at a time rather than a copy of the whole file.
+struct Streamed<'a> {
+    tensor: &'a Tensor,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// The first tensor whose bytes could not be made, and why.
+    failed: &'a std::sync::Mutex<Option<String>>,
+    name: &'a str,
+}
+
+impl safetensors::View for Streamed<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match tensor_bytes(self.tensor) {
+            Ok((bytes, _)) => bytes.into(),
+            Err(e) => {
+                let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                f.get_or_insert_with(|| format!("tensor `{}`: {e}", self.name));
+                vec![0u8; self.data_len()].into()
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// Writes named tensors as a safetensors file (f16, bf16 and integer tensors
+/// as they are, others as f32), atomically (temp file + rename), one tensor's
+/// bytes in memory at a time.
 pub fn save_safetensors(
     tensors: &BTreeMap<String, Tensor>,
     path: &Path,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let mut views = Vec::with_capacity(tensors.len());
-    let mut bufs: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::new();
-    for (k, t) in tensors {
-        let (bytes, dtype) = tensor_bytes(t)?;
-        bufs.push((k.clone(), bytes, t.dims().to_vec(), dtype));
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    for (k, bytes, shape, dtype) in &bufs {
-        let view =
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| {
-                Error::Safetensors {
-                    path: path.to_path_buf(),
-                    msg: e.to_string(),
-                }
-            })?;
-        views.push((k.clone(), view));
+    let failed = std::sync::Mutex::new(None);
+    let views = tensors.iter().map(|(k, t)| {
+        (
+            k.as_str(),
+            Streamed {
+                tensor: t,
+                dtype: stored_dtype(t),
+                shape: t.dims().to_vec(),
+                failed: &failed,
+                name: k,
+            },
+        )
+    });
+    // Written beside `path` and renamed over it only once complete and right,
+    // so a file already there survives any failure.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    let written = safetensors::serialize_to_file(views, metadata, &tmp);
+    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let error = match (written, failed) {
+        (_, Some(msg)) => Some(msg),
+        (Err(e), None) => Some(e.to_string()),
+        (Ok(()), None) => None,
+    };
+    if let Some(msg) = error {
+        std::fs::remove_file(&tmp).ok();
+        return Err(Error::Safetensors {
+            path: path.to_path_buf(),
+            msg,
+        });
     }
-    let data = safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    crate::util::write_atomic(path, &data)
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<(Vec<u8>, safetensors::Dtype)> {
