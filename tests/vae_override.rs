@@ -27,15 +27,6 @@ fn tiny() -> StableDiffusion {
     .unwrap()
 }
 
-fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// The folder's VAE tensors, `decoder.conv_out.weight` doubled.
 fn expected_vae() -> HashMap<String, Tensor> {
     let mut want = read_safetensors(
@@ -52,7 +43,10 @@ fn assert_vae(model: &StableDiffusion, want: &HashMap<String, Tensor>, what: &st
     let got = model.vae_vb.tensors();
     assert_eq!(got.len(), want.len(), "{what}");
     for (k, w) in want {
-        assert!(values(&got[k]) == values(w), "{what}: `{k}` differs");
+        assert!(
+            common::to_f64(&got[k]) == common::to_f64(w),
+            "{what}: `{k}` differs"
+        );
     }
 }
 
@@ -211,26 +205,21 @@ fn generate_takes_vae() {
         None,
     )
     .unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["generate", "--model"])
-        .arg(common::fixtures().join("tiny-sd1"))
-        .arg("--vae")
-        .arg(dir.join("vae.safetensors"))
-        .args(["--prompt", "a dog", "--steps", "2", "-n", "1", "--out"])
-        .arg(dir.join("out"))
-        .output()
-        .unwrap();
+    let generate = |vae: &str, out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+            .args(["generate", "--model"])
+            .arg(common::fixtures().join("tiny-sd1"))
+            .arg("--vae")
+            .arg(dir.join(vae))
+            .args(["--prompt", "a dog", "--steps", "2", "-n", "1", "--out"])
+            .arg(dir.join(out))
+            .output()
+            .unwrap()
+    };
+    let o = generate("vae.safetensors", "out");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(dir.join("out/00000.png").is_file());
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["generate", "--model"])
-        .arg(common::fixtures().join("tiny-sd1"))
-        .arg("--vae")
-        .arg(dir.join("missing.safetensors"))
-        .args(["--prompt", "a dog", "--steps", "2", "-n", "1", "--out"])
-        .arg(dir.join("out2"))
-        .output()
-        .unwrap();
+    let o = generate("missing.safetensors", "out2");
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -29,15 +29,6 @@ fn tmp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// Same keys (buffers aside), every tensor of the same dtype, shape and bits.
 fn assert_same(what: &str, got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>) {
     let keys = |m: &HashMap<String, Tensor>| {
@@ -54,7 +45,10 @@ fn assert_same(what: &str, got: &HashMap<String, Tensor>, want: &HashMap<String,
         let (g, w) = (&got[&k], &want[&k]);
         assert_eq!(g.dtype(), w.dtype(), "{what}: `{k}` dtype");
         assert_eq!(g.dims(), w.dims(), "{what}: `{k}` shape");
-        assert!(values(g) == values(w), "{what}: `{k}` differs");
+        assert!(
+            common::to_f64(g) == common::to_f64(w),
+            "{what}: `{k}` differs"
+        );
     }
     println!("{what}: {} tensors identical", want.len());
 }
@@ -133,7 +127,7 @@ fn diffusers_folder_with_pickles_and_shards_generates_the_same_images() {
     opts.seed = 3;
     let x = generate(&a, &opts, &mut |_| {}).unwrap();
     let y = generate(&b, &opts, &mut |_| {}).unwrap();
-    assert!(values(&x.latents) == values(&y.latents));
+    assert!(common::to_f64(&x.latents) == common::to_f64(&y.latents));
 
     // The fingerprint covers the shards: rewriting one changes it.
     let before = b.model_hash().unwrap();
@@ -194,7 +188,7 @@ fn pickled_layouts_read_as_torch_stores_them() {
     // Column-major storage (x.t()) comes back as the transpose.
     assert_eq!(t["xt"].dims(), &[4, 3]);
     let xt = t["x"].t().unwrap().contiguous().unwrap();
-    assert!(values(&t["xt"]) == values(&xt));
+    assert!(common::to_f64(&t["xt"]) == common::to_f64(&xt));
     // A view that starts inside the shared storage.
     assert_eq!(t["row"].to_vec1::<f32>().unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
 
