@@ -4,9 +4,9 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Writes `data` to `path` through a temporary file in the same folder and a
-/// rename, so a kill never leaves a half-written file behind.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+/// A temporary name beside `path` (same folder, created if missing) to write
+/// to and then rename over `path`.
+pub fn temp_beside(path: &Path) -> Result<std::path::PathBuf> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -15,7 +15,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    Ok(path.with_file_name(format!(".{name}.tmp{}", std::process::id())))
+}
+
+/// Writes `data` to `path` through a temporary file in the same folder and a
+/// rename, so a kill never leaves a half-written file behind.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path)?;
     std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -33,7 +33,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let single = args.out.extension().is_some_and(|e| e == "safetensors");
+    let single = export::is_single_file(&args.out);
     let dtype = match args.dtype {
         SaveDType::F32 => DType::F32,
         SaveDType::Fp16 => DType::F16,
@@ -52,12 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(vae) = &args.vae {
         model.set_vae(vae)?;
     }
-    if single {
-        export::save_single(&model, &args.out, dtype)?;
-        println!("wrote single-file checkpoint {}", args.out.display());
-    } else {
-        export::save_diffusers(&model, &args.out)?;
-        println!("wrote diffusers folder {}", args.out.display());
-    }
+    let what = export::save_to(&model, &args.out, dtype)?;
+    println!("wrote {what} {}", args.out.display());
     Ok(())
 }

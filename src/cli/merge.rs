@@ -31,12 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let f = merge_file(&mut model, path, *scale)?;
         println!("merged {}", describe(&f, *scale));
     }
-    if args.out.extension().is_some_and(|e| e == "safetensors") {
-        export::save_single(&model, &args.out, DType::F32)?;
-        println!("wrote single-file checkpoint {}", args.out.display());
-    } else {
-        export::save_diffusers(&model, &args.out)?;
-        println!("wrote diffusers folder {}", args.out.display());
-    }
+    let what = export::save_to(&model, &args.out, DType::F32)?;
+    println!("wrote {what} {}", args.out.display());
     Ok(())
 }

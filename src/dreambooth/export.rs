@@ -248,6 +248,24 @@ fn write_clip_tokenizer(tokenizer: &ClipTokenizer, dir: &Path) -> Result<()> {
     )
 }
 
+/// Whether `out` names a single file (`*.safetensors`) rather than a folder.
+pub fn is_single_file(out: &Path) -> bool {
+    out.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// Writes `model` to `out`: an original-layout single file in `dtype` when
+/// `out` ends in `.safetensors`, else a diffusers folder (f32). Returns what
+/// was written, for a message.
+pub fn save_to(model: &StableDiffusion, out: &Path, dtype: DType) -> Result<&'static str> {
+    if is_single_file(out) {
+        save_single(model, out, dtype)?;
+        Ok("single-file checkpoint")
+    } else {
+        save_diffusers(model, out)?;
+        Ok("diffusers folder")
+    }
+}
+
 /// Writes the original latent-diffusion layout (`model.diffusion_model.*`, ...)
 /// that A1111 / ComfyUI load, with our configs (and, for a non-standard
 /// vocabulary, the tokenizer) in the metadata.

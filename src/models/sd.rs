@@ -717,7 +717,7 @@ pub fn hash_files(files: &[(&str, PathBuf)]) -> Result<String> {
     // A shard index stands for itself and every shard it lists.
     let mut expanded = Vec::new();
     for (name, path) in files {
-        if path.to_string_lossy().ends_with(".index.json") {
+        if crate::nn::weights::is_index(path) {
             for p in crate::nn::WeightsReader::open(path)?.files() {
                 expanded.push((*name, p));
             }

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -61,34 +60,11 @@ pub struct Vb {
     prefix: String,
 }
 
-/// Reads every tensor of a safetensors file, converted to f32 on `device`.
+/// Reads every tensor of a safetensors file: floating point as f32, integers
+/// as stored, on `device` (files of other formats are refused; see
+/// [`super::weights::read_weights`] for those).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::reading(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let t = match view.dtype() {
-            safetensors::Dtype::F32
-            | safetensors::Dtype::F16
-            | safetensors::Dtype::BF16
-            | safetensors::Dtype::F64 => view.load(device)?.to_dtype(DType::F32)?,
-            safetensors::Dtype::I64 | safetensors::Dtype::U8 | safetensors::Dtype::U32 => {
-                view.load(device)?
-            }
-            d => {
-                return Err(Error::UnsupportedDType {
-                    path: path.to_path_buf(),
-                    key: name,
-                    dtype: format!("{d:?}"),
-                });
-            }
-        };
-        out.insert(name, t);
-    }
-    Ok(out)
+    super::weights::WeightsReader::open_safetensors(path)?.load_all(device)
 }
 
 impl Vb {
@@ -363,9 +339,6 @@ pub fn save_safetensors(
     path: &Path,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
     let failed = std::sync::Mutex::new(None);
     let views = tensors.iter().map(|(k, t)| {
         (
@@ -381,11 +354,7 @@ pub fn save_safetensors(
     });
     // Written beside `path` and renamed over it only once complete and right,
     // so a file already there survives any failure.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = crate::util::temp_beside(path)?;
     let written = safetensors::serialize_to_file(views, metadata, &tmp);
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
     let error = match (written, failed) {

@@ -61,7 +61,8 @@ fn magic(path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn is_index(path: &Path) -> bool {
+/// Whether `path` names a shard index (`*.index.json`).
+pub fn is_index(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.ends_with(".index.json"))
@@ -86,26 +87,37 @@ impl WeightsReader {
                  read; save it again with a newer torch or convert it to .safetensors",
             ))
         } else {
-            Self::open_safetensors(path)
+            Self::open_safetensors(path).map_err(|e| match e {
+                Error::Safetensors { path, msg }
+                    if path.extension().is_none_or(|e| e != "safetensors") =>
+                {
+                    Error::Safetensors {
+                        path,
+                        msg: format!("{msg} (nor is it a PyTorch zip pickle)"),
+                    }
+                }
+                e => e,
+            })
         }
     }
 
-    fn open_safetensors(path: &Path) -> Result<Self> {
+    /// A safetensors file, mapped; only its header is read here.
+    pub fn open_safetensors(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::reading(path, e))?;
+        let bad = |e: safetensors::SafeTensorError| Error::Safetensors {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
+        if file.metadata().map_err(|e| Error::io(path, e))?.len() == 0 {
+            // An empty file cannot be mapped; it is the format's own error.
+            return Err(bad(SafeTensors::read_metadata(&[])
+                .err()
+                .unwrap_or(safetensors::SafeTensorError::HeaderTooSmall)));
+        }
         // SAFETY: the map is only read; like candle's `MmapedSafetensors`, we
         // assume nobody truncates the file while it is being loaded.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            let hint = if path.extension().is_some_and(|e| e == "safetensors") {
-                String::new()
-            } else {
-                " (nor is it a PyTorch zip pickle)".to_string()
-            };
-            Error::Safetensors {
-                path: path.to_path_buf(),
-                msg: format!("{e}{hint}"),
-            }
-        })?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(bad)?;
         Ok(Self::Safetensors {
             path: path.to_path_buf(),
             map,
