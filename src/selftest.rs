@@ -5,8 +5,12 @@
 //! fused GroupNorm+SiLU, LayerNorm, softmax, GEGLU and attention (f32 and
 //! half) against the plain ops, the
 //! toy UNet's outputs and every weight gradient in f32 and in mixed precision
-//! (bf16 on a GPU, f16 on the CPU), and LoRA on a frozen base (only adapters
-//! get gradients, equal to the CPU's).
+//! (bf16 on a GPU, f16 on the CPU), the frozen-operand matmuls and LoRA on a
+//! frozen base (only adapters get gradients, equal to the CPU's).
+//!
+//! Its quick part is also the start-up check of every GPU run
+//! ([`preflight`]): a family of our paths that fails it on the machine at
+//! hand is sent back to candle's plain ops ([`kernel_paths`]).
 
 use std::collections::BTreeMap;
 
@@ -16,6 +20,7 @@ use rand::rngs::StdRng;
 
 use crate::models::UNet2DConditionModel;
 use crate::models::config::UNetConfig;
+use crate::nn::kernel_paths::{self, GpuPath};
 use crate::nn::{Precision, Vb};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Error, Result};
@@ -74,6 +79,9 @@ pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
     for c in conv_checks(device)? {
         push(c, log);
     }
+    for c in frozen_matmul_checks(device)? {
+        push(c, log);
+    }
     let half = if device.is_cpu() {
         Precision::F16
     } else {
@@ -97,6 +105,127 @@ pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
         push(c, log);
     }
     Ok(checks)
+}
+
+/// A family's comparisons on a device.
+type ChecksOf<'a> = dyn Fn(&Device) -> Result<Vec<Check>> + 'a;
+
+/// The start-up check's result on one device ([`preflight`]).
+#[derive(Clone, Debug, Default)]
+pub struct Preflight {
+    /// How many comparisons ran.
+    pub checks: usize,
+    /// The paths turned off, each with why (the failing check or the error).
+    pub turned_off: Vec<(GpuPath, String)>,
+    pub seconds: f64,
+}
+
+/// The quick part of [`run`] as a start-up check: each family of our GPU
+/// paths ([`GpuPath`]: the fused AdamW, the GEMM convolution backward, the
+/// fused norms/softmax/GEGLU and attention node in f32 and the half
+/// precision, the frozen-base matmuls) against the plain ops on the CPU, at
+/// small sizes (well under a second of GPU work). A family whose check fails
+/// or errors is turned off for the rest of the process
+/// ([`kernel_paths::turn_off`]): the run goes on, slower, on candle's
+/// plain ops. Runs the same comparisons on the CPU (where nothing it turns
+/// off applies), which is how `cargo test` exercises it.
+pub fn preflight(device: &Device) -> Preflight {
+    let start = std::time::Instant::now();
+    let half = if device.is_cpu() {
+        Precision::F16
+    } else {
+        Precision::Bf16
+    };
+    let fused = |d: &Device| -> Result<Vec<Check>> {
+        let mut c = fused_op_checks(d, Precision::F32)?;
+        c.extend(fused_op_checks(d, half)?);
+        Ok(c)
+    };
+    let families: [(GpuPath, &ChecksOf<'_>); 4] = [
+        (GpuPath::AdamW, &adamw_checks),
+        (GpuPath::Conv, &conv_checks),
+        (GpuPath::Fused, &fused),
+        (GpuPath::Frozen, &frozen_matmul_checks),
+    ];
+    let mut out = Preflight::default();
+    for (path, check) in families {
+        let outcome = check(device);
+        if let Ok(c) = &outcome {
+            out.checks += c.len();
+        }
+        if let Some(why) = failure(&outcome) {
+            kernel_paths::turn_off(path);
+            out.turned_off.push((path, why));
+        }
+    }
+    out.seconds = start.elapsed().as_secs_f64();
+    out
+}
+
+/// Why a family's checks did not pass (the first failing check with its
+/// error, or the error that stopped them; its first line), or `None`.
+pub fn failure(outcome: &Result<Vec<Check>>) -> Option<String> {
+    match outcome {
+        Ok(checks) => checks.iter().find(|c| !c.passed()).map(|c| {
+            format!(
+                "{}: relative error {:.2e} over the tolerance {:.0e}",
+                c.name, c.rel_err, c.tol
+            )
+        }),
+        Err(e) => Some(e.to_string().lines().next().unwrap_or("").to_string()),
+    }
+}
+
+/// A frozen right operand times a tracked left one (`nn::lora::matmul`,
+/// LoRA's base linear layers) and a frozen weight times a tracked batch
+/// (`frozen_weight_bmm`, its 1×1 convolutions) on `device`: outputs and the
+/// tracked operand's gradient against plain matmuls on the CPU.
+fn frozen_matmul_checks(device: &Device) -> Result<Vec<Check>> {
+    use crate::nn::lora::{frozen_weight_bmm, matmul};
+    let grad_of = |y: &Tensor, x: &Var, seed: u64| -> Result<Tensor> {
+        let r = randn(seed, y.dims(), &y.device().clone())?;
+        let g = (y * r)?.sum_all()?.backward()?;
+        Ok(g.get(x)
+            .ok_or_else(|| Error::msg("frozen matmul: the tracked operand got no gradient"))?
+            .clone())
+    };
+    let run = |dev: &Device, ours: bool| -> Result<[Tensor; 4]> {
+        let x = Var::from_tensor(&randn(80, &[74, 48], dev)?)?;
+        let w = randn(81, &[48, 20], dev)?;
+        let y = if ours {
+            matmul(x.as_tensor(), &w)?
+        } else {
+            x.as_tensor().matmul(&w)?
+        };
+        let gx = grad_of(&y, &x, 82)?;
+        let xb = Var::from_tensor(&randn(83, &[2, 48, 37], dev)?)?;
+        let wb = randn(84, &[20, 48], dev)?;
+        let yb = if ours {
+            frozen_weight_bmm(&wb, xb.as_tensor())?
+        } else {
+            wb.broadcast_matmul(xb.as_tensor())?
+        };
+        let gb = grad_of(&yb, &xb, 85)?;
+        Ok([y, gx, yb, gb])
+    };
+    let ours = run(device, true)?;
+    let want = run(&Device::Cpu, false)?;
+    let mut worst = [0f64; 2];
+    for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+        worst[i % 2] = worst[i % 2].max(rel_err(a, b)?);
+    }
+    Ok(vec![
+        Check {
+            name: "frozen-operand matmuls vs plain matmul on the CPU: output".into(),
+            rel_err: worst[0],
+            tol: 1e-5,
+        },
+        Check {
+            name: "frozen-operand matmuls vs plain matmul on the CPU: gradient".into(),
+            rel_err: worst[1],
+            tol: 1e-5,
+        },
+    ])
 }
 
 fn randn(seed: u64, dims: &[usize], device: &Device) -> Result<Tensor> {

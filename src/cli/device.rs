@@ -4,8 +4,16 @@ use anyhow::{Context, bail};
 use candle_core::{Device, DeviceLocation};
 
 /// `auto` (the default: the first GPU when the binary was built with the
-/// `cuda` feature and one opens, else the CPU), `cpu`, `cuda` or `cuda:N`.
+/// `cuda` feature and one opens, else the CPU), `cpu`, `cuda` or `cuda:N`;
+/// a GPU has passed the start-up check of our kernels ([`preflight`]).
 pub fn select(spec: Option<&str>) -> anyhow::Result<Device> {
+    let device = open(spec)?;
+    preflight(&device);
+    Ok(device)
+}
+
+/// [`select`] without the start-up check (`selftest` runs every check itself).
+pub fn open(spec: Option<&str>) -> anyhow::Result<Device> {
     let spec = spec.unwrap_or("auto");
     let cuda = |ordinal: usize| {
         Device::new_cuda(ordinal).with_context(|| {
@@ -44,5 +52,31 @@ pub fn describe(device: &Device) -> String {
         DeviceLocation::Cpu => "cpu".into(),
         DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// On a CUDA device, checks our GPU paths against the CPU once
+/// (`dreambooth::selftest::preflight`, well under a second) and warns about
+/// any it sends back to candle's plain ops; the CPU needs no check.
+/// `DREAMBOOTH_NO_PREFLIGHT=1` skips it.
+pub fn preflight(device: &Device) {
+    if !device.is_cuda() || std::env::var_os("DREAMBOOTH_NO_PREFLIGHT").is_some() {
+        return;
+    }
+    let p = dreambooth::selftest::preflight(device);
+    let name = describe(device);
+    if p.turned_off.is_empty() {
+        eprintln!(
+            "# {name}: our CUDA kernels passed their start-up check ({} comparisons, {:.1} s)",
+            p.checks, p.seconds
+        );
+    }
+    for (path, why) in &p.turned_off {
+        eprintln!(
+            "warning: {name}: the {} failed its start-up check ({why}); using candle's plain ops \
+             instead (correct, slower). `dreambooth selftest --device {name}` shows every check; \
+             please report it with that output.",
+            path.describe()
+        );
     }
 }

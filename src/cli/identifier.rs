@@ -26,6 +26,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = Device::cuda_if_available(0)?;
+    super::device::preflight(&device);
     let model = StableDiffusion::load(&args.model, &device, LoadOptions::default())?;
     let opts = IdentifierOptions {
         max_chars: args.max_chars,

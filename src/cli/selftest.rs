@@ -13,7 +13,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = super::device::select(Some(&args.device))?;
+    let device = super::device::open(Some(&args.device))?;
     println!("selftest on {}", super::device::describe(&device));
     let checks = dreambooth::selftest::run(&device, &mut |l| println!("  {l}"))?;
     let failed: Vec<&str> = checks

@@ -92,7 +92,9 @@ impl Conv2d {
             let o = weight.dim(0)?;
             let w2 = weight.reshape((o, c))?;
             let x2 = x.reshape((b, c, h * w))?;
-            if !w2.track_op() && x2.track_op() {
+            let frozen_path = !(x.device().is_cuda()
+                && super::kernel_paths::turned_off(super::kernel_paths::GpuPath::Frozen));
+            if !w2.track_op() && x2.track_op() && frozen_path {
                 // A frozen weight (LoRA's base): no weight gradient computed.
                 super::lora::frozen_weight_bmm(&w2, &x2)?.reshape((b, o, h, w))?
             } else {

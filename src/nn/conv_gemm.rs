@@ -249,5 +249,5 @@ pub fn enabled() -> bool {
     static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !*CANDLE.get_or_init(|| {
         std::env::var("DREAMBOOTH_GPU_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("candle"))
-    })
+    }) && !super::kernel_paths::turned_off(super::kernel_paths::GpuPath::Conv)
 }

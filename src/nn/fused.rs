@@ -44,6 +44,7 @@ pub fn use_gpu_kernels(x: &Tensor) -> bool {
         && x.device().is_cuda()
         && super::gpu_plan::suffix(x.dtype()).is_some()
         && !disabled()
+        && !super::kernel_paths::turned_off(super::kernel_paths::GpuPath::Fused)
 }
 
 /// `DREAMBOOTH_NO_FUSED` is set: plain candle ops instead of our kernels

@@ -187,7 +187,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         && a.dim(1)? == b.dim(0)?
         && a.dtype() == b.dtype()
         && ((b.device().is_cpu() && super::fused::use_fused(a))
-            || (cfg!(feature = "cuda") && a.device().is_cuda() && b.device().is_cuda()));
+            || (cfg!(feature = "cuda")
+                && a.device().is_cuda()
+                && b.device().is_cuda()
+                && !super::kernel_paths::turned_off(super::kernel_paths::GpuPath::Frozen)));
     if ta != tb && fits {
         if ta {
             a.apply_op1(FrozenMatmul {

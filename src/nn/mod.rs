@@ -14,6 +14,7 @@ pub mod fused;
 mod gemm;
 pub mod gpu_plan;
 pub mod im2col;
+pub mod kernel_paths;
 pub mod layout;
 pub mod linear;
 mod linear_cpu;

@@ -299,6 +299,7 @@ fn fused_applies(slot: &Slot, g: &Tensor) -> bool {
 #[cfg(feature = "cuda")]
 fn cuda_applies(slot: &Slot, g: &Tensor) -> bool {
     !crate::nn::fused::disabled()
+        && !crate::nn::kernel_paths::turned_off(crate::nn::kernel_paths::GpuPath::AdamW)
         && crate::cuda::adamw::applies(slot.var.as_tensor(), &slot.m, &slot.v, g)
 }
 

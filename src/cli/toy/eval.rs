@@ -78,6 +78,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         None => find_tiny_model()?,
     };
     let device = Device::cuda_if_available(0)?;
+    crate::cli::device::preflight(&device);
     let model = StableDiffusion::load(&model_path, &device, LoadOptions::default())?;
     let prompts = world_prompts((!a.all_prompts).then_some(a.prompts), a.seed);
     if prompts.is_empty() {
