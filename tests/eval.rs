@@ -289,8 +289,14 @@ fn bench_paper_runs_end_to_end_on_the_tiny_model() {
         guidance: 5.0,
         seed: 0,
         out: root.join("out"),
+        ..Default::default()
     };
-    let (rows, table) = run_paper(&opts, &enc, "dreambooth bench paper ...", &mut |_| {}).unwrap();
+    let mut log = Vec::new();
+    let (rows, table) = run_paper(&opts, &enc, "dreambooth bench paper ...", &mut |l| {
+        log.push(l.to_string())
+    })
+    .unwrap();
+    assert!(!log.iter().any(|l| l.contains("earlier run")), "{log:?}");
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].result.images.len(), 4);
     assert_eq!(table.subjects, 2);
@@ -309,6 +315,45 @@ fn bench_paper_runs_end_to_end_on_the_tiny_model() {
     );
     assert!(opts.out.join("spot_ball/report/index.html").is_file());
     assert!(opts.out.join("puppy/generated/p01-1.png").is_file());
+
+    // A second run with the same settings reuses both subjects' records; one
+    // with other settings, or --redo, trains again.
+    let rerun = |o: &PaperOptions| {
+        let mut log = Vec::new();
+        let (rows, _) = run_paper(o, &enc, "dreambooth bench paper ...", &mut |l| {
+            log.push(l.to_string())
+        })
+        .unwrap();
+        let reused = log.iter().filter(|l| l.contains("earlier run")).count();
+        (rows, reused)
+    };
+    let (again, reused) = rerun(&opts);
+    assert_eq!(reused, 2);
+    assert_eq!(again.len(), 2);
+    for (a, b) in again.iter().zip(&rows) {
+        assert_eq!(a.subject.name, b.subject.name);
+        assert_eq!(a.result.scores.dino, b.result.scores.dino);
+        assert_eq!(a.result.images.len(), b.result.images.len());
+    }
+    let md_again = std::fs::read_to_string(opts.out.join("paper.md")).unwrap();
+    assert_eq!(md_again, md);
+    let mut other = opts.clone();
+    other.subjects = vec!["puppy".into()];
+    other.steps = 3;
+    assert_eq!(rerun(&other).1, 0);
+    // Puppy's record now holds the 3-step settings: the 2-step run trains it again.
+    let mut back = opts.clone();
+    back.subjects = vec!["puppy".into()];
+    assert_eq!(rerun(&back).1, 0);
+    let mut redo = opts.clone();
+    redo.subjects = vec!["spot_ball".into()];
+    redo.redo = true;
+    assert_eq!(rerun(&redo).1, 0);
+    // A damaged record is not reused.
+    std::fs::write(opts.out.join("spot_ball/subject.json"), "{").unwrap();
+    let mut one = opts.clone();
+    one.subjects = vec!["spot_ball".into()];
+    assert_eq!(rerun(&one).1, 0);
     // A subject that is not in the dataset.
     let mut bad = opts.clone();
     bad.subjects = vec!["unicorn".into()];

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use dreambooth::eval::report::{ReportImages, write_report};
 use dreambooth::eval::run::{Encoders, EvalInputs, evaluate, read_generated, read_images};
 
@@ -33,10 +32,14 @@ pub struct Args {
     /// Output folder: metrics.json, metrics.md, index.html.
     #[arg(long, default_value = "eval-report")]
     pub out: PathBuf,
+    /// Where the encoders run: auto (a GPU when the binary has the `cuda`
+    /// feature and one opens), cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let device = Device::Cpu;
+    let device = super::device::select(a.device.as_deref())?;
     let command = super::command_line();
     let real = read_images(&a.real)?;
     let generated = read_generated(&a.generated, a.prompts.as_deref())?;

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use dreambooth::eval::paper::{PaperOptions, method_name, run_paper, table_markdown};
 use dreambooth::eval::run::Encoders;
 
@@ -57,10 +56,24 @@ pub struct Args {
     pub encoders: super::EncoderArgs,
     #[arg(long, default_value = "paper-out")]
     pub out: PathBuf,
+    /// A VAE in place of the model's (folder or file, as `train --vae`).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Training's compute dtype: no, fp16 or bf16 (bf16 needs a GPU).
+    #[arg(long, default_value = "no")]
+    pub mixed_precision: String,
+    /// auto (a GPU when the binary has the `cuda` feature and one opens),
+    /// cpu, cuda or cuda:N: training, generation and the encoders.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Train every subject again, even those an earlier run into the same
+    /// --out finished with the same settings (by default they are reused).
+    #[arg(long)]
+    pub redo: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let device = Device::Cpu;
+    let device = super::device::select(a.device.as_deref())?;
     let command = super::command_line();
     let enc = Encoders::load(&a.encoders.paths(), &device)?;
     let tiny = a.model.is_none();
@@ -87,6 +100,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         guidance: a.guidance,
         seed: a.seed,
         out: a.out,
+        vae: a.vae,
+        mixed_precision: a.mixed_precision,
+        device,
+        redo: a.redo,
     };
     let (_rows, table) = run_paper(&opts, &enc, &command, &mut |l| println!("{l}"))?;
     println!("\n{command}\n");

@@ -13,10 +13,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::report::{ReportImages, write_report};
-use super::run::{Encoders, EvalInputs, EvalResult, LabeledImage, evaluate, read_images};
+use super::run::{
+    EncoderPaths, Encoders, EvalInputs, EvalResult, LabeledImage, evaluate, read_images,
+};
 use crate::diffusion::{GenerateOptions, SamplerKind, generate};
 use crate::dreambooth::config::TrainConfig;
 use crate::dreambooth::trainer::{Events, StepInfo, load_model, train_model};
@@ -30,7 +32,7 @@ use crate::{Error, Result};
 pub const LIVE_CLASSES: [&str; 2] = ["dog", "cat"];
 
 /// One subject of the dataset.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PaperSubject {
     pub name: String,
     pub class: String,
@@ -219,9 +221,77 @@ pub struct PaperOptions {
     pub guidance: f64,
     pub seed: u64,
     pub out: PathBuf,
+    /// A VAE in place of the model's (as `train --vae`).
+    pub vae: Option<PathBuf>,
+    /// Training's compute dtype (`no`, `fp16`, `bf16`; as `train --mixed-precision`).
+    pub mixed_precision: String,
+    /// Where training, generation and the encoders run.
+    pub device: Device,
+    /// Train and evaluate every subject again, even those an earlier run
+    /// with the same settings finished.
+    pub redo: bool,
+}
+
+impl Default for PaperOptions {
+    /// The command line's defaults, on the CPU with the bundled tiny model.
+    fn default() -> Self {
+        Self {
+            dataset: PathBuf::new(),
+            model: None,
+            lora: false,
+            lora_rank: 4,
+            subjects: Vec::new(),
+            identifier: "sks".into(),
+            images_per_prompt: 4,
+            prompts_limit: None,
+            class_images_per_subject: 8,
+            steps: 800,
+            learning_rate: 5e-5,
+            num_class_images: 200,
+            train_text_encoder: false,
+            resolution: None,
+            sample_steps: 50,
+            guidance: 7.5,
+            seed: 0,
+            out: PathBuf::from("paper-out"),
+            vae: None,
+            mixed_precision: "no".into(),
+            device: Device::Cpu,
+            redo: false,
+        }
+    }
 }
 
 impl PaperOptions {
+    /// What a subject's figures depend on: a subject whose record
+    /// (`<out>/<subject>/subject.json`) holds the same settings is reused
+    /// instead of trained again. (The device is not among them.)
+    pub fn settings(&self, encoders: &EncoderPaths) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.model,
+            "vae": self.vae,
+            "lora": self.lora,
+            "lora_rank": self.lora_rank,
+            "identifier": self.identifier,
+            "images_per_prompt": self.images_per_prompt,
+            "prompts_limit": self.prompts_limit,
+            "class_images_per_subject": self.class_images_per_subject,
+            "steps": self.steps,
+            "learning_rate": self.learning_rate,
+            "num_class_images": self.num_class_images,
+            "train_text_encoder": self.train_text_encoder,
+            "resolution": self.resolution,
+            "sample_steps": self.sample_steps,
+            "guidance": self.guidance,
+            "seed": self.seed,
+            "mixed_precision": self.mixed_precision,
+            "dino": encoders.dino,
+            "clip": encoders.clip,
+            "clip_tokenizer": encoders.clip_tokenizer,
+            "lpips": encoders.lpips,
+        })
+    }
+
     pub fn instance_prompt(&self, s: &PaperSubject) -> String {
         format!("a photo of {} {}", self.identifier, s.class)
     }
@@ -232,7 +302,7 @@ impl PaperOptions {
 }
 
 /// One subject's figures.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SubjectRow {
     pub subject: PaperSubject,
     pub train_seconds: f64,
@@ -376,12 +446,29 @@ pub fn run_paper(
 ) -> Result<(Vec<SubjectRow>, PaperTable)> {
     let ds = PaperDataset::load(&opts.dataset)?;
     let subjects = ds.select(&opts.subjects)?;
-    let device = Device::Cpu;
+    let device = opts.device.clone();
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let settings = opts.settings(&enc.paths);
     let mut rows = Vec::new();
     for (si, s) in subjects.iter().enumerate() {
         let t0 = Instant::now();
         let sdir = opts.out.join(&s.name);
+        let record = sdir.join(SUBJECT_RECORD);
+        if !opts.redo
+            && let Some(row) = reusable(&record, &settings, s)
+        {
+            log(&format!(
+                "[{}/{}] {} ({}): done by an earlier run with these settings ({}; --redo trains it again)",
+                si + 1,
+                subjects.len(),
+                s.name,
+                s.class,
+                record.display()
+            ));
+            rows.push(row);
+            write_summary(opts, &rows, command)?;
+            continue;
+        }
         let cfg = TrainConfig {
             model: opts.model.clone(),
             instance_dir: ds.dir.join(&s.name),
@@ -391,6 +478,8 @@ pub fn run_paper(
             with_prior_preservation: true,
             num_class_images: opts.num_class_images,
             output_dir: sdir.join("run"),
+            vae: opts.vae.clone(),
+            mixed_precision: opts.mixed_precision.clone(),
             resolution: opts.resolution,
             center_crop: true,
             random_flip: true,
@@ -501,18 +590,45 @@ pub fn run_paper(
             train_seconds,
             generate_seconds
         ));
-        rows.push(SubjectRow {
+        let row = SubjectRow {
             subject: s.clone(),
             train_seconds,
             generate_seconds,
             result,
             report: files.html,
-        });
-        // Keep the partial table current, so an interrupted run loses nothing.
+        };
+        // The subject's record, then the partial table: an interrupted run
+        // loses at most the subject it was on, and a rerun starts there.
+        let json = serde_json::to_string_pretty(&serde_json::json!({
+            "settings": settings,
+            "row": row,
+        }))
+        .map_err(|e| Error::msg(format!("serializing {}: {e}", record.display())))?;
+        write_atomic(&record, json.as_bytes())?;
+        rows.push(row);
         write_summary(opts, &rows, command)?;
     }
     let table = PaperTable::from_rows(&rows);
     Ok((rows, table))
+}
+
+/// The file in a subject's folder that records its finished row and the
+/// settings it was made with.
+pub const SUBJECT_RECORD: &str = "subject.json";
+
+/// The row of `record` when it exists, parses, was made with `settings` for
+/// this subject and its report is still there; `None` otherwise (the subject
+/// is trained again).
+fn reusable(record: &Path, settings: &serde_json::Value, s: &PaperSubject) -> Option<SubjectRow> {
+    #[derive(Deserialize)]
+    struct Record {
+        settings: serde_json::Value,
+        row: SubjectRow,
+    }
+    let text = std::fs::read_to_string(record).ok()?;
+    let r: Record = serde_json::from_str(&text).ok()?;
+    (r.settings == *settings && r.row.subject.name == s.name && r.row.report.is_file())
+        .then_some(r.row)
 }
 
 /// The method's name in the table.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::metrics;
 use super::preprocess::ImageProcessor;
@@ -365,7 +365,7 @@ pub(crate) fn file_name(p: &Path) -> String {
 }
 
 /// One generated image's scores.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageScores {
     pub file: String,
     pub prompt: String,
@@ -378,7 +378,7 @@ pub struct ImageScores {
 }
 
 /// One prompt's scores (means over its images).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PromptScores {
     pub prompt: String,
     /// The text CLIP-T compared against (the identifier removed).
@@ -392,7 +392,7 @@ pub struct PromptScores {
 }
 
 /// A class-prompt generation's similarity to the subject.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClassImageScores {
     pub file: String,
     pub prompt: String,
@@ -400,7 +400,7 @@ pub struct ClassImageScores {
 }
 
 /// The headline figures.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Scores {
     pub dino: f64,
     pub clip_i: f64,
@@ -414,7 +414,7 @@ pub struct Scores {
 }
 
 /// The real photos compared among themselves (the paper's "Real images" row).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RealScores {
     pub images: usize,
     pub dino: Option<f64>,
@@ -422,7 +422,7 @@ pub struct RealScores {
 }
 
 /// Everything `dreambooth eval` measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalResult {
     pub real_dir: PathBuf,
     pub generated_dir: PathBuf,
