@@ -65,14 +65,26 @@ impl Arch {
     }
 
     /// The architecture's VAE and text encoder configs (random weights), for
-    /// the whole step with encoding: SD 1.5's (CLIP ViT-L/14's text tower) or
-    /// the tiny model's.
-    pub fn encoder_configs(&self) -> Result<(serde_json::Value, serde_json::Value)> {
+    /// the whole step with encoding and for `bench sample`: SD 1.5's (CLIP
+    /// ViT-L/14's text tower), SDXL base's (with OpenCLIP ViT-bigG/14's as the
+    /// second encoder), the tiny model's, or for a UNet config in a diffusers
+    /// folder (`model/unet/config.json`) the folder's `vae/`, `text_encoder/`
+    /// and `text_encoder_2/` configs.
+    pub fn encoder_configs(&self) -> Result<EncoderConfigs> {
         match self {
-            Arch::Sd15 => Ok((sd15_vae_config(), sd15_text_encoder_config())),
-            Arch::Toy => Ok((
-                crate::toy::pretrain::vae_config(),
-                json!({
+            Arch::Sd15 => Ok(EncoderConfigs {
+                vae: sd15_vae_config(),
+                text: sd15_text_encoder_config(),
+                text_2: None,
+            }),
+            Arch::Sdxl => Ok(EncoderConfigs {
+                vae: sdxl_vae_config(),
+                text: sd15_text_encoder_config(),
+                text_2: Some(sdxl_text_encoder_2_config()),
+            }),
+            Arch::Toy => Ok(EncoderConfigs {
+                vae: crate::toy::pretrain::vae_config(),
+                text: json!({
                     "vocab_size": 1024,
                     "hidden_size": 64,
                     "intermediate_size": 256,
@@ -85,14 +97,33 @@ impl Arch {
                     "eos_token_id": 2,
                     "pad_token_id": 2
                 }),
-            )),
-            Arch::Config(p) => Err(Error::msg(format!(
-                "--with-encoders needs --arch sd15 or toy (no VAE or text encoder config beside {})",
-                p.display()
-            ))),
-            Arch::Sdxl => Err(Error::msg(
-                "--with-encoders needs --arch sd15 or toy (SDXL's two text encoders are not built here)",
-            )),
+                text_2: None,
+            }),
+            Arch::Config(p) => {
+                // A UNet config inside a diffusers folder: its siblings'.
+                let root = p.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+                let read = |c: &str| -> Result<serde_json::Value> {
+                    let f = root.join(c).join("config.json");
+                    if !f.is_file() {
+                        return Err(Error::msg(format!(
+                            "--with-encoders with --arch {}: no {} (the encoders' configs come from \
+                             the UNet config's diffusers folder; or use --arch sd15, sdxl or toy)",
+                            p.display(),
+                            f.display()
+                        )));
+                    }
+                    crate::util::read_json(&f)
+                };
+                Ok(EncoderConfigs {
+                    vae: read("vae")?,
+                    text: read("text_encoder")?,
+                    text_2: if root.join("text_encoder_2").is_dir() {
+                        Some(read("text_encoder_2")?)
+                    } else {
+                        None
+                    },
+                })
+            }
         }
     }
 
@@ -146,6 +177,43 @@ pub fn sdxl_unet_config() -> serde_json::Value {
         "projection_class_embeddings_input_dim": 2816,
         "flip_sin_to_cos": true,
         "freq_shift": 0
+    })
+}
+
+/// The frozen models around an architecture's UNet, as config JSON.
+#[derive(Clone, Debug)]
+pub struct EncoderConfigs {
+    pub vae: serde_json::Value,
+    pub text: serde_json::Value,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`).
+    pub text_2: Option<serde_json::Value>,
+}
+
+/// SDXL base's `vae/config.json` (SD's architecture, another scaling factor).
+pub fn sdxl_vae_config() -> serde_json::Value {
+    let mut v = sd15_vae_config();
+    v["sample_size"] = json!(1024);
+    v["scaling_factor"] = json!(0.13025);
+    v
+}
+
+/// SDXL base's `text_encoder_2/config.json` (OpenCLIP ViT-bigG/14's text
+/// tower with its projection).
+pub fn sdxl_text_encoder_2_config() -> serde_json::Value {
+    json!({
+        "architectures": ["CLIPTextModelWithProjection"],
+        "vocab_size": 49408,
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 1280,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1
     })
 }
 
@@ -356,11 +424,13 @@ pub fn gpu_memory_in_use(device: &Device) -> Option<u64> {
     }
 }
 
-/// The frozen VAE and text encoder of the whole step, with the batch's
+/// The frozen VAE and text encoder(s) of the whole step, with the batch's
 /// pixels and token ids.
 struct Encoders {
     vae: crate::models::vae::AutoencoderKL,
     text: crate::models::clip_text::ClipTextModel,
+    /// SDXL's second text encoder and its ids.
+    text_2: Option<(crate::models::clip_text::ClipTextModel, Tensor)>,
     pixels: Tensor,
     ids: Tensor,
 }
@@ -373,51 +443,80 @@ impl Encoders {
         len: usize,
         ctx_dim: usize,
     ) -> Result<Self> {
-        let (vae_json, text_json) = opts.arch.encoder_configs()?;
-        let vae_cfg: crate::models::vae::VaeConfig = parse_config(vae_json, "VAE")?;
-        let text_cfg: crate::models::clip_text::ClipTextConfig =
-            parse_config(text_json, "text encoder")?;
-        if text_cfg.hidden_size != ctx_dim || text_cfg.max_position_embeddings < len {
+        use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+        let configs = opts.arch.encoder_configs()?;
+        let vae_cfg: crate::models::vae::VaeConfig = parse_config(configs.vae, "VAE")?;
+        let text_cfg: ClipTextConfig = parse_config(configs.text, "text encoder")?;
+        let text_2_cfg: Option<ClipTextConfig> = configs
+            .text_2
+            .map(|v| parse_config(v, "second text encoder"))
+            .transpose()?;
+        let width = text_cfg.hidden_size + text_2_cfg.as_ref().map_or(0, |c| c.hidden_size);
+        let positions = text_cfg.max_position_embeddings.min(
+            text_2_cfg
+                .as_ref()
+                .map_or(usize::MAX, |c| c.max_position_embeddings),
+        );
+        if width != ctx_dim || positions < len {
             return Err(Error::msg(format!(
-                "the text encoder ({} wide, {} positions) does not fit the UNet's context ({ctx_dim} wide, {len} tokens)",
-                text_cfg.hidden_size, text_cfg.max_position_embeddings
+                "the text encoder(s) ({width} wide, {positions} positions) do not fit the UNet's context ({ctx_dim} wide, {len} tokens)"
             )));
         }
         // Frozen, in the compute dtype (as the trainer keeps them).
         let build = |vb: &Vb| -> Result<_> {
             Ok((
                 crate::models::vae::AutoencoderKL::new(&vb.pp("vae"), &vae_cfg)?,
-                crate::models::clip_text::ClipTextModel::new(&vb.pp("text"), &text_cfg)?,
+                ClipTextModel::new(&vb.pp("text"), &text_cfg)?,
+                text_2_cfg
+                    .as_ref()
+                    .map(|c| ClipTextModel::new_with_projection(&vb.pp("text_2"), c))
+                    .transpose()?,
             ))
         };
         let dtype = opts.precision.dtype();
         let vb = Vb::random_frozen(opts.seed + 1, device, dtype, |vb| build(vb).map(drop))?;
-        let (vae, text) = build(&vb)?;
+        let (vae, text, text_2) = build(&vb)?;
         let mut rng = StdRng::seed_from_u64(opts.seed + 2);
         let pixels = randn(&mut rng, &[b, 3, opts.res, opts.res], device)?.clamp(-1f32, 1f32)?;
-        let ids: Vec<u32> = (0..b * len)
-            .map(|_| rng.random_range(0..text_cfg.vocab_size as u32))
-            .collect();
-        let ids = Tensor::from_vec(ids, (b, len), device)?;
+        let mut ids = |vocab: usize| -> Result<Tensor> {
+            let v: Vec<u32> = (0..b * len)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect();
+            Ok(Tensor::from_vec(v, (b, len), device)?)
+        };
+        let ids_1 = ids(text_cfg.vocab_size)?;
+        let text_2 = match (text_2, &text_2_cfg) {
+            (Some(m), Some(c)) => Some((m, ids(c.vocab_size)?)),
+            _ => None,
+        };
         Ok(Self {
             vae,
             text,
+            text_2,
             pixels,
-            ids,
+            ids: ids_1,
         })
     }
 
-    /// (scaled latents sampled from the posterior, text hidden states).
+    /// (scaled latents sampled from the posterior, the text conditioning:
+    /// SDXL's is both encoders' penultimate states and the pooled projection,
+    /// as the trainer encodes it).
     fn encode(
         &self,
         rng: &mut StdRng,
         precision: crate::nn::Precision,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, crate::models::sd::PromptEmbeds)> {
         let post = self.vae.encode(&precision.cast(&self.pixels)?)?;
         let noise = randn(rng, post.mode().dims(), self.pixels.device())?;
         let z = (post.sample(&precision.cast(&noise)?)? * self.vae.scaling_factor())?;
-        let ctx = self.text.forward(&self.ids)?;
-        Ok((z.to_dtype(DType::F32)?.detach(), ctx.detach()))
+        let embeds = crate::models::sd::encode_ids(
+            &self.text,
+            self.text_2.as_ref().map(|(m, _)| m),
+            &self.ids,
+            self.text_2.as_ref().map(|(_, ids)| ids),
+            0,
+        )?;
+        Ok((z.to_dtype(DType::F32)?.detach(), embeds.detach()))
     }
 }
 
@@ -449,7 +548,14 @@ pub fn bench_step(
     device: &Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<StepBenchReport> {
-    let f = opts.arch.vae_factor();
+    let f = if opts.with_encoders {
+        // The VAE that encodes the batch sets the latent size.
+        let vae: crate::models::vae::VaeConfig =
+            parse_config(opts.arch.encoder_configs()?.vae, "VAE")?;
+        vae.downscale_factor()
+    } else {
+        opts.arch.vae_factor()
+    };
     if !opts.res.is_multiple_of(f) || opts.res == 0 {
         return Err(Error::msg(format!(
             "--res {} is not a positive multiple of {f}",
@@ -555,9 +661,19 @@ pub fn bench_step(
         let c0 = process_cpu_seconds();
         let warm = crate::nn::cpu::KeepWarm::start();
         let te = Instant::now();
-        let (x, ctx) = match &encoders {
-            Some(e) => e.encode(&mut rng, opts.precision)?,
-            None => (x.clone(), ctx.clone()),
+        let (x, ctx, added) = match &encoders {
+            Some(e) => {
+                let (z, embeds) = e.encode(&mut rng, opts.precision)?;
+                let added = match &embeds.pooled {
+                    Some(p) => {
+                        let r = opts.res as f32;
+                        Some(crate::models::AddedCond::new(p, [r, r, 0.0, 0.0, r, r])?)
+                    }
+                    None => added.clone(),
+                };
+                (z, embeds.context, added)
+            }
+            None => (x.clone(), ctx.clone(), added.clone()),
         };
         device.synchronize()?;
         let t0 = Instant::now();
@@ -667,9 +783,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct SampleBenchOptions {
     /// A diffusers folder or single-file checkpoint (the bundled tiny model by default).
     pub model: std::path::PathBuf,
-    /// Instead of `model`: SD 1.5's architecture with random weights
-    /// ([`StableDiffusion::random`], 512 px).
-    pub random_sd15: bool,
+    /// Instead of `model`: SD 1.5's (512 px) or SDXL base's (1024 px)
+    /// architecture with random weights ([`StableDiffusion::random`]).
+    pub random: Option<Arch>,
     pub prompt: String,
     /// Images generated in the timed run.
     pub images: usize,
@@ -719,17 +835,31 @@ pub fn bench_sample(
         ));
     }
     let t0 = Instant::now();
-    let mut model = if opts.random_sd15 {
-        StableDiffusion::random(
-            "sd15 (random weights)",
-            &parse_config(sd15_unet_config(), "SD 1.5 UNet")?,
-            &parse_config(sd15_text_encoder_config(), "SD 1.5 text encoder")?,
-            &parse_config(sd15_vae_config(), "SD 1.5 VAE")?,
-            device,
-            opts.seed,
-        )?
-    } else {
-        StableDiffusion::load(&opts.model, device, LoadOptions::default())?
+    let mut model = match &opts.random {
+        Some(arch @ (Arch::Sd15 | Arch::Sdxl)) => {
+            let c = arch.encoder_configs()?;
+            let name = arch.name();
+            let text_2: Option<crate::models::clip_text::ClipTextConfig> = c
+                .text_2
+                .map(|v| parse_config(v, &format!("{name} second text encoder")))
+                .transpose()?;
+            StableDiffusion::random(
+                &format!("{name} (random weights)"),
+                &parse_config(arch.config_json()?, &format!("{name} UNet"))?,
+                &parse_config(c.text, &format!("{name} text encoder"))?,
+                text_2.as_ref(),
+                &parse_config(c.vae, &format!("{name} VAE"))?,
+                device,
+                opts.seed,
+            )?
+        }
+        Some(other) => {
+            return Err(Error::msg(format!(
+                "bench sample: no random-weight model for --arch {} (sd15 or sdxl)",
+                other.name()
+            )));
+        }
+        None => StableDiffusion::load(&opts.model, device, LoadOptions::default())?,
     };
     model.set_unet_precision(opts.precision)?;
     let load_seconds = t0.elapsed().as_secs_f64();

@@ -34,7 +34,8 @@ pub struct SampleArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// `sd15`: Stable Diffusion 1.5's architecture (UNet, VAE, CLIP ViT-L/14
-    /// text tower) with random weights at 512 px, instead of --model.
+    /// text tower) with random weights at 512 px, instead of --model; `sdxl`:
+    /// SDXL base's (both text encoders) at 1024 px.
     #[arg(long, conflicts_with = "model")]
     pub arch: Option<String>,
     /// With --arch: weights are drawn at random (the only mode; accepted for clarity).
@@ -97,7 +98,7 @@ pub struct StepArgs {
     pub lora_targets: String,
     /// The whole step: also encode the batch's pixels with the VAE and its
     /// prompts with the text encoder (frozen, random weights, in the compute
-    /// dtype; --arch sd15 or toy), timed as `encode`.
+    /// dtype; --arch sd15, sdxl (both text encoders) or toy), timed as `encode`.
     #[arg(long)]
     with_encoders: bool,
     /// Recompute every UNet block in the backward pass (as `train
@@ -246,17 +247,18 @@ fn load_average() -> String {
 
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let device = super::device::select(Some(&a.device))?;
-    let random_sd15 = match a.arch.as_deref().map(Arch::parse) {
-        None => false,
-        Some(Arch::Sd15) => true,
+    let random = match a.arch.as_deref().map(Arch::parse) {
+        None => None,
+        Some(arch @ (Arch::Sd15 | Arch::Sdxl)) => Some(arch),
         Some(other) => anyhow::bail!(
-            "--arch {}: bench sample knows sd15 (or pass --model FOLDER)",
+            "--arch {}: bench sample knows sd15 and sdxl (or pass --model FOLDER)",
             other.name()
         ),
     };
-    if random_sd15 && a.pytorch.compare_pytorch.is_some() {
+    if let (Some(arch), Some(_)) = (&random, &a.pytorch.compare_pytorch) {
         anyhow::bail!(
-            "--arch sd15 has no CPU PyTorch twin (it loads a model folder): compare with ../shared/bench/peer_diffusers_step.py on a GPU"
+            "--arch {} has no CPU PyTorch twin (it loads a model folder): compare with ../shared/bench/peer_diffusers_step.py on a GPU",
+            arch.name()
         );
     }
     let model = match a.model {
@@ -265,7 +267,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     };
     let opts = SampleBenchOptions {
         model: model.clone(),
-        random_sd15,
+        random,
         prompt: a.prompt.clone(),
         images: a.images,
         steps: a.steps,

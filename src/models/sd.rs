@@ -335,13 +335,16 @@ impl StableDiffusion {
 
     /// A model of the given architecture with frozen random weights (seeded),
     /// CLIP's tokenizer (`assets/clip/`) and Stable Diffusion's noise
-    /// schedule: what `bench sample --arch sd15` times, since no pretrained
-    /// weights can be downloaded and sampling cost does not depend on them.
-    /// `name` is the model's name (its source).
+    /// schedule: what `bench sample --arch sd15|sdxl` times, since no
+    /// pretrained weights can be downloaded and sampling cost does not depend
+    /// on them. `text_2` is SDXL's second text encoder (with its projection;
+    /// its tokenizer pads with `!`, as SDXL's `tokenizer_2`). `name` is the
+    /// model's name (its source).
     pub fn random(
         name: &str,
         unet_cfg: &UNetConfig,
         text_cfg: &ClipTextConfig,
+        text_2: Option<&ClipTextConfig>,
         vae_cfg: &VaeConfig,
         device: &Device,
         seed: u64,
@@ -349,6 +352,9 @@ impl StableDiffusion {
         let source = PathBuf::from(name);
         unet_cfg.validate(&source)?;
         text_cfg.validate(&source)?;
+        if let Some(c) = text_2 {
+            c.validate(&source)?;
+        }
         vae_cfg.validate(&source)?;
         let tokenizer = ClipTokenizer::from_bpe_gz(&clip_bpe_file()?)?;
         let scheduler = super::single_file::default_scheduler(PredictionType::Epsilon, &source)?;
@@ -364,6 +370,20 @@ impl StableDiffusion {
             AutoencoderKL::new(vb, vae_cfg).map(drop)
         })?;
         let vae = AutoencoderKL::new(&vae_vb, vae_cfg)?;
+        let text_encoder_2 = match text_2 {
+            Some(cfg) => {
+                let vb = Vb::random_frozen(seed + 3, device, DType::F32, |vb| {
+                    ClipTextModel::new_with_projection(vb, cfg).map(drop)
+                })?;
+                Some(SecondTextEncoder {
+                    tokenizer: ClipTokenizer::from_bpe_gz(&clip_bpe_file()?)?
+                        .with_pad_token(super::single_file::Family::Sd2.tokenizer_pad())?,
+                    model: ClipTextModel::new_with_projection(&vb, cfg)?,
+                    vb,
+                })
+            }
+            None => None,
+        };
         let model = Self {
             tokenizer,
             text_encoder,
@@ -375,7 +395,7 @@ impl StableDiffusion {
             unet_vb,
             text_encoder_vb,
             vae_vb,
-            text_encoder_2: None,
+            text_encoder_2,
             force_zeros_for_empty_prompt: true,
             device: device.clone(),
             weight_files: Vec::new(),

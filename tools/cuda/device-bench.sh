@@ -8,7 +8,10 @@
 #
 # Stages (default order: the ratio table's cases and the peer first):
 # info selftest step lora sample peer fusedbwd fusedckpt whole gradckpt release cudnn
-# nofused profile. Each runs
+# nofused profile. Not in the default list (name them): sdxl-lora, sdxl-whole
+# (SDXL base's LoRA step at 1024 px, batch 1, bf16; the whole step with both
+# text encoders and the VAE) and sdxl-sample (SDXL class images, random
+# weights). Each runs
 # under its own timeout (STAGE_TIMEOUT, default 150 s; PEER_TIMEOUT 300 s for
 # the peer and profile stages, PROFILE_TIMEOUT 120 s for each profiled run),
 # cut to what is left of BUDGET_S (default 540 s: a `run` call's 600 s
@@ -28,6 +31,7 @@ RUN="${RUN:-tools/cuda/device-run.sh}"
 export ROOT RUN
 T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
+SDXL=(--device cuda --arch sdxl --res 1024 --batch 1 --warmup 1 --steps 3 --dtype bf16)
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora sample peer fusedbwd fusedckpt whole gradckpt release cudnn nofused profile)
 SUMMARY=()
@@ -110,6 +114,9 @@ for s in "${STAGES[@]}"; do
     fusedckpt) stage fusedckpt "$RUN" bench step "${SD15[@]}" --fused-backward-pass --gradient-checkpointing ;;
     cudnn) stage cudnn env DREAMBOOTH_CUDNN=1 "$RUN" bench step "${SD15[@]}" ;;
     nofused) stage nofused env DREAMBOOTH_NO_FUSED=1 "$RUN" bench step "${SD15[@]}" ;;
+    sdxl-lora) stage sdxl-lora "$RUN" bench step "${SDXL[@]}" --lora --rank 4 ;;
+    sdxl-whole) stage sdxl-whole "$RUN" bench step "${SDXL[@]}" --lora --rank 4 --with-encoders ;;
+    sdxl-sample) stage sdxl-sample "$RUN" bench sample --device cuda --arch sdxl --random-weights --images 2 --batch 2 --warmup 1 --dtype bf16 ;;
     peer) T="${PEER_TIMEOUT:-300}" stage peer bash -c peer ;;
     profile) T="${PEER_TIMEOUT:-300}" stage profile bash -c profile ;;
     *) SUMMARY+=("$s: unknown stage") ;;
