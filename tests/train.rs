@@ -1291,3 +1291,100 @@ fn training_uses_and_exports_the_vae_given() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Per-photo captions (`caption_extension`): a caption is the prompt its
+/// photo trains on. Captions equal to the instance prompt leave the run as it
+/// was, bit for bit; captions that all say P train exactly as the instance
+/// prompt P would (frozen text encoder: cached embeddings; trained: token ids
+/// per sampled view); a partial set is a third run, and the log counts them.
+#[test]
+fn captions_are_the_prompts_their_photos_train_on() {
+    init();
+    let dir = tmp("captions");
+    let photos = dir.join("instance");
+    instance_dir(&photos, 3);
+    let caption = |i: usize, text: &str| {
+        std::fs::write(photos.join(format!("photo-{i}.txt")), text).unwrap();
+    };
+    for text_encoder in [false, true] {
+        let mut cfg = config(&photos, &dir.join("plain"));
+        cfg.max_train_steps = 3;
+        cfg.train_batch_size = 2;
+        cfg.train_text_encoder = text_encoder;
+        let same = |a: &StableDiffusion, b: &StableDiffusion, what: &str| {
+            assert_identical(what, &a.unet_vb.tensors(), &b.unet_vb.tensors());
+            if text_encoder {
+                assert_identical(
+                    what,
+                    &a.text_encoder_vb.tensors(),
+                    &b.text_encoder_vb.tensors(),
+                );
+            }
+        };
+        let (plain, ..) = run(&cfg, None);
+        let other = "a photo of sks ball on the grass";
+        let mut as_other = cfg.clone();
+        as_other.instance_prompt = other.into();
+        as_other.output_dir = dir.join("other");
+        let (other_run, ..) = run(&as_other, None);
+
+        let mut captioned = cfg.clone();
+        captioned.caption_extension = Some(".txt".into());
+        captioned.output_dir = dir.join("captioned");
+        for i in 0..3 {
+            caption(i, &format!("  {INSTANCE_PROMPT}\n"));
+        }
+        let (m, _, _, log) = run_logged(&captioned, None);
+        same(&m, &plain, "captions equal to the instance prompt");
+        assert!(
+            log.iter()
+                .any(|l| l.contains("captions: 3 of 3 photo(s)") && l.contains("(1 distinct")),
+            "{log:?}"
+        );
+        for i in 0..3 {
+            caption(i, other);
+        }
+        let (m, ..) = run(&captioned, None);
+        same(&m, &other_run, "captions that all say P");
+
+        // Photo 2 without a caption: two prompts in play, a run unlike both.
+        std::fs::remove_file(photos.join("photo-2.txt")).unwrap();
+        let (m, _, _, log) = run_logged(&captioned, None);
+        assert!(
+            log.iter().any(|l| l.contains("captions: 2 of 3 photo(s)")
+                && l.contains("(2 distinct")
+                && l.contains("the others on the instance prompt")),
+            "{log:?}"
+        );
+        let differs = |a: &StableDiffusion, b: &StableDiffusion| {
+            let (a, b) = (a.unet_vb.tensors(), b.unet_vb.tensors());
+            a.iter()
+                .any(|(k, t)| common::to_f64(t) != common::to_f64(&b[k]))
+        };
+        assert!(differs(&m, &plain) && differs(&m, &other_run));
+        for i in 0..2 {
+            std::fs::remove_file(photos.join(format!("photo-{i}.txt"))).unwrap();
+        }
+    }
+
+    // No caption at all: a warning; an empty caption: an error naming it.
+    let mut cfg = config(&photos, &dir.join("none"));
+    cfg.max_train_steps = 1;
+    cfg.caption_extension = Some(".caption".into());
+    let (_, _, _, log) = run_logged(&cfg, None);
+    assert!(
+        log.iter()
+            .any(|l| l.contains("warning: no photo") && l.contains(".caption")),
+        "{log:?}"
+    );
+    std::fs::write(photos.join("photo-1.caption"), " \n").unwrap();
+    let err = common::train_until(&cfg, None).unwrap_err().to_string();
+    assert!(
+        err.contains("photo-1.caption") && err.contains("empty"),
+        "{err}"
+    );
+    cfg.caption_extension = Some("txt".into());
+    let err = common::train_until(&cfg, None).unwrap_err().to_string();
+    assert!(err.contains("--caption-extension `txt`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

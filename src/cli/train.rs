@@ -31,6 +31,11 @@ pub struct Args {
     /// Prompt binding the identifier to the subject, e.g. "a photo of sks dog".
     #[arg(long)]
     pub instance_prompt: Option<String>,
+    /// Per-photo captions: a photo with a file of this extension beside it
+    /// (`dog1.jpg` + `dog1.txt` for `.txt`) trains on the file's text instead
+    /// of --instance-prompt (kohya's --caption_extension).
+    #[arg(long)]
+    pub caption_extension: Option<String>,
     /// Prompt of the subject's class, e.g. "a photo of dog".
     #[arg(long)]
     pub class_prompt: Option<String>,
@@ -250,6 +255,7 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         args,
         model,
         vae,
+        caption_extension,
         class_prompt,
         class_dir,
         resolution,

@@ -20,6 +20,10 @@ pub struct TrainConfig {
     pub vae: Option<PathBuf>,
     pub instance_dir: PathBuf,
     pub instance_prompt: String,
+    /// Per-photo prompts (kohya's `--caption_extension`): a photo `dog1.jpg`
+    /// with a `dog1.txt` beside it (for `.txt`) trains on that file's text
+    /// instead of `instance_prompt`; photos without one keep `instance_prompt`.
+    pub caption_extension: Option<String>,
     pub class_prompt: Option<String>,
     pub class_dir: Option<PathBuf>,
     pub with_prior_preservation: bool,
@@ -125,6 +129,7 @@ impl Default for TrainConfig {
             vae: None,
             instance_dir: PathBuf::new(),
             instance_prompt: String::new(),
+            caption_extension: None,
             class_prompt: None,
             class_dir: None,
             with_prior_preservation: false,
@@ -306,6 +311,13 @@ impl TrainConfig {
         }
         if self.instance_prompt.trim().is_empty() {
             return bad("--instance-prompt is required (e.g. \"a photo of sks dog\")".into());
+        }
+        if let Some(ext) = &self.caption_extension
+            && (ext.len() < 2 || !ext.starts_with('.') || ext.contains(['/', '\\']))
+        {
+            return bad(format!(
+                "--caption-extension `{ext}` must be a file extension such as .txt or .caption"
+            ));
         }
         if self.instance_dir.as_os_str().is_empty() {
             return bad(

@@ -339,6 +339,48 @@ impl ImageFolder {
 }
 
 /// Whether `path` ends in one of [`IMAGE_EXTENSIONS`] (any case).
+/// The prompt of each photo: the text of the caption file beside it
+/// (`photo.jpg` → `photo{ext}`, e.g. `photo.txt`; trimmed, lines joined by
+/// spaces) when `ext` is given and the file exists, else `default`. Returns
+/// the prompts and how many came from captions. An empty or unreadable
+/// caption file is an error naming it.
+pub fn photo_prompts(
+    photos: &[PathBuf],
+    ext: Option<&str>,
+    default: &str,
+) -> Result<(Vec<String>, usize)> {
+    let mut prompts = Vec::with_capacity(photos.len());
+    let mut captioned = 0;
+    for p in photos {
+        let caption = ext.map(|e| {
+            let mut name = p.file_stem().unwrap_or_default().to_os_string();
+            name.push(e);
+            p.with_file_name(name)
+        });
+        match caption.filter(|c| c.is_file()) {
+            Some(c) => {
+                let bytes = std::fs::read(&c).map_err(|e| Error::io(&c, e))?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::config(&c, "the caption is not UTF-8 text"))?;
+                let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                if text.is_empty() {
+                    return Err(Error::config(
+                        &c,
+                        format!(
+                            "the caption of {} is empty (delete it to train that photo on the instance prompt)",
+                            p.display()
+                        ),
+                    ));
+                }
+                captioned += 1;
+                prompts.push(text);
+            }
+            None => prompts.push(default.to_string()),
+        }
+    }
+    Ok((prompts, captioned))
+}
+
 pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())

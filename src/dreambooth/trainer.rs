@@ -197,7 +197,45 @@ pub fn train_model(
     for w in warnings {
         (ev.log)(&format!("warning: {w}"));
     }
+    // Each photo's prompt (its caption, or the instance prompt), as an index
+    // into the distinct prompts; each view keeps its photo's.
+    let (photo_prompts, captioned) = data::photo_prompts(
+        &paths,
+        cfg.caption_extension.as_deref(),
+        &cfg.instance_prompt,
+    )?;
+    let mut prompts: Vec<String> = Vec::new();
+    let photo_prompt: Vec<usize> = photo_prompts
+        .iter()
+        .map(|p| match prompts.iter().position(|q| q == p) {
+            Some(k) => k,
+            None => {
+                prompts.push(p.clone());
+                prompts.len() - 1
+            }
+        })
+        .collect();
+    if let Some(ext) = &cfg.caption_extension {
+        (ev.log)(&if captioned == 0 {
+            format!(
+                "warning: no photo in {} has a {ext} caption; all train on the instance prompt",
+                cfg.instance_dir.display()
+            )
+        } else {
+            format!(
+                "captions: {captioned} of {} photo(s) train on their {ext} caption ({} distinct instance prompt(s)){}",
+                paths.len(),
+                prompts.len(),
+                if captioned < paths.len() {
+                    ", the others on the instance prompt"
+                } else {
+                    ""
+                }
+            )
+        });
+    }
     let mut views = Vec::new();
+    let mut view_prompt = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let img = data::load_image(p)?;
         let flips: &[bool] = if cfg.random_flip {
@@ -205,6 +243,7 @@ pub fn train_model(
         } else {
             &[false]
         };
+        let before = views.len();
         if cfg.center_crop {
             for &f in flips {
                 views.push(data::prepare(&img, res, Crop::Center, f));
@@ -220,6 +259,7 @@ pub fn train_model(
                 ));
             }
         }
+        view_prompt.resize(view_prompt.len() + views.len() - before, photo_prompt[i]);
     }
     let instance = LatentBank::encode(model, &views)?;
     (ev.log)(&format!(
@@ -285,11 +325,15 @@ pub fn train_model(
         None
     };
 
-    // Text: cached embeddings when the text encoder is frozen.
-    let (inst_ids, _) = model.tokenize(std::slice::from_ref(&cfg.instance_prompt))?;
+    // Text: cached embeddings when the text encoder is frozen. The instance
+    // prompts' ids are one row per distinct prompt.
+    let (inst_ids, cut) = model.tokenize(&prompts)?;
+    for w in cut {
+        (ev.log)(&format!("warning: instance prompt {w}"));
+    }
     let (class_ids, _) = model.tokenize(std::slice::from_ref(&class_prompt))?;
     // SDXL: the same prompts for the second text encoder.
-    let inst_ids2 = model.tokenize_2(std::slice::from_ref(&cfg.instance_prompt))?;
+    let inst_ids2 = model.tokenize_2(&prompts)?;
     let class_ids2 = model.tokenize_2(std::slice::from_ref(&class_prompt))?;
     let cached_ctx = if cfg.train_text_encoder {
         None
@@ -297,7 +341,8 @@ pub fn train_model(
         let encode = |p: &String| -> Result<PromptEmbeds> {
             Ok(model.encode_prompt(std::slice::from_ref(p), 0)?.0.detach())
         };
-        Some((encode(&cfg.instance_prompt)?, encode(&class_prompt)?))
+        let inst = prompts.iter().map(encode).collect::<Result<Vec<_>>>()?;
+        Some((inst, encode(&class_prompt)?))
     };
 
     // Optimizers: one parameter group per trained network.
@@ -547,17 +592,25 @@ pub fn train_model(
             } else {
                 0
             };
+            // Each sampled view's prompt (a row of the instance ids).
+            let rows: Vec<u32> = inst_idx
+                .iter()
+                .map(|&v| view_prompt[v as usize] as u32)
+                .collect();
             let embeds = match &cached_ctx {
                 Some((a, b)) => {
-                    ctx_parts.push(a.repeat(bs)?);
+                    for &r in &rows {
+                        ctx_parts.push(a[r as usize].clone());
+                    }
                     if n_class > 0 {
                         ctx_parts.push(b.repeat(n_class)?);
                     }
                     PromptEmbeds::cat(&ctx_parts.iter().collect::<Vec<_>>())?
                 }
                 None => {
+                    let rows = Tensor::new(rows.as_slice(), &model.device)?;
                     let batch = |inst: &Tensor, class: &Tensor| -> Result<Tensor> {
-                        let mut ids = vec![inst.repeat((bs, 1))?];
+                        let mut ids = vec![inst.index_select(&rows, 0)?];
                         if n_class > 0 {
                             ids.push(class.repeat((n_class, 1))?);
                         }
