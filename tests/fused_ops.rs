@@ -197,35 +197,39 @@ fn conv2d_bias_matches_plain() {
         (vec![1, 2, 2, 32], 2, 3, 1, 1),
         (vec![4, 2, 3, 12], 3, 3, 1, 1),
     ] {
-        let c = x_shape[1];
-        let x = randn(&x_shape, 21);
-        let w = (randn(&[o, c, k, k], 22) * 0.5).unwrap();
-        let b = randn(&[o], 23);
-        let ff = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
-            Ok(dreambooth::nn::conv_cpu::conv2d_bias(
-                &t[0], &t[1], &t[2], stride, padding,
-            )?)
-        };
-        // The unfused path (Im2Col → matmul → bias add through candle's
-        // autograd); candle's own conv2d backward gets the input-gradient
-        // shape wrong for odd sizes at stride 2, so it checks values only.
-        let pf = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
-            let y = dreambooth::nn::im2col::conv2d_im2col(&t[0], &t[1], stride, padding)?;
-            plain::add_bias(&y, &t[2], 1)
-        };
-        let y_candle = x
-            .conv2d(&w, padding, stride, 1, 1)
-            .unwrap()
-            .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
-            .unwrap();
-        let y_fused = ff(&[x.clone(), w.clone(), b.clone()]).unwrap();
-        assert!(rel_err(&y_fused, &y_candle) < 1e-5);
-        check(
-            &format!("conv2d {x_shape:?} o {o} k {k} s {stride} p {padding}"),
-            &ff,
-            &pf,
-            &[x, w, b],
-        );
+        // Whole images' columns, and columns in bands of one output row or a
+        // few (as a large image's are: `MAX_BAND`).
+        for band in [dreambooth::nn::conv_cpu::MAX_BAND, 1, 60] {
+            let c = x_shape[1];
+            let x = randn(&x_shape, 21);
+            let w = (randn(&[o, c, k, k], 22) * 0.5).unwrap();
+            let b = randn(&[o], 23);
+            let ff = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+                Ok(dreambooth::nn::conv_cpu::conv2d_bias_banded(
+                    &t[0], &t[1], &t[2], stride, padding, band,
+                )?)
+            };
+            // The unfused path (Im2Col → matmul → bias add through candle's
+            // autograd); candle's own conv2d backward gets the input-gradient
+            // shape wrong for odd sizes at stride 2, so it checks values only.
+            let pf = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+                let y = dreambooth::nn::im2col::conv2d_im2col(&t[0], &t[1], stride, padding)?;
+                plain::add_bias(&y, &t[2], 1)
+            };
+            let y_candle = x
+                .conv2d(&w, padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+                .unwrap();
+            let y_fused = ff(&[x.clone(), w.clone(), b.clone()]).unwrap();
+            assert!(rel_err(&y_fused, &y_candle) < 1e-5);
+            check(
+                &format!("conv2d {x_shape:?} o {o} k {k} s {stride} p {padding} band {band}"),
+                &ff,
+                &pf,
+                &[x, w, b],
+            );
+        }
     }
 }
 

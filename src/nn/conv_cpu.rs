@@ -36,6 +36,8 @@ struct Dims {
     w: usize,
     o: usize,
     geom: ConvGeom,
+    /// The most floats one band of an image's columns holds ([`MAX_BAND`]).
+    max_band: usize,
 }
 
 impl Dims {
@@ -54,6 +56,21 @@ impl Dims {
     fn pointwise(&self) -> bool {
         let g = &self.geom;
         g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0
+    }
+    /// Output rows per band of columns: all of them unless an image's
+    /// columns would pass `max_band` floats (at least one row).
+    fn band_rows(&self) -> usize {
+        let (ho, wo) = self.geom.out_hw(self.h, self.w);
+        if self.pointwise() {
+            return ho.max(1);
+        }
+        (self.max_band / (self.k() * wo).max(1)).clamp(1, ho.max(1))
+    }
+    /// The bands of output rows `r0..r1`, in order.
+    fn bands(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (ho, _) = self.geom.out_hw(self.h, self.w);
+        let r = self.band_rows();
+        (0..ho).step_by(r).map(move |r0| (r0, (r0 + r).min(ho)))
     }
     /// Whether images are spread over threads (each GEMM single-threaded).
     fn per_image_threads(&self) -> bool {
@@ -207,95 +224,126 @@ fn padded<'a>(x: &'a [f32], d: &Dims, pad: &'a mut Vec<f32>, parallel: bool) -> 
     pad
 }
 
-/// im2col of one image x (C, H, W) into `cols` (C·kh·kw, Ho·Wo), row
+/// im2col of output rows `r0..r1` of one image, from its padded copy `src`
+/// (C, H + 2p, W + 2p; [`padded`]), into `cols` (C·kh·kw, (r1 − r0)·Wo), row
 /// c·kh·kw + i·kw + j (the order of a flattened (O, C, kh, kw) weight):
-/// from the padded image every output row is one run of the input (stride
-/// 1) or an every-other gather (stride 2), with no border tests.
-fn im2col_image(x: &[f32], d: &Dims, cols: &mut [f32], pad: &mut Vec<f32>, parallel: bool) {
+/// every output row is one run of the input (stride 1) or an every-other
+/// gather (stride 2), with no border tests.
+fn im2col_band(src: &[f32], d: &Dims, (r0, r1): (usize, usize), cols: &mut [f32], parallel: bool) {
     let g = d.geom;
-    let (ho, wo) = g.out_hw(d.h, d.w);
+    let (_, wo) = g.out_hw(d.h, d.w);
     let (hp, wp) = padded_hw(d);
     let kk = d.kk();
-    let src = padded(x, d, pad, parallel);
-    for_rows(
-        &mut cols[..d.k() * ho * wo],
-        ho * wo,
-        parallel,
-        |r, row, _| {
-            let (ch, ij) = (r / kk, r % kk);
-            let (i, j) = (ij / g.kw, ij % g.kw);
-            let plane = &src[ch * hp * wp..(ch + 1) * hp * wp];
-            if g.stride == 1 {
-                gather_runs(row, &plane[i * wp + j..], wo, wp);
-                return;
+    let n = (r1 - r0) * wo;
+    for_rows(&mut cols[..d.k() * n], n, parallel, |r, row, _| {
+        let (ch, ij) = (r / kk, r % kk);
+        let (i, j) = (ij / g.kw, ij % g.kw);
+        let plane = &src[ch * hp * wp..(ch + 1) * hp * wp];
+        if g.stride == 1 {
+            gather_runs(row, &plane[(r0 + i) * wp + j..], wo, wp);
+            return;
+        }
+        for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
+            let at = ((r0 + oy) * g.stride + i) * wp + j;
+            for (ox, v) in dst.iter_mut().enumerate() {
+                *v = plane[at + ox * g.stride];
             }
-            for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
-                let at = (oy * g.stride + i) * wp + j;
-                for (ox, v) in dst.iter_mut().enumerate() {
-                    *v = plane[at + ox * g.stride];
+        }
+    });
+}
+
+/// The adjoint of [`im2col_band`]: the band's columns `cols` (C·kh·kw,
+/// (r1 − r0)·Wo) added into the padded image gradient `acc` (C, H + 2p,
+/// W + 2p) at every window position.
+fn col2im_band(cols: &[f32], d: &Dims, (r0, r1): (usize, usize), acc: &mut [f32], parallel: bool) {
+    let g = d.geom;
+    let (_, wo) = g.out_hw(d.h, d.w);
+    let (hp, wp) = padded_hw(d);
+    let (kk, n) = (d.kk(), (r1 - r0) * wo);
+    for_rows(
+        &mut acc[..d.c * hp * wp],
+        hp * wp,
+        parallel,
+        |ch, plane, _| {
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let row = &cols[(ch * kk + i * g.kw + j) * n..][..n];
+                    if g.stride == 1 {
+                        scatter_add_runs(&mut plane[(r0 + i) * wp + j..], row, wo, wp);
+                        continue;
+                    }
+                    for (oy, src) in row.chunks_exact(wo).enumerate() {
+                        let at = ((r0 + oy) * g.stride + i) * wp + j;
+                        for (ox, &v) in src.iter().enumerate() {
+                            plane[at + ox * g.stride] += v;
+                        }
+                    }
                 }
             }
         },
     );
 }
 
-/// The adjoint of [`im2col_image`]: dx (C, H, W) = Σ over window positions of
-/// `cols` (C·kh·kw, Ho·Wo), accumulated in a padded plane and cropped;
-/// every element of `dx` is written (it may come uninitialized).
-fn col2im_image(cols: &[f32], d: &Dims, dx: &mut [MaybeUninit<f32>], parallel: bool) {
-    let g = d.geom;
-    let (h, w, p) = (d.h, d.w, g.padding);
-    let (ho, wo) = g.out_hw(h, w);
+/// dx (C, H, W) ← the padded gradient `acc` without its border; every
+/// element of `dx` is written (it may come uninitialized).
+fn crop_into(acc: &[f32], d: &Dims, dx: &mut [MaybeUninit<f32>], parallel: bool) {
+    let (h, w, p) = (d.h, d.w, d.geom.padding);
     let (hp, wp) = padded_hw(d);
-    let (kk, l) = (d.kk(), ho * wo);
-    for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane, acc| {
-        acc.clear();
-        acc.resize(hp * wp, 0.0);
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let row = &cols[(ch * kk + i * g.kw + j) * l..][..l];
-                if g.stride == 1 {
-                    scatter_add_runs(&mut acc[i * wp + j..], row, wo, wp);
-                    continue;
-                }
-                for (oy, src) in row.chunks_exact(wo).enumerate() {
-                    let at = (oy * g.stride + i) * wp + j;
-                    for (ox, &v) in src.iter().enumerate() {
-                        acc[at + ox * g.stride] += v;
-                    }
-                }
-            }
-        }
-        for (dst, src) in plane
-            .chunks_exact_mut(w)
-            .zip(acc[p * wp..].chunks_exact(wp))
-        {
-            for (d, &v) in dst.iter_mut().zip(&src[p..p + w]) {
+    for_rows(&mut dx[..d.c * h * w], h * w, parallel, |ch, plane, _| {
+        let src = &acc[ch * hp * wp + p * wp..];
+        for (dst, row) in plane.chunks_exact_mut(w).zip(src.chunks_exact(wp)) {
+            for (d, &v) in dst.iter_mut().zip(&row[p..p + w]) {
                 d.write(v);
             }
         }
     });
 }
 
-/// The columns of image `x_b`: the image itself for a 1×1 convolution,
-/// otherwise im2col into `scratch[0]` (`scratch[1]` holds the padded image).
-fn image_cols<'a>(x_b: &'a [f32], d: &Dims, scratch: &'a mut Scratch, par: bool) -> &'a [f32] {
+/// Calls `f(band, cols)` for each band of output rows of image `x_b`, with
+/// that band's columns (C·kh·kw, rows·Wo): the image itself for a 1×1
+/// convolution (one band), otherwise im2col into `scratch[0]` (`scratch[1]`
+/// holds the padded image). An image's columns are 9× its size for a 3×3
+/// kernel (9.4 GB for a VAE decoder's 256-channel layer at 1024²), so they
+/// are built a band of at most `max_band` floats at a time.
+fn for_bands(
+    x_b: &[f32],
+    d: &Dims,
+    scratch: &mut Scratch,
+    par: bool,
+    mut f: impl FnMut((usize, usize), &[f32]),
+) {
     if d.pointwise() {
-        return x_b;
+        f((0, d.geom.out_hw(d.h, d.w).0), x_b);
+        return;
     }
-    let [cols, pad] = scratch;
-    cols.resize(d.k() * d.l(), 0.0);
-    im2col_image(x_b, d, cols, pad, par);
-    cols
+    let [cols, pad, _] = scratch;
+    let src = padded(x_b, d, pad, par);
+    let (_, wo) = d.geom.out_hw(d.h, d.w);
+    for band in d.bands() {
+        let n = d.k() * (band.1 - band.0) * wo;
+        if cols.len() < n {
+            cols.resize(n, 0.0);
+        }
+        im2col_band(src, d, band, cols, par);
+        f(band, &cols[..n]);
+    }
 }
 
-/// Per-task buffers: an image's columns and its padded copy.
-type Scratch = [Vec<f32>; 2];
+/// Per-task buffers: a band of an image's columns, its padded copy, and a
+/// padded image gradient.
+type Scratch = [Vec<f32>; 3];
+
+/// The most floats one band of an image's columns holds (64 MiB).
+pub const MAX_BAND: usize = 1 << 24;
+
+/// Scratch buffers larger than this (floats) are not kept between calls.
+const KEEP: usize = 1 << 24;
 
 thread_local! {
     /// Each thread's [`Scratch`] for the images it convolves, kept between
     /// calls: a fresh buffer per task cost an allocation and a zero fill
-    /// (about 1% of a small model's training step).
+    /// (about 1% of a small model's training step). Buffers past [`KEEP`]
+    /// (a large image's padded copy) are freed after the call.
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
@@ -303,9 +351,26 @@ thread_local! {
 /// up this thread's stack holds them: rayon may run a task inside another).
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut s) => f(&mut s),
+        Ok(mut s) => {
+            let r = f(&mut s);
+            for v in s.iter_mut() {
+                if v.capacity() > KEEP {
+                    *v = Vec::new();
+                }
+            }
+            r
+        }
         Err(_) => f(&mut Scratch::default()),
     })
+}
+
+/// The padded image gradient buffer of `scratch`, zeroed, for `d`.
+fn zeroed_acc<'a>(scratch: &'a mut Scratch, d: &Dims) -> &'a mut [f32] {
+    let (hp, wp) = padded_hw(d);
+    let acc = &mut scratch[2];
+    acc.clear();
+    acc.resize(d.c * hp * wp, 0.0);
+    acc
 }
 
 /// y (B, O, L) = bias + W · cols(x_b) for every image.
@@ -323,15 +388,18 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
                 bias
             };
             let y_b = init_rows(y_b, l, |oi| bias[oi]);
-            let cols = image_cols(x_b, d, scratch, par);
-            matmul_into(
-                y_b,
-                l,
-                true,
-                View::rows(wt, o, k),
-                View::rows(cols, k, l),
-                par,
-            );
+            let wo = d.geom.out_hw(d.h, d.w).1;
+            for_bands(x_b, d, scratch, par, |(r0, r1), cols| {
+                let n = (r1 - r0) * wo;
+                matmul_into(
+                    &mut y_b[r0 * wo..],
+                    l,
+                    true,
+                    View::rows(wt, o, k),
+                    View::rows(cols, k, n),
+                    par,
+                );
+            });
         };
     let img = d.c * d.h * d.w;
     if d.per_image_threads() {
@@ -355,16 +423,19 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
 fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let img = d.c * d.h * d.w;
+    let wo = d.geom.out_hw(d.h, d.w).1;
     let one = |x_b: &[f32], dy_b: &[f32], dwt: &mut [f32], s: &mut Scratch, par: bool| {
-        let cols = image_cols(x_b, d, s, par);
-        matmul_into(
-            dwt,
-            o,
-            true,
-            View::rows(cols, k, l),
-            View::rows(dy_b, o, l).t(),
-            par,
-        );
+        for_bands(x_b, d, s, par, |(r0, r1), cols| {
+            let n = (r1 - r0) * wo;
+            matmul_into(
+                dwt,
+                o,
+                true,
+                View::rows(cols, k, n),
+                View::strided(&dy_b[r0 * wo..], o, n, l).t(),
+                par,
+            );
+        });
     };
     let dwt = if d.per_image_threads() {
         x.par_chunks(img)
@@ -399,10 +470,7 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
             let dx_b = init_rows(dx_b, img, |_| 0.0);
             matmul_into(dx_b, l, false, wt_t, View::rows(dy_b, o, l), par);
         } else {
-            let dcols = &mut s[0];
-            dcols.resize(k * l, 0.0);
-            matmul_into(dcols, l, false, wt_t, View::rows(dy_b, o, l), par);
-            col2im_image(dcols, d, dx_b, par);
+            input_grad_banded(wt_t, dy_b, d, s, dx_b, par);
         }
     };
     if d.per_image_threads() {
@@ -416,6 +484,32 @@ fn grad_input(wt: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
         }
     }
     assume_init(dx)
+}
+
+/// dX_b = col2im(Wᵀ · dY_b) of one image (k > 1), a band of columns at a
+/// time accumulated into a padded gradient, then cropped into `dx_b`.
+fn input_grad_banded(
+    wt_t: View,
+    dy_b: &[f32],
+    d: &Dims,
+    s: &mut Scratch,
+    dx_b: &mut [MaybeUninit<f32>],
+    par: bool,
+) {
+    let (k, l, o) = (d.k(), d.l(), d.o);
+    let wo = d.geom.out_hw(d.h, d.w).1;
+    zeroed_acc(s, d);
+    let [dcols, _, acc] = s;
+    for band in d.bands() {
+        let n = (band.1 - band.0) * wo;
+        if dcols.len() < k * n {
+            dcols.resize(k * n, 0.0);
+        }
+        let dy_band = View::strided(&dy_b[band.0 * wo..], o, n, l);
+        matmul_into(&mut dcols[..k * n], n, false, wt_t, dy_band, par);
+        col2im_band(&dcols[..k * n], d, band, acc, par);
+    }
+    crop_into(acc, d, dx_b, par);
 }
 
 /// All three backward products in one pass over the images, for batches
@@ -442,18 +536,25 @@ fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> [Vec<f32>; 
                     *v = super::vmath::simd(|| super::vmath::sum(row)) as f32;
                 }
                 with_scratch(|s| {
-                    let dy_v = View::rows(dy_b, o, l);
-                    let cols = image_cols(x_b, d, s, false);
-                    matmul_into(&mut dwt, o, true, View::rows(cols, k, l), dy_v.t(), false);
+                    let wo = d.geom.out_hw(d.h, d.w).1;
+                    for_bands(x_b, d, s, false, |(r0, r1), cols| {
+                        let n = (r1 - r0) * wo;
+                        let dy_band = View::strided(&dy_b[r0 * wo..], o, n, l);
+                        matmul_into(
+                            &mut dwt,
+                            o,
+                            true,
+                            View::rows(cols, k, n),
+                            dy_band.t(),
+                            false,
+                        );
+                    });
                     let wt_t = View::rows(wt, o, k).t();
                     if d.pointwise() {
                         let dx_b = init_rows(dx_b, img, |_| 0.0);
-                        matmul_into(dx_b, l, false, wt_t, dy_v, false);
+                        matmul_into(dx_b, l, false, wt_t, View::rows(dy_b, o, l), false);
                     } else {
-                        let dcols = &mut s[0];
-                        dcols.resize(k * l, 0.0);
-                        matmul_into(dcols, l, false, wt_t, dy_v, false);
-                        col2im_image(dcols, d, dx_b, false);
+                        input_grad_banded(wt_t, dy_b, d, s, dx_b, false);
                     }
                 });
                 dwt
@@ -486,6 +587,7 @@ fn transpose_kxo(dwt: &[f32], k: usize, o: usize) -> Vec<f32> {
 /// The forward node: inputs x (B, C, H, W), weight (O, C, kh, kw), bias (O,).
 struct ConvBiasOp {
     geom: ConvGeom,
+    max_band: usize,
 }
 
 impl ConvBiasOp {
@@ -506,6 +608,7 @@ impl ConvBiasOp {
             w: *w,
             o: *o,
             geom: self.geom,
+            max_band: self.max_band,
         })
     }
 }
@@ -716,6 +819,20 @@ pub fn conv2d_bias(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
+    conv2d_bias_banded(x, weight, bias, stride, padding, MAX_BAND)
+}
+
+/// [`conv2d_bias`] with each image's columns built in bands of at most
+/// `max_band` floats (output rows at a time; at least one row): the same
+/// result with less scratch memory. `conv2d_bias` uses [`MAX_BAND`].
+pub fn conv2d_bias_banded(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+    max_band: usize,
+) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let (o, c, kh, kw) = weight.dims4()?;
     let b = x.dim(0)?;
@@ -742,6 +859,6 @@ pub fn conv2d_bias(
     x.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        ConvBiasOp { geom },
+        ConvBiasOp { geom, max_band },
     )
 }

@@ -28,6 +28,18 @@ impl<'a> View<'a> {
     }
 
     /// The same elements read as the n×m transpose (no copy).
+    /// A row-major m×n matrix with row stride `rs` ≥ n at the start of
+    /// `data` (a block of columns of a wider matrix).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
     pub fn t(self) -> Self {
         Self {
             data: self.data,
