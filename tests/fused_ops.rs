@@ -382,8 +382,23 @@ fn multi_head_attention_matches_plain() {
             &format!("attention b {b} n {n} m {m} heads {heads} d {d}"),
             &ff,
             &pf,
-            &[q, k, v],
+            &[q.clone(), k.clone(), v.clone()],
         );
+        // The CPU node with its scores in blocks of query rows (one row, or
+        // a few and an uneven last block), as larger images run.
+        for max_scores in [1, 2 * m + 1] {
+            let fb = move |t: &[Tensor]| -> dreambooth::Result<Tensor> {
+                Ok(dreambooth::nn::attention_cpu::multi_head_attention_blocked(
+                    &t[0], &t[1], &t[2], heads, scale, max_scores,
+                )?)
+            };
+            check(
+                &format!("attention b {b} n {n} m {m} heads {heads} d {d}, {max_scores} scores"),
+                &fb,
+                &pf,
+                &[q.clone(), k.clone(), v.clone()],
+            );
+        }
     }
 }
 

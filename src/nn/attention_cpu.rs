@@ -6,7 +6,9 @@
 //! time per thread: the probabilities are not kept for the backward pass,
 //! which recomputes them (as flash attention does). That saves
 //! B·heads·N·M floats per attention layer — 537 MB per SD 1.5 self-attention
-//! layer at 512 px.
+//! layer at 512 px. A head whose scores would pass [`MAX_SCORES`] (64 MiB)
+//! goes a block of query rows at a time (1 GiB per thread otherwise for
+//! 128×128 latents), forward and backward.
 //!
 //! Backward, per (image, head): P again, `dV_h = Pᵀ dO_h`, `dP = dO_h V_hᵀ`,
 //! `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ_h = dS K_h`,
@@ -35,7 +37,15 @@ struct Dims {
     m: usize,
     c: usize,
     heads: usize,
+    /// The most score elements (query rows × M) a thread holds at once
+    /// ([`MAX_SCORES`]).
+    max_scores: usize,
 }
+
+/// The most score elements one (image, head) holds at a time (16 Mi floats,
+/// 64 MiB): SD 1.5's 64×64 self-attention at 512 px fits whole, larger
+/// images (128×128 latents: 1 GiB per pair) go a block of query rows at a time.
+pub const MAX_SCORES: usize = 1 << 24;
 
 impl Dims {
     fn from_layouts(
@@ -50,14 +60,30 @@ impl Dims {
         if v != k || bk != b || ck != c || heads == 0 || !c.is_multiple_of(heads) {
             candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?}, {heads} heads");
         }
-        Ok(Self { b, n, m, c, heads })
+        Ok(Self {
+            b,
+            n,
+            m,
+            c,
+            heads,
+            max_scores: MAX_SCORES,
+        })
+    }
+    /// The blocks of query rows `n0..n1`, each with at most `max_scores`
+    /// scores (at least one row).
+    fn row_blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let rows = (self.max_scores / self.m.max(1)).clamp(1, self.n.max(1));
+        let n = self.n;
+        (0..n).step_by(rows).map(move |n0| (n0, (n0 + rows).min(n)))
     }
     /// The shapes and the f32 data of (q, k, v) as a custom op receives them.
     fn inputs<'a>(
         [(s1, l1), (s2, l2), (s3, l3)]: [(&'a CpuStorage, &Layout); 3],
         heads: usize,
+        max_scores: usize,
     ) -> candle_core::Result<(Self, [&'a [f32]; 3])> {
-        let d = Self::from_layouts(l1.dims(), l2.dims(), l3.dims(), heads)?;
+        let mut d = Self::from_layouts(l1.dims(), l2.dims(), l3.dims(), heads)?;
+        d.max_scores = max_scores;
         let data = [
             f32_slice(s1, l1, "q")?,
             f32_slice(s2, l2, "k")?,
@@ -73,6 +99,23 @@ impl Dims {
         View {
             data: &x[bi * rows * self.c + h * self.d()..],
             rows,
+            cols: self.d(),
+            rs: self.c,
+            cs: 1,
+        }
+    }
+    /// Rows n0..n1 of head h of image bi of a (B, rows, C) buffer, as a view.
+    fn head_rows<'a>(
+        &self,
+        x: &'a [f32],
+        rows: usize,
+        bi: usize,
+        h: usize,
+        (n0, n1): (usize, usize),
+    ) -> View<'a> {
+        View {
+            data: &x[self.head_offset(rows, bi, h) + n0 * self.c..],
+            rows: n1 - n0,
             cols: self.d(),
             rs: self.c,
             cs: 1,
@@ -116,20 +159,23 @@ fn softmax_rows_inner(s: &mut [f32], m: usize, scale: f32) {
     }
 }
 
-/// P (N, M) of one (image, head) into `p`.
+/// P (rows n0..n1, M) of one (image, head) into `p`.
+#[allow(clippy::too_many_arguments)]
 fn probabilities(
     q: &[f32],
     k: &[f32],
     d: &Dims,
     (bi, h): (usize, usize),
+    rows: (usize, usize),
     p: &mut Vec<f32>,
     par: bool,
     scale: f32,
 ) {
-    p.resize(d.n * d.m, 0.0);
-    let (qh, kh) = (d.head(q, d.n, bi, h), d.head(k, d.m, bi, h));
-    matmul_into(p, d.m, false, qh, kh.t(), par);
-    softmax_rows(p, d.m, scale);
+    let len = (rows.1 - rows.0) * d.m;
+    p.resize(len, 0.0);
+    let (qh, kh) = (d.head_rows(q, d.n, bi, h, rows), d.head(k, d.m, bi, h));
+    matmul_into(&mut p[..len], d.m, false, qh, kh.t(), par);
+    softmax_rows(&mut p[..len], d.m, scale);
 }
 
 /// Runs `f(bi, h, scratch, parallel_gemm)` for every (image, head).
@@ -156,19 +202,22 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32) -> Vec<f32> {
     let mut out = par_zeros(d.b * d.n * d.c);
     let dst = SharedOut(out.as_mut_ptr());
     for_pairs(d, |bi, h, [p, _], par| {
-        probabilities(q, k, d, (bi, h), p, par, scale);
-        // SAFETY: head h of image bi owns rows bi·N.. of columns h·d..(h+1)·d
-        // of `out`; no other pair writes them, and `out` lives until the loop ends.
-        unsafe {
-            matmul_into_raw(
-                dst.at(d.head_offset(d.n, bi, h)),
-                d.c,
-                false,
-                View::rows(p, d.n, d.m),
-                d.head(v, d.m, bi, h),
-                par,
-            )
-        };
+        for rows in d.row_blocks() {
+            probabilities(q, k, d, (bi, h), rows, p, par, scale);
+            // SAFETY: head h of image bi owns rows bi·N.. of columns
+            // h·d..(h+1)·d of `out`; no other pair writes them, and `out`
+            // lives until the loop ends.
+            unsafe {
+                matmul_into_raw(
+                    dst.at(d.head_offset(d.n, bi, h) + rows.0 * d.c),
+                    d.c,
+                    false,
+                    View::rows(p, rows.1 - rows.0, d.m),
+                    d.head(v, d.m, bi, h),
+                    par,
+                )
+            };
+        }
     });
     out
 }
@@ -187,49 +236,55 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
         )
     };
     for_pairs(d, |bi, h, [p, dp], par| {
-        probabilities(q, k, d, (bi, h), p, par, scale);
-        let d_o = d.head(dout, d.n, bi, h);
-        let pv = View::rows(p, d.n, d.m);
-        // SAFETY (all three writes): head h of image bi owns its columns of
-        // dq, dk and dv; no other pair touches them during the loop.
-        unsafe {
-            matmul_into_raw(
-                dv.at(d.head_offset(d.m, bi, h)),
-                d.c,
-                false,
-                pv.t(),
-                d_o,
-                par,
-            );
-        }
-        dp.resize(d.n * d.m, 0.0);
-        matmul_into(dp, d.m, false, d_o, d.head(v, d.m, bi, h).t(), par);
-        super::vmath::simd(|| {
-            for (dpr, pr) in dp.chunks_exact_mut(d.m).zip(p.chunks_exact(d.m)) {
-                let dot = super::vmath::dot(dpr, pr);
-                for (g, &pv) in dpr.iter_mut().zip(pr) {
-                    *g = scale * pv * (*g - dot);
-                }
+        // Query rows a block at a time: dQ's rows are the block's own; dK and
+        // dV sum over every block (the first writes, the rest add).
+        for (blk, rows) in d.row_blocks().enumerate() {
+            let nb = rows.1 - rows.0;
+            let acc = blk > 0;
+            probabilities(q, k, d, (bi, h), rows, p, par, scale);
+            let d_o = d.head_rows(dout, d.n, bi, h, rows);
+            let pv = View::rows(p, nb, d.m);
+            // SAFETY (all three writes): head h of image bi owns its columns
+            // of dq, dk and dv; no other pair touches them during the loop.
+            unsafe {
+                matmul_into_raw(dv.at(d.head_offset(d.m, bi, h)), d.c, acc, pv.t(), d_o, par);
             }
-        });
-        let ds = View::rows(dp, d.n, d.m);
-        unsafe {
-            matmul_into_raw(
-                dq.at(d.head_offset(d.n, bi, h)),
-                d.c,
+            dp.resize(nb * d.m, 0.0);
+            matmul_into(
+                &mut dp[..nb * d.m],
+                d.m,
                 false,
-                ds,
-                d.head(k, d.m, bi, h),
+                d_o,
+                d.head(v, d.m, bi, h).t(),
                 par,
             );
-            matmul_into_raw(
-                dk.at(d.head_offset(d.m, bi, h)),
-                d.c,
-                false,
-                ds.t(),
-                d.head(q, d.n, bi, h),
-                par,
-            );
+            super::vmath::simd(|| {
+                for (dpr, pr) in dp.chunks_exact_mut(d.m).zip(p.chunks_exact(d.m)).take(nb) {
+                    let dot = super::vmath::dot(dpr, pr);
+                    for (g, &pv) in dpr.iter_mut().zip(pr) {
+                        *g = scale * pv * (*g - dot);
+                    }
+                }
+            });
+            let ds = View::rows(dp, nb, d.m);
+            unsafe {
+                matmul_into_raw(
+                    dq.at(d.head_offset(d.n, bi, h) + rows.0 * d.c),
+                    d.c,
+                    false,
+                    ds,
+                    d.head(k, d.m, bi, h),
+                    par,
+                );
+                matmul_into_raw(
+                    dk.at(d.head_offset(d.m, bi, h)),
+                    d.c,
+                    acc,
+                    ds.t(),
+                    d.head_rows(q, d.n, bi, h, rows),
+                    par,
+                );
+            }
         }
     });
     grads
@@ -239,6 +294,7 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], d: &Dims, scale: f32)
 struct AttentionOp {
     heads: usize,
     scale: f32,
+    max_scores: usize,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -255,7 +311,8 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (d, [q, k, v]) = Dims::inputs([(s1, l1), (s2, l2), (s3, l3)], self.heads)?;
+        let (d, [q, k, v]) =
+            Dims::inputs([(s1, l1), (s2, l2), (s3, l3)], self.heads, self.max_scores)?;
         Ok((
             CpuStorage::F32(forward(q, k, v, &d, self.scale)),
             l1.shape().clone(),
@@ -276,6 +333,7 @@ impl CustomOp3 for AttentionOp {
             &AttentionBwd {
                 heads: self.heads,
                 scale: self.scale,
+                max_scores: self.max_scores,
                 grad: grad.contiguous()?,
             },
         )?;
@@ -295,6 +353,7 @@ impl CustomOp3 for AttentionOp {
 struct AttentionBwd {
     heads: usize,
     scale: f32,
+    max_scores: usize,
     grad: Tensor,
 }
 
@@ -312,7 +371,8 @@ impl CustomOp3 for AttentionBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (d, [q, k, v]) = Dims::inputs([(s1, l1), (s2, l2), (s3, l3)], self.heads)?;
+        let (d, [q, k, v]) =
+            Dims::inputs([(s1, l1), (s2, l2), (s3, l3)], self.heads, self.max_scores)?;
         let (gs, gl) = self.grad.storage_and_layout();
         let dout = match &*gs {
             candle_core::Storage::Cpu(s) => f32_slice(s, gl, "output gradient")?,
@@ -341,6 +401,20 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    multi_head_attention_blocked(q, k, v, heads, scale, MAX_SCORES)
+}
+
+/// [`multi_head_attention`] holding at most `max_scores` scores per (image,
+/// head) at a time (blocks of query rows, at least one row): the same
+/// result with less memory. `multi_head_attention` uses [`MAX_SCORES`].
+pub fn multi_head_attention_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    max_scores: usize,
+) -> candle_core::Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     Dims::from_layouts(q.dims(), k.dims(), v.dims(), heads)?;
     q.apply_op3(
@@ -349,6 +423,7 @@ pub fn multi_head_attention(
         AttentionOp {
             heads,
             scale: scale as f32,
+            max_scores,
         },
     )
 }
