@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::assert_identical;
 use image::RgbImage;
 use rand::SeedableRng;
@@ -746,6 +746,41 @@ fn exported_models_generate_the_same_images() {
     if let Some(check) = std::env::var_os("DREAMBOOTH_EXPORT_CHECK") {
         write_export_check(&trained, &folder, &single, Path::new(&check));
     }
+
+    // --save-precision fp16: both exports store the trained weights rounded
+    // to fp16 (kohya's --save_precision).
+    let mut half = cfg.clone();
+    half.output_dir = dir.join("out-fp16");
+    half.save_precision = "fp16".into();
+    let (trained, outcome, _) = run(&half, None);
+    let rounded: std::collections::BTreeMap<String, Tensor> = trained
+        .unet_vb
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                t.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    for path in [outcome.model_dir.unwrap(), outcome.single_file.unwrap()] {
+        assert_identical("fp16 UNet", &rounded, &load(&path).unet_vb.tensors());
+    }
+    let unet =
+        std::fs::read(dir.join("out-fp16/model/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&unet).unwrap();
+    assert!(
+        meta.tensors()
+            .values()
+            .all(|i| i.dtype == safetensors::Dtype::F16)
+    );
+    half.save_precision = "fp8".into();
+    let err = common::train_until(&half, None).unwrap_err().to_string();
+    assert!(err.contains("--save-precision"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

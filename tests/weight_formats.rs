@@ -333,7 +333,7 @@ fn dreambooth(args: &[&std::ffi::OsStr]) -> std::process::Output {
 }
 
 #[test]
-fn convert_writes_a_folder_and_a_half_precision_single_file() {
+fn convert_writes_folders_and_single_files_in_any_precision() {
     let src = tiny_sd1_in_other_formats("convert");
     let out = src.with_extension("out");
     std::fs::remove_dir_all(&out).ok();
@@ -387,19 +387,69 @@ fn convert_writes_a_folder_and_a_half_precision_single_file() {
             .all(|i| i.dtype == safetensors::Dtype::F16)
     );
 
-    // Precision is for single files only; a folder stays f32.
+    // A half-precision folder: every component's weights are the originals
+    // rounded to bf16, stored as bf16, and it loads and generates.
+    let half_folder = out.join("bf16-folder");
     let o = dreambooth(&[
         "convert".as_ref(),
         "--model".as_ref(),
         &os(&src),
         "--out".as_ref(),
-        &os(&out.join("f16-folder")),
+        &os(&half_folder),
         "--dtype".as_ref(),
-        "fp16".as_ref(),
+        "bf16".as_ref(),
     ]);
-    assert!(!o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("single-file output"), "{e}");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bf16 = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    for (part, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ] {
+        let path = half_folder.join(part).join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert!(
+            meta.tensors()
+                .iter()
+                .all(|(k, i)| i.dtype == safetensors::Dtype::BF16 || k.contains("position_ids")),
+            "{part}: not all bf16"
+        );
+        let got = read_safetensors(&path, &Device::Cpu).unwrap();
+        let want: HashMap<String, Tensor> =
+            read_safetensors(&tiny.join(part).join(file), &Device::Cpu)
+                .unwrap()
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.clone(),
+                        if t.dtype().is_float() {
+                            bf16(t)
+                        } else {
+                            t.clone()
+                        },
+                    )
+                })
+                .collect();
+        assert_same(part, &got, &want);
+    }
+    let g = dreambooth(&[
+        "generate".as_ref(),
+        "--model".as_ref(),
+        &os(&half_folder),
+        "--prompt".as_ref(),
+        "a photo of a dog".as_ref(),
+        "--steps".as_ref(),
+        "2".as_ref(),
+        "--out".as_ref(),
+        &os(&out.join("gen")),
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     std::fs::remove_dir_all(&src).ok();
     std::fs::remove_dir_all(&out).ok();
 }

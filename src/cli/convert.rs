@@ -27,24 +27,17 @@ pub struct Args {
     /// A VAE to write in place of the model's (folder or file, as `generate --vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
-    /// Precision of a single-file output (a folder is written in f32).
+    /// Precision of the written weights (folder or single file).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: SaveDType,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let single = export::is_single_file(&args.out);
     let dtype = match args.dtype {
         SaveDType::F32 => DType::F32,
         SaveDType::Fp16 => DType::F16,
         SaveDType::Bf16 => DType::BF16,
     };
-    if !single && dtype != DType::F32 {
-        bail!(
-            "--dtype {:?} applies to a single-file output (--out NAME.safetensors); a diffusers folder is written in f32",
-            dtype
-        );
-    }
     if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
         bail!("{}: --out is the model itself", args.out.display());
     }

@@ -156,6 +156,10 @@ pub struct Args {
     /// dynamic loss scaling); weights and optimizer state stay f32.
     #[arg(long)]
     pub mixed_precision: Option<String>,
+    /// Precision of the exported model (OUTPUT_DIR/model/ and, with
+    /// --save-single-file, model.safetensors): no (f32, default), fp16 or bf16.
+    #[arg(long)]
+    pub save_precision: Option<String>,
     /// The UNet's dtype while generating class images: auto (the mixed
     /// precision on a GPU, f32 on the CPU; default), no, bf16 (GPU) or fp16.
     #[arg(long)]
@@ -247,6 +251,7 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         lora_targets,
         lora_format,
         mixed_precision,
+        save_precision,
         prior_generation_precision,
         validation_precision
     );

@@ -88,6 +88,9 @@ pub struct TrainConfig {
     /// The UNet's compute dtype while training: `no` (f32), `bf16` (GPU) or
     /// `fp16` (with dynamic loss scaling); weights and optimizer state stay f32.
     pub mixed_precision: String,
+    /// Precision of the exported model (`model/` and `model.safetensors`):
+    /// `no` (f32, default), `fp16` or `bf16` (kohya's `--save_precision`).
+    pub save_precision: String,
     /// The UNet's dtype while generating class images (diffusers'
     /// `--prior_generation_precision`): `auto` (the mixed precision on a GPU,
     /// f32 on the CPU), `no`, `bf16` (GPU) or `fp16`. A frozen half-precision
@@ -179,6 +182,7 @@ impl Default for TrainConfig {
             lora_targets: "attn".into(),
             lora_format: "both".into(),
             mixed_precision: "no".into(),
+            save_precision: "no".into(),
             prior_generation_precision: "auto".into(),
             validation_precision: "auto".into(),
             gradient_checkpointing: false,
@@ -390,6 +394,9 @@ impl TrainConfig {
                         .into(),
                 );
             }
+        }
+        if let Err(e) = crate::nn::Precision::parse(&self.save_precision) {
+            return bad(format!("--save-precision: {e}"));
         }
         if let Err(e) = self.precision() {
             return bad(format!("--mixed-precision: {e}"));

@@ -13,7 +13,7 @@ use crate::models::single_file::{
     unet_config_json, vae_config_json,
 };
 use crate::models::{ModelFormat, StableDiffusion};
-use crate::nn::save_safetensors;
+use crate::nn::store::save_safetensors_as;
 use crate::tokenizer::ClipTokenizer;
 use crate::util::write_atomic;
 use crate::{Error, Result};
@@ -88,7 +88,15 @@ fn own_tokenizer_files(model: &StableDiffusion) -> Option<(String, String)> {
 
 /// Writes `model` (with its current, possibly trained, weights) as a diffusers
 /// folder at `out`, atomically: built in a temporary folder, then renamed.
+/// Weights as they are held (f32).
 pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
+    save_diffusers_as(model, out, None)
+}
+
+/// [`save_diffusers`] with every component's floating-point weights written
+/// in `dtype` (f32, f16 or bf16: `convert --dtype`, `train --save-precision`);
+/// `None` writes them as they are held.
+pub fn save_diffusers_as(model: &StableDiffusion, out: &Path, dtype: Option<DType>) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -109,25 +117,28 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
         &tmp.join("unet").join("config.json"),
         &unet_config_json(&model.unet.config),
     )?;
-    save_safetensors(
+    save_safetensors_as(
         &model.unet_vb.tensors(),
         &tmp.join("unet").join("diffusion_pytorch_model.safetensors"),
         None,
+        dtype,
     )?;
     write_json(
         &tmp.join("vae").join("config.json"),
         &vae_config_json(model.vae.config()),
     )?;
-    save_safetensors(
+    save_safetensors_as(
         &model.vae_vb.tensors(),
         &tmp.join("vae").join("diffusion_pytorch_model.safetensors"),
         None,
+        dtype,
     )?;
     write_text_encoder(
         &tmp.join("text_encoder"),
         model.text_encoder.config(),
         "CLIPTextModel",
         &model.text_encoder_vb.tensors(),
+        dtype,
     )?;
     // The source's tokenizer folders as they are; written out for a single file.
     let src_folder = |name: &str| Some(src.join(name)).filter(|d| from_folder && d.is_dir());
@@ -144,6 +155,7 @@ pub fn save_diffusers(model: &StableDiffusion, out: &Path) -> Result<()> {
             te2.model.config(),
             "CLIPTextModelWithProjection",
             &te2.vb.tensors(),
+            dtype,
         )?;
         write_tokenizer(
             src_folder("tokenizer_2"),
@@ -209,11 +221,12 @@ fn write_text_encoder(
     cfg: &ClipTextConfig,
     architecture: &str,
     tensors: &BTreeMap<String, Tensor>,
+    dtype: Option<DType>,
 ) -> Result<()> {
     let mut json = text_config_json(cfg);
     json["architectures"] = json!([architecture]);
     write_json(&dir.join("config.json"), &json)?;
-    save_safetensors(tensors, &dir.join("model.safetensors"), None)
+    save_safetensors_as(tensors, &dir.join("model.safetensors"), None, dtype)
 }
 
 /// A tokenizer folder at `to`: a copy of `from` when there is one, else
@@ -253,15 +266,15 @@ pub fn is_single_file(out: &Path) -> bool {
     out.extension().is_some_and(|e| e == "safetensors")
 }
 
-/// Writes `model` to `out`: an original-layout single file in `dtype` when
-/// `out` ends in `.safetensors`, else a diffusers folder (f32). Returns what
-/// was written, for a message.
+/// Writes `model` to `out` with its weights in `dtype`: an original-layout
+/// single file when `out` ends in `.safetensors`, else a diffusers folder.
+/// Returns what was written, for a message.
 pub fn save_to(model: &StableDiffusion, out: &Path, dtype: DType) -> Result<&'static str> {
     if is_single_file(out) {
         save_single(model, out, dtype)?;
         Ok("single-file checkpoint")
     } else {
-        save_diffusers(model, out)?;
+        save_diffusers_as(model, out, Some(dtype))?;
         Ok("diffusers folder")
     }
 }

@@ -823,18 +823,20 @@ pub fn train_model(
         return Ok(outcome);
     }
     let model_dir = out.join("model");
-    export::save_diffusers(model, &model_dir)?;
+    let save_dtype = Precision::parse(&cfg.save_precision)?.dtype();
+    export::save_diffusers_as(model, &model_dir, Some(save_dtype))?;
     (ev.log)(&format!(
-        "trained model (diffusers folder): {}",
+        "trained model (diffusers folder{}): {}",
+        if save_dtype == candle_core::DType::F32 {
+            String::new()
+        } else {
+            format!(", {}", cfg.save_precision)
+        },
         model_dir.display()
     ));
     outcome.model_dir = Some(model_dir);
     if cfg.save_single_file {
-        let p = export::save_single(
-            model,
-            &out.join("model.safetensors"),
-            candle_core::DType::F32,
-        )?;
+        let p = export::save_single(model, &out.join("model.safetensors"), save_dtype)?;
         (ev.log)(&format!("single-file checkpoint: {}", p.display()));
         outcome.single_file = Some(p);
     }

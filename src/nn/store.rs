@@ -287,8 +287,8 @@ impl Vb {
 
 /// The safetensors dtype a tensor is written in: its own for f16, bf16 and the
 /// integer types, f32 for the rest.
-fn stored_dtype(t: &Tensor) -> safetensors::Dtype {
-    match t.dtype() {
+fn stored_dtype(dtype: DType) -> safetensors::Dtype {
+    match dtype {
         DType::F16 => safetensors::Dtype::F16,
         DType::BF16 => safetensors::Dtype::BF16,
         DType::I64 => safetensors::Dtype::I64,
@@ -302,6 +302,8 @@ fn stored_dtype(t: &Tensor) -> safetensors::Dtype {
 /// holds one tensor's bytes at a time rather than a copy of the whole file.
 struct Streamed<'a> {
     tensor: &'a Tensor,
+    /// The float dtype to write a float tensor in (`None`: as it is).
+    cast: Option<DType>,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
     /// The first tensor whose bytes could not be made, and why.
@@ -317,7 +319,15 @@ impl safetensors::View for Streamed<'_> {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        match tensor_bytes(self.tensor) {
+        let bytes = match self.cast {
+            Some(dtype) => self
+                .tensor
+                .to_dtype(dtype)
+                .map_err(Error::from)
+                .and_then(|t| tensor_bytes(&t)),
+            None => tensor_bytes(self.tensor),
+        };
+        match bytes {
             Ok((bytes, _)) => bytes.into(),
             Err(e) => {
                 let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -339,13 +349,28 @@ pub fn save_safetensors(
     path: &Path,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    save_safetensors_as(tensors, path, metadata, None)
+}
+
+/// [`save_safetensors`] with every floating-point tensor written in `dtype`
+/// (f32, f16 or bf16; cast one tensor at a time as the writer reaches it),
+/// integer tensors as they are; `None` writes each as it is.
+pub fn save_safetensors_as(
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+    metadata: Option<HashMap<String, String>>,
+    dtype: Option<DType>,
+) -> Result<()> {
     let failed = std::sync::Mutex::new(None);
     let views = tensors.iter().map(|(k, t)| {
+        let cast = dtype.filter(|_| t.dtype().is_float());
+        let stored = stored_dtype(cast.unwrap_or(t.dtype()));
         (
             k.as_str(),
             Streamed {
                 tensor: t,
-                dtype: stored_dtype(t),
+                cast,
+                dtype: stored,
                 shape: t.dims().to_vec(),
                 failed: &failed,
                 name: k,
