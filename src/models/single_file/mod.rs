@@ -55,7 +55,8 @@ use crate::diffusion::{FinalSigmas, PredictionType, SchedulerConfig};
 use crate::models::clip_text::{BUFFER_KEYS, ClipTextConfig, ClipTextModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::models::{UNet2DConditionModel, UNetConfig};
-use crate::nn::{Vb, WeightsReader, save_safetensors};
+use crate::nn::store::save_safetensors_as;
+use crate::nn::{Vb, WeightsReader};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -916,7 +917,6 @@ fn to_ldm(
     tensors: &BTreeMap<String, Tensor>,
     map: &KeyMap,
     prefix: &str,
-    dtype: DType,
     out: &mut BTreeMap<String, Tensor>,
 ) -> Result<()> {
     let mut chunks: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
@@ -930,7 +930,7 @@ fn to_ldm(
             )
         })?;
         let ldm = format!("{prefix}{ldm}");
-        let t = keymap::to_ldm_tensor(t, transform)?.to_dtype(dtype)?;
+        let t = keymap::to_ldm_tensor(t, transform)?;
         if let Transform::Chunk(i) = transform {
             chunks.entry(ldm).or_default()[i] = Some(t);
         } else if out.insert(ldm.clone(), t).is_some() {
@@ -1044,7 +1044,6 @@ pub fn save_single_file(
         unet,
         &unet_keys::key_map(configs.unet),
         UNET_PREFIX,
-        dtype,
         &mut out,
     )?;
     to_ldm(
@@ -1053,7 +1052,6 @@ pub fn save_single_file(
         vae,
         &vae_keys::key_map(configs.vae),
         VAE_PREFIX,
-        dtype,
         &mut out,
     )?;
     let text_map = family.text_key_map(configs.text_encoder);
@@ -1063,7 +1061,6 @@ pub fn save_single_file(
         &text,
         &text_map,
         family.text_prefix(),
-        dtype,
         &mut out,
     )?;
 
@@ -1074,13 +1071,12 @@ pub fn save_single_file(
             t,
             &text_keys::openclip_projection_key_map(c),
             SDXL_OPENCLIP_PREFIX,
-            dtype,
             &mut out,
         )?;
         // OpenCLIP's contrastive temperature, ln(100), as in Stability's files.
         out.insert(
             format!("{SDXL_OPENCLIP_PREFIX}logit_scale"),
-            Tensor::new(100f32.ln(), &device)?.to_dtype(dtype)?,
+            Tensor::new(100f32.ln(), &device)?,
         );
     }
     if family == Family::Sd2 {
@@ -1098,7 +1094,7 @@ pub fn save_single_file(
         let h = configs.text_encoder.hidden_size;
         out.insert(
             format!("{OPENCLIP_PREFIX}text_projection"),
-            Tensor::eye(h, dtype, &device)?,
+            Tensor::eye(h, DType::F32, &device)?,
         );
     }
 
@@ -1132,5 +1128,6 @@ pub fn save_single_file(
         metadata.insert(META_TOKENIZER_VOCAB.to_string(), vocab.to_string());
         metadata.insert(META_TOKENIZER_MERGES.to_string(), merges.to_string());
     }
-    save_safetensors(&out, path, Some(metadata))
+    // Cast one tensor at a time as it is written: no second copy of the model.
+    save_safetensors_as(&out, path, Some(metadata), Some(dtype))
 }
