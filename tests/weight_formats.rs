@@ -453,3 +453,31 @@ fn convert_writes_folders_and_single_files_in_any_precision() {
     std::fs::remove_dir_all(&src).ok();
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// A folder converted from a single file without configs (its UNet config
+/// read from the shapes) writes diffusers' defaults where the shapes say
+/// nothing: diffusers' constructor takes `len()` of `only_cross_attention`,
+/// so a null there made such a folder unloadable in diffusers.
+#[test]
+fn a_unet_config_read_from_shapes_is_written_as_diffusers_takes_it() {
+    let c = load_components(
+        &formats().join("sd1-shaped.ckpt"),
+        &Device::Cpu,
+        &SingleFileOptions::default(),
+    )
+    .unwrap();
+    assert!(!c.configs_from_metadata);
+    let cfg = dreambooth::models::single_file::unet_config_json(&c.unet_config);
+    assert_eq!(cfg["only_cross_attention"], serde_json::json!(false));
+    assert_eq!(cfg["attention_type"], serde_json::json!("default"));
+    assert_eq!(
+        cfg["_class_name"],
+        serde_json::json!("UNet2DConditionModel")
+    );
+    // It reads back as the same config.
+    let back: dreambooth::models::UNetConfig = serde_json::from_value(cfg.clone()).unwrap();
+    assert_eq!(
+        dreambooth::models::single_file::unet_config_json(&back),
+        cfg
+    );
+}

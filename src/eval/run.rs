@@ -69,6 +69,14 @@ impl Encoders {
     /// Loads DINO, CLIP (+ tokenizer) and, when given, LPIPS. A file of the wrong
     /// architecture fails here with an error naming it.
     pub fn load(paths: &EncoderPaths, device: &Device) -> Result<Self> {
+        // Hub names (`facebook/dino-vits16`) from the local Hugging Face cache.
+        let resolve = crate::models::hub::resolve;
+        let paths = &EncoderPaths {
+            dino: resolve(&paths.dino)?,
+            clip: resolve(&paths.clip)?,
+            clip_tokenizer: paths.clip_tokenizer.as_deref().map(resolve).transpose()?,
+            lpips: paths.lpips.as_deref().map(resolve).transpose()?,
+        };
         let dino = ViTModel::load(&paths.dino, device).map_err(|e| {
             Error::msg(format!(
                 "loading the DINO encoder (a transformers ViTModel) from {}: {e}",

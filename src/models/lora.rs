@@ -781,6 +781,7 @@ fn peft_alpha(
 /// Reads a LoRA file (peft/diffusers or kohya, told apart by the keys) and
 /// matches every tensor to a layer of `sd`.
 pub fn read_lora(sd: &StableDiffusion, path: &Path) -> Result<LoraFile> {
+    let path = &super::hub::resolve(path)?;
     let tensors = read_safetensors(path, &sd.device)?;
     let meta = read_metadata(path)?;
     let peft_meta: Option<serde_json::Value> = meta

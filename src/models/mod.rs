@@ -5,6 +5,7 @@ pub mod clip_text;
 pub mod clip_vision;
 pub mod config;
 pub mod dino;
+pub mod hub;
 pub mod load;
 pub mod lora;
 pub mod lpips;

@@ -148,7 +148,10 @@ impl std::fmt::Debug for StableDiffusion {
 impl StableDiffusion {
     /// Loads a diffusers folder, or a single-file `.safetensors` checkpoint when
     /// `path` is a file. Every error names the file or folder at fault.
+    /// A Hub name (`org/name`) is looked up in the local Hugging Face cache
+    /// ([`super::hub`]).
     pub fn load(path: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
+        let path = &super::hub::resolve(path)?;
         if path.is_file() {
             Self::load_single_file(path, device, opts)
         } else if path.is_dir() {
@@ -682,6 +685,7 @@ impl StableDiffusion {
     /// (`vae-ft-mse-840000-ema-pruned.safetensors`, another checkpoint's VAE).
     /// The latent channels must match the UNet's.
     pub fn set_vae(&mut self, path: &Path) -> Result<()> {
+        let path = &super::hub::resolve(path)?;
         let (cfg, tensors, file) = if path.is_dir() {
             let dir = if path.join("model_index.json").is_file() {
                 path.join("vae")

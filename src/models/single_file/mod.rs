@@ -859,6 +859,14 @@ pub fn load_vae_file(
 pub fn unet_config_json(c: &UNetConfig) -> serde_json::Value {
     let mut v = serde_json::to_value(c).expect("UNetConfig serializes");
     v["_class_name"] = json!("UNet2DConditionModel");
+    // Fields a config read from the weights leaves unset, as diffusers'
+    // defaults: its constructor takes `len()` of a null `only_cross_attention`.
+    if v["only_cross_attention"].is_null() {
+        v["only_cross_attention"] = json!(false);
+    }
+    if v["attention_type"].is_null() {
+        v["attention_type"] = json!("default");
+    }
     v
 }
 
