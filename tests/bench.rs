@@ -156,30 +156,24 @@ fn gpu_memory_watch_watches_nothing_on_the_cpu() {
 fn bench_step_runs_an_sdxl_unet() {
     let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny-sdxl/unet/config.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["bench", "step", "--arch"])
-        .arg(&cfg)
-        .args(["--res", "16", "--warmup", "0", "--steps", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("median of 1"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["bench", "step", "--with-encoders", "--arch"])
-        .arg(&cfg)
-        .args(["--res", "16", "--warmup", "0", "--steps", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("whole step"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (extra, expect) in [
+        (None, "median of 1"),
+        (Some("--with-encoders"), "whole step"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+            .args(["bench", "step", "--arch"])
+            .arg(&cfg)
+            .args(["--res", "16", "--warmup", "0", "--steps", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(expect),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let sdxl: dreambooth::models::UNetConfig =
         serde_json::from_value(Arch::Sdxl.config_json().unwrap()).unwrap();
     sdxl.validate(std::path::Path::new("sdxl")).unwrap();
