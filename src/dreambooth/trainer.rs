@@ -329,7 +329,7 @@ pub fn train_model(
     // prompts' ids are one row per distinct prompt.
     let (inst_ids, cut) = model.tokenize(&prompts)?;
     for w in cut {
-        (ev.log)(&format!("warning: instance prompt {w}"));
+        (ev.log)(&format!("warning: instance {w}"));
     }
     let (class_ids, _) = model.tokenize(std::slice::from_ref(&class_prompt))?;
     // SDXL: the same prompts for the second text encoder.
