@@ -30,6 +30,8 @@ enum Command {
     Eval(cli::eval::Args),
     /// Generate images from a prompt with a Stable Diffusion model.
     Generate(cli::generate::Args),
+    /// Describe a model: format, family, architecture, sizes, schedule, hash.
+    Info(cli::info::Args),
     /// List candidate rare-token identifiers of a model's vocabulary (like `sks`).
     Identifier(cli::identifier::Args),
     /// Fold LoRA files into a model and write it (diffusers folder or single file).
@@ -52,6 +54,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Identifier(a) => cli::identifier::run(a),
+        Command::Info(a) => cli::info::run(a),
         Command::Merge(a) => cli::merge::run(a),
         Command::Selftest(a) => cli::selftest::run(a),
         Command::Train(a) => cli::train::run(*a),

@@ -1423,3 +1423,25 @@ fn captions_are_the_prompts_their_photos_train_on() {
     assert!(err.contains("--caption-extension `txt`"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--prediction-type` reaches the model the trainer loads (the loss target
+/// and class-image sampling follow `model.prediction_type()`).
+#[test]
+fn prediction_type_overrides_the_models() {
+    init();
+    let mut cfg = config(Path::new("unused"), Path::new("unused"));
+    let m = dreambooth::dreambooth::trainer::load_model(&cfg, &Device::Cpu).unwrap();
+    assert_eq!(
+        m.prediction_type(),
+        dreambooth::diffusion::PredictionType::Epsilon
+    );
+    cfg.prediction_type = Some("v_prediction".into());
+    let m = dreambooth::dreambooth::trainer::load_model(&cfg, &Device::Cpu).unwrap();
+    assert_eq!(
+        m.prediction_type(),
+        dreambooth::diffusion::PredictionType::VPrediction
+    );
+    cfg.prediction_type = Some("x0".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("--prediction-type"), "{e}");
+}

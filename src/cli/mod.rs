@@ -7,6 +7,7 @@ pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod identifier;
+pub mod info;
 pub mod merge;
 pub mod paper;
 pub mod selftest;
@@ -21,6 +22,18 @@ pub fn command_line() -> String {
         *first = "dreambooth".into();
     }
     argv.join(" ")
+}
+
+/// Loading options of a frozen model with `--prediction-type` (when given).
+pub fn load_options(
+    prediction_type: Option<&str>,
+) -> anyhow::Result<dreambooth::models::LoadOptions> {
+    Ok(dreambooth::models::LoadOptions {
+        prediction_type: prediction_type
+            .map(dreambooth::diffusion::PredictionType::parse)
+            .transpose()?,
+        ..Default::default()
+    })
 }
 
 /// The evaluation encoders' flags, shared by `eval` and `bench paper`.

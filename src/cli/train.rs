@@ -25,6 +25,10 @@ pub struct Args {
     /// (original layout or diffusers names, e.g. vae-ft-mse-840000-ema-pruned.safetensors).
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
+    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Folder with the subject's photos (jpg, png, webp).
     #[arg(long)]
     pub instance_dir: Option<PathBuf>,
@@ -260,6 +264,7 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         args,
         model,
         vae,
+        prediction_type,
         caption_extension,
         class_prompt,
         class_dir,

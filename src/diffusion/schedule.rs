@@ -62,6 +62,18 @@ impl BetaSchedule {
 }
 
 impl PredictionType {
+    /// `epsilon` (or `eps`), `v_prediction` (or `v`, `v-prediction`): the
+    /// `--prediction-type` of a model whose file cannot tell (an SD 2.x single file).
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "epsilon" | "eps" => Ok(Self::Epsilon),
+            "v_prediction" | "v-prediction" | "v" => Ok(Self::VPrediction),
+            other => Err(crate::Error::msg(format!(
+                "unknown prediction type `{other}` (expected epsilon or v_prediction)"
+            ))),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PredictionType::Epsilon => "epsilon",

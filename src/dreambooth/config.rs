@@ -18,6 +18,9 @@ pub struct TrainConfig {
     pub model: Option<PathBuf>,
     /// A VAE to use in place of the model's (folder or file; see `StableDiffusion::set_vae`).
     pub vae: Option<PathBuf>,
+    /// Overrides the model's prediction type (`epsilon`, `v_prediction`): an
+    /// SD 2.x single file is read as the 768-v model unless told otherwise.
+    pub prediction_type: Option<String>,
     pub instance_dir: PathBuf,
     pub instance_prompt: String,
     /// Per-photo prompts (kohya's `--caption_extension`): a photo `dog1.jpg`
@@ -130,6 +133,7 @@ impl Default for TrainConfig {
         Self {
             model: None,
             vae: None,
+            prediction_type: None,
             instance_dir: PathBuf::new(),
             instance_prompt: String::new(),
             caption_extension: None,
@@ -394,6 +398,11 @@ impl TrainConfig {
                         .into(),
                 );
             }
+        }
+        if let Some(p) = &self.prediction_type
+            && let Err(e) = crate::diffusion::PredictionType::parse(p)
+        {
+            return bad(format!("--prediction-type: {e}"));
         }
         if let Err(e) = crate::nn::Precision::parse(&self.save_precision) {
             return bad(format!("--save-precision: {e}"));

@@ -137,7 +137,11 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
         LoadOptions {
             train_unet: spec.is_none(),
             train_text_encoder: cfg.train_text_encoder && spec.is_none(),
-            ..Default::default()
+            prediction_type: cfg
+                .prediction_type
+                .as_deref()
+                .map(crate::diffusion::PredictionType::parse)
+                .transpose()?,
         },
     )?;
     if let Some(vae) = &cfg.vae {
