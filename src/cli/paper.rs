@@ -59,6 +59,10 @@ pub struct Args {
     /// A VAE in place of the model's (folder or file, as `train --vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
+    /// 2.x single file is read as the 768-v model).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Training's compute dtype: no, fp16 or bf16 (bf16 needs a GPU).
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
@@ -101,6 +105,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
         out: a.out,
         vae: a.vae,
+        prediction_type: a.prediction_type,
         mixed_precision: a.mixed_precision,
         device,
         redo: a.redo,

@@ -223,6 +223,8 @@ pub struct PaperOptions {
     pub out: PathBuf,
     /// A VAE in place of the model's (as `train --vae`).
     pub vae: Option<PathBuf>,
+    /// Overrides the model's prediction type (as `train --prediction-type`).
+    pub prediction_type: Option<String>,
     /// Training's compute dtype (`no`, `fp16`, `bf16`; as `train --mixed-precision`).
     pub mixed_precision: String,
     /// Where training, generation and the encoders run.
@@ -255,6 +257,7 @@ impl Default for PaperOptions {
             seed: 0,
             out: PathBuf::from("paper-out"),
             vae: None,
+            prediction_type: None,
             mixed_precision: "no".into(),
             device: Device::Cpu,
             redo: false,
@@ -270,6 +273,7 @@ impl PaperOptions {
         serde_json::json!({
             "model": self.model,
             "vae": self.vae,
+            "prediction_type": self.prediction_type,
             "lora": self.lora,
             "lora_rank": self.lora_rank,
             "identifier": self.identifier,
@@ -479,6 +483,7 @@ pub fn run_paper(
             num_class_images: opts.num_class_images,
             output_dir: sdir.join("run"),
             vae: opts.vae.clone(),
+            prediction_type: opts.prediction_type.clone(),
             mixed_precision: opts.mixed_precision.clone(),
             resolution: opts.resolution,
             center_crop: true,
