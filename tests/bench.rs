@@ -80,7 +80,6 @@ fn random_weight_models_build_and_generate() {
     // StableDiffusion::random (bench sample --arch sd15) on a small
     // architecture: CLIP's tokenizer, the SD schedule, seeded weights.
     use candle_core::Device;
-    use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
     use dreambooth::models::StableDiffusion;
     use dreambooth::models::config::UNetConfig;
     let unet: UNetConfig =
@@ -101,17 +100,7 @@ fn random_weight_models_build_and_generate() {
         )
         .unwrap()
     };
-    let image = |m: &StableDiffusion| {
-        let opts = GenerateOptions {
-            steps: 2,
-            ..GenerateOptions::new("a photo of a dog", 1)
-        };
-        generate(m, &opts, &mut |_| {})
-            .unwrap()
-            .images
-            .remove(0)
-            .image
-    };
+    let image = |m: &StableDiffusion| first_image(m, None);
     let (a, b) = (build(3), build(3));
     assert_eq!(a.tokenizer.vocab_size(), 49408);
     assert_eq!(a.name(), "small (random)");
@@ -185,7 +174,6 @@ fn bench_step_runs_an_sdxl_unet() {
 #[test]
 fn random_weight_sdxl_models_build_and_generate() {
     use candle_core::Device;
-    use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
     use dreambooth::models::StableDiffusion;
     use dreambooth::models::config::UNetConfig;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
@@ -214,23 +202,28 @@ fn random_weight_sdxl_models_build_and_generate() {
         )
         .unwrap()
     };
-    let image = |m: &StableDiffusion| {
-        let opts = GenerateOptions {
-            steps: 2,
-            width: Some(64),
-            height: Some(64),
-            ..GenerateOptions::new("a photo of a dog", 1)
-        };
-        generate(m, &opts, &mut |_| {})
-            .unwrap()
-            .images
-            .remove(0)
-            .image
-    };
+    let image = |m: &StableDiffusion| first_image(m, Some(64));
     let a = build(5);
     assert!(a.is_sdxl());
     let ia = image(&a);
     assert_eq!(ia.dimensions(), (64, 64));
     assert_eq!(ia, image(&build(5)), "same seed, same weights, same image");
     assert_ne!(ia, image(&build(6)), "another seed draws other weights");
+}
+
+/// The first image `m` generates for "a photo of a dog" in 2 steps, at
+/// `size` × `size` (the model's own size by default).
+fn first_image(m: &dreambooth::models::StableDiffusion, size: Option<usize>) -> image::RgbImage {
+    use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
+    let opts = GenerateOptions {
+        steps: 2,
+        width: size,
+        height: size,
+        ..GenerateOptions::new("a photo of a dog", 1)
+    };
+    generate(m, &opts, &mut |_| {})
+        .unwrap()
+        .images
+        .remove(0)
+        .image
 }

@@ -20,10 +20,8 @@ pub struct Args {
     /// single-file .safetensors or .ckpt.
     #[arg(long)]
     pub model: PathBuf,
-    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
-    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub prediction: super::PredictionArg,
     /// A folder (diffusers layout, safetensors), or a `.safetensors` file
     /// (original single-file layout, as A1111 and ComfyUI load).
     #[arg(long)]
@@ -45,11 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
         bail!("{}: --out is the model itself", args.out.display());
     }
-    let mut model = StableDiffusion::load(
-        &args.model,
-        &Device::Cpu,
-        super::load_options(args.prediction_type.as_deref())?,
-    )?;
+    let mut model =
+        StableDiffusion::load(&args.model, &Device::Cpu, args.prediction.load_options()?)?;
     if let Some(vae) = &args.vae {
         model.set_vae(vae)?;
     }

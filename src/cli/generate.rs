@@ -23,10 +23,8 @@ pub struct Args {
     /// (default: the bundled tiny model, assets/tiny-model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
-    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub prediction: super::PredictionArg,
     /// A VAE in place of the model's: a diffusers VAE folder, or a file
     /// (original layout or diffusers names, e.g. vae-ft-mse-840000-ema-pruned.safetensors).
     #[arg(long)]
@@ -98,11 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let device = super::device::select(args.device.as_deref())?;
     // Library errors name the file at fault; no extra context needed.
-    let mut model = StableDiffusion::load(
-        &model_path,
-        &device,
-        super::load_options(args.prediction_type.as_deref())?,
-    )?;
+    let mut model = StableDiffusion::load(&model_path, &device, args.prediction.load_options()?)?;
     if let Some(vae) = &args.vae {
         model.set_vae(vae)?;
     }

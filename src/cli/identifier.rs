@@ -13,10 +13,8 @@ pub struct Args {
     /// A diffusers model folder or a single-file .safetensors or .ckpt checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
-    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub prediction: super::PredictionArg,
     /// How many candidates to list.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
@@ -31,11 +29,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = Device::cuda_if_available(0)?;
     super::device::preflight(&device);
-    let model = StableDiffusion::load(
-        &args.model,
-        &device,
-        super::load_options(args.prediction_type.as_deref())?,
-    )?;
+    let model = StableDiffusion::load(&args.model, &device, args.prediction.load_options()?)?;
     let opts = IdentifierOptions {
         max_chars: args.max_chars,
         pool: args.pool,

@@ -15,10 +15,8 @@ pub struct Args {
     /// in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
-    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
-    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub prediction: super::PredictionArg,
     /// A VAE in place of the model's (as `train --vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -30,11 +28,7 @@ fn millions(t: &BTreeMap<String, Tensor>) -> f64 {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut m = StableDiffusion::load(
-        &args.model,
-        &Device::Cpu,
-        super::load_options(args.prediction_type.as_deref())?,
-    )?;
+    let mut m = StableDiffusion::load(&args.model, &Device::Cpu, args.prediction.load_options()?)?;
     if let Some(vae) = &args.vae {
         m.set_vae(vae)?;
     }

@@ -12,10 +12,8 @@ pub struct Args {
     /// The base model: a diffusers folder or a single-file .safetensors or .ckpt.
     #[arg(long)]
     pub model: PathBuf,
-    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
-    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub prediction: super::PredictionArg,
     /// A LoRA file (peft/diffusers or kohya); repeatable.
     #[arg(long = "lora", required = true)]
     pub lora: Vec<PathBuf>,
@@ -30,11 +28,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let loras = pair_scales(&args.lora, &args.lora_scale)?;
     let device = Device::Cpu;
-    let mut model = StableDiffusion::load(
-        &args.model,
-        &device,
-        super::load_options(args.prediction_type.as_deref())?,
-    )?;
+    let mut model = StableDiffusion::load(&args.model, &device, args.prediction.load_options()?)?;
     for (path, scale) in &loras {
         let f = merge_file(&mut model, path, *scale)?;
         println!("merged {}", describe(&f, *scale));

@@ -24,16 +24,27 @@ pub fn command_line() -> String {
     argv.join(" ")
 }
 
-/// Loading options of a frozen model with `--prediction-type` (when given).
-pub fn load_options(
-    prediction_type: Option<&str>,
-) -> anyhow::Result<dreambooth::models::LoadOptions> {
-    Ok(dreambooth::models::LoadOptions {
-        prediction_type: prediction_type
-            .map(dreambooth::diffusion::PredictionType::parse)
-            .transpose()?,
-        ..Default::default()
-    })
+/// `--prediction-type`, for the commands that load a model to use it frozen.
+#[derive(clap::Args)]
+pub struct PredictionArg {
+    /// Overrides the model's prediction type: epsilon or v_prediction (an SD
+    /// 2.x single file is read as the 768-v model; SD 2.x base is epsilon).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+}
+
+impl PredictionArg {
+    /// Loading options of a frozen model with the prediction type (when given).
+    pub fn load_options(&self) -> anyhow::Result<dreambooth::models::LoadOptions> {
+        Ok(dreambooth::models::LoadOptions {
+            prediction_type: self
+                .prediction_type
+                .as_deref()
+                .map(dreambooth::diffusion::PredictionType::parse)
+                .transpose()?,
+            ..Default::default()
+        })
+    }
 }
 
 /// The evaluation encoders' flags, shared by `eval` and `bench paper`.
