@@ -183,7 +183,7 @@ pub fn failure(outcome: &Result<Vec<Check>>) -> Option<String> {
 fn frozen_matmul_checks(device: &Device) -> Result<Vec<Check>> {
     use crate::nn::lora::{frozen_weight_bmm, matmul};
     let grad_of = |y: &Tensor, x: &Var, seed: u64| -> Result<Tensor> {
-        let r = randn(seed, y.dims(), &y.device().clone())?;
+        let r = randn(seed, y.dims(), y.device())?;
         let g = (y * r)?.sum_all()?.backward()?;
         Ok(g.get(x)
             .ok_or_else(|| Error::msg("frozen matmul: the tracked operand got no gradient"))?

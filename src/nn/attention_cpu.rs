@@ -96,13 +96,7 @@ impl Dims {
     }
     /// Head h of image bi of a (B, rows, C) buffer, as a (rows, d) view.
     fn head<'a>(&self, x: &'a [f32], rows: usize, bi: usize, h: usize) -> View<'a> {
-        View {
-            data: &x[bi * rows * self.c + h * self.d()..],
-            rows,
-            cols: self.d(),
-            rs: self.c,
-            cs: 1,
-        }
+        self.head_rows(x, rows, bi, h, (0, rows))
     }
     /// Rows n0..n1 of head h of image bi of a (B, rows, C) buffer, as a view.
     fn head_rows<'a>(

@@ -61,9 +61,6 @@ impl Dims {
     /// columns would pass `max_band` floats (at least one row).
     fn band_rows(&self) -> usize {
         let (ho, wo) = self.geom.out_hw(self.h, self.w);
-        if self.pointwise() {
-            return ho.max(1);
-        }
         (self.max_band / (self.k() * wo).max(1)).clamp(1, ho.max(1))
     }
     /// The bands of output rows `r0..r1`, in order.
@@ -299,8 +296,9 @@ fn crop_into(acc: &[f32], d: &Dims, dx: &mut [MaybeUninit<f32>], parallel: bool)
     });
 }
 
-/// Calls `f(band, cols)` for each band of output rows of image `x_b`, with
-/// that band's columns (C·kh·kw, rows·Wo): the image itself for a 1×1
+/// Calls `f(c0, n, cols)` for each band of output rows of image `x_b`: its
+/// first output column `c0` (pixel index), its `n` columns and their values
+/// (C·kh·kw, n): the image itself for a 1×1
 /// convolution (one band), otherwise im2col into `scratch[0]` (`scratch[1]`
 /// holds the padded image). An image's columns are 9× its size for a 3×3
 /// kernel (9.4 GB for a VAE decoder's 256-channel layer at 1024²), so they
@@ -310,22 +308,22 @@ fn for_bands(
     d: &Dims,
     scratch: &mut Scratch,
     par: bool,
-    mut f: impl FnMut((usize, usize), &[f32]),
+    mut f: impl FnMut(usize, usize, &[f32]),
 ) {
     if d.pointwise() {
-        f((0, d.geom.out_hw(d.h, d.w).0), x_b);
+        f(0, d.l(), x_b);
         return;
     }
     let [cols, pad, _] = scratch;
     let src = padded(x_b, d, pad, par);
     let (_, wo) = d.geom.out_hw(d.h, d.w);
     for band in d.bands() {
-        let n = d.k() * (band.1 - band.0) * wo;
-        if cols.len() < n {
-            cols.resize(n, 0.0);
+        let n = (band.1 - band.0) * wo;
+        if cols.len() < d.k() * n {
+            cols.resize(d.k() * n, 0.0);
         }
         im2col_band(src, d, band, cols, par);
-        f(band, &cols[..n]);
+        f(band.0 * wo, n, &cols[..d.k() * n]);
     }
 }
 
@@ -364,15 +362,6 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
-/// The padded image gradient buffer of `scratch`, zeroed, for `d`.
-fn zeroed_acc<'a>(scratch: &'a mut Scratch, d: &Dims) -> &'a mut [f32] {
-    let (hp, wp) = padded_hw(d);
-    let acc = &mut scratch[2];
-    acc.clear();
-    acc.resize(d.c * hp * wp, 0.0);
-    acc
-}
-
 /// y (B, O, L) = bias + W · cols(x_b) for every image.
 /// `bias` holds O values, or B·O (one per image and channel: a ResNet block's
 /// time embedding folded in).
@@ -388,11 +377,9 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
                 bias
             };
             let y_b = init_rows(y_b, l, |oi| bias[oi]);
-            let wo = d.geom.out_hw(d.h, d.w).1;
-            for_bands(x_b, d, scratch, par, |(r0, r1), cols| {
-                let n = (r1 - r0) * wo;
+            for_bands(x_b, d, scratch, par, |c0, n, cols| {
                 matmul_into(
-                    &mut y_b[r0 * wo..],
+                    &mut y_b[c0..],
                     l,
                     true,
                     View::rows(wt, o, k),
@@ -423,16 +410,14 @@ fn forward(x: &[f32], wt: &[f32], bias: &[f32], d: &Dims) -> Vec<f32> {
 fn grad_weight(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let img = d.c * d.h * d.w;
-    let wo = d.geom.out_hw(d.h, d.w).1;
     let one = |x_b: &[f32], dy_b: &[f32], dwt: &mut [f32], s: &mut Scratch, par: bool| {
-        for_bands(x_b, d, s, par, |(r0, r1), cols| {
-            let n = (r1 - r0) * wo;
+        for_bands(x_b, d, s, par, |c0, n, cols| {
             matmul_into(
                 dwt,
                 o,
                 true,
                 View::rows(cols, k, n),
-                View::strided(&dy_b[r0 * wo..], o, n, l).t(),
+                View::strided(&dy_b[c0..], o, n, l).t(),
                 par,
             );
         });
@@ -498,8 +483,10 @@ fn input_grad_banded(
 ) {
     let (k, l, o) = (d.k(), d.l(), d.o);
     let wo = d.geom.out_hw(d.h, d.w).1;
-    zeroed_acc(s, d);
+    let (hp, wp) = padded_hw(d);
     let [dcols, _, acc] = s;
+    acc.clear();
+    acc.resize(d.c * hp * wp, 0.0);
     for band in d.bands() {
         let n = (band.1 - band.0) * wo;
         if dcols.len() < k * n {
@@ -536,10 +523,8 @@ fn grad_input_weight(x: &[f32], wt: &[f32], dy: &[f32], d: &Dims) -> [Vec<f32>; 
                     *v = super::vmath::simd(|| super::vmath::sum(row)) as f32;
                 }
                 with_scratch(|s| {
-                    let wo = d.geom.out_hw(d.h, d.w).1;
-                    for_bands(x_b, d, s, false, |(r0, r1), cols| {
-                        let n = (r1 - r0) * wo;
-                        let dy_band = View::strided(&dy_b[r0 * wo..], o, n, l);
+                    for_bands(x_b, d, s, false, |c0, n, cols| {
+                        let dy_band = View::strided(&dy_b[c0..], o, n, l);
                         matmul_into(
                             &mut dwt,
                             o,
