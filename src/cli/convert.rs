@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::bail;
 use candle_core::{DType, Device};
 use dreambooth::dreambooth::export;
-use dreambooth::models::StableDiffusion;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum SaveDType {
@@ -16,12 +15,8 @@ pub enum SaveDType {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a diffusers folder (safetensors, sharded or .bin weights) or a
-    /// single-file .safetensors or .ckpt.
-    #[arg(long)]
-    pub model: PathBuf,
     #[command(flatten)]
-    pub prediction: super::PredictionArg,
+    pub model: super::ModelArgs,
     /// A folder (diffusers layout, safetensors), or a `.safetensors` file
     /// (original single-file layout, as A1111 and ComfyUI load).
     #[arg(long)]
@@ -40,11 +35,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         SaveDType::Fp16 => DType::F16,
         SaveDType::Bf16 => DType::BF16,
     };
-    if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
+    if args.out.exists() && args.out.canonicalize().ok() == args.model.model.canonicalize().ok() {
         bail!("{}: --out is the model itself", args.out.display());
     }
-    let mut model =
-        StableDiffusion::load(&args.model, &Device::Cpu, args.prediction.load_options()?)?;
+    let mut model = args.model.load(&Device::Cpu)?;
     if let Some(vae) = &args.vae {
         model.set_vae(vae)?;
     }

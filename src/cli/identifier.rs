@@ -1,20 +1,14 @@
 //! `dreambooth identifier`: candidate rare-token identifiers of a model's
 //! vocabulary, ranked by rarity and prior (see `dreambooth::dreambooth::identifier`).
 
-use std::path::PathBuf;
-
 use candle_core::Device;
 
 use dreambooth::dreambooth::identifier::{IdentifierOptions, PRIOR_TEMPLATE, rank_identifiers};
-use dreambooth::models::StableDiffusion;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A diffusers model folder or a single-file .safetensors or .ckpt checkpoint.
-    #[arg(long)]
-    pub model: PathBuf,
     #[command(flatten)]
-    pub prediction: super::PredictionArg,
+    pub model: super::ModelArgs,
     /// How many candidates to list.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
@@ -29,7 +23,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = Device::cuda_if_available(0)?;
     super::device::preflight(&device);
-    let model = StableDiffusion::load(&args.model, &device, args.prediction.load_options()?)?;
+    let model = args.model.load(&device)?;
     let opts = IdentifierOptions {
         max_chars: args.max_chars,
         pool: args.pool,

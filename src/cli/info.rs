@@ -7,16 +7,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use dreambooth::models::{ModelFormat, StableDiffusion};
+use dreambooth::models::ModelFormat;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A diffusers folder, a single-file .safetensors or .ckpt, or a Hub name
-    /// in the local Hugging Face cache.
-    #[arg(long)]
-    pub model: PathBuf,
     #[command(flatten)]
-    pub prediction: super::PredictionArg,
+    pub model: super::ModelArgs,
     /// A VAE in place of the model's (as `train --vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -28,7 +24,7 @@ fn millions(t: &BTreeMap<String, Tensor>) -> f64 {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut m = StableDiffusion::load(&args.model, &Device::Cpu, args.prediction.load_options()?)?;
+    let mut m = args.model.load(&Device::Cpu)?;
     if let Some(vae) = &args.vae {
         m.set_vae(vae)?;
     }

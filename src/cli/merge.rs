@@ -4,16 +4,12 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use dreambooth::dreambooth::export;
-use dreambooth::models::StableDiffusion;
 use dreambooth::models::lora::{describe, merge_file, pair_scales};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model: a diffusers folder or a single-file .safetensors or .ckpt.
-    #[arg(long)]
-    pub model: PathBuf,
     #[command(flatten)]
-    pub prediction: super::PredictionArg,
+    pub model: super::ModelArgs,
     /// A LoRA file (peft/diffusers or kohya); repeatable.
     #[arg(long = "lora", required = true)]
     pub lora: Vec<PathBuf>,
@@ -28,7 +24,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let loras = pair_scales(&args.lora, &args.lora_scale)?;
     let device = Device::Cpu;
-    let mut model = StableDiffusion::load(&args.model, &device, args.prediction.load_options()?)?;
+    let mut model = args.model.load(&device)?;
     for (path, scale) in &loras {
         let f = merge_file(&mut model, path, *scale)?;
         println!("merged {}", describe(&f, *scale));

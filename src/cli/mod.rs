@@ -47,6 +47,32 @@ impl PredictionArg {
     }
 }
 
+/// `--model` and `--prediction-type` of the commands that load a given model
+/// frozen (`convert`, `info`, `identifier`, `merge`).
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A diffusers folder, a single-file .safetensors or .ckpt, or a Hub name
+    /// (`org/name`) in the local Hugging Face cache.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[command(flatten)]
+    pub prediction: PredictionArg,
+}
+
+impl ModelArgs {
+    /// The model, frozen, on `device`.
+    pub fn load(
+        &self,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<dreambooth::models::StableDiffusion> {
+        Ok(dreambooth::models::StableDiffusion::load(
+            &self.model,
+            device,
+            self.prediction.load_options()?,
+        )?)
+    }
+}
+
 /// The evaluation encoders' flags, shared by `eval` and `bench paper`.
 #[derive(clap::Args)]
 pub struct EncoderArgs {
