@@ -3,7 +3,8 @@
 //! `cargo test` does not run: the fused AdamW kernel against the plain
 //! update and the CPU, the convolution's GEMM backward against candle's, the
 //! fused GroupNorm+SiLU, LayerNorm, softmax, GEGLU and attention (f32 and
-//! half) against the plain ops, the
+//! half) and the flash attention kernel (bf16 and f16, CUDA only) against
+//! the plain ops, the
 //! toy UNet's outputs and every weight gradient in f32 and in mixed precision
 //! (bf16 on a GPU, f16 on the CPU), the frozen-operand matmuls and LoRA on a
 //! frozen base (only adapters get gradients, equal to the CPU's).
@@ -87,6 +88,9 @@ pub fn run(device: &Device, log: &mut dyn FnMut(&str)) -> Result<Vec<Check>> {
     } else {
         Precision::Bf16
     };
+    for c in flash_attention_checks(device)? {
+        push(c, log);
+    }
     for p in [Precision::F32, half] {
         for c in fused_op_checks(device, p)? {
             push(c, log);
@@ -141,9 +145,12 @@ pub fn preflight(device: &Device) -> Preflight {
         c.extend(fused_op_checks(d, half)?);
         Ok(c)
     };
-    let families: [(GpuPath, &ChecksOf<'_>); 4] = [
+    // Flash before the fused family: that family's attention check goes
+    // through the flash kernel unless it is turned off.
+    let families: [(GpuPath, &ChecksOf<'_>); 5] = [
         (GpuPath::AdamW, &adamw_checks),
         (GpuPath::Conv, &conv_checks),
+        (GpuPath::Flash, &flash_attention_checks),
         (GpuPath::Fused, &fused),
         (GpuPath::Frozen, &frozen_matmul_checks),
     ];
@@ -341,16 +348,7 @@ fn conv_checks(device: &Device) -> Result<Vec<Check>> {
 fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> {
     use crate::nn::attention::{multi_head_attention, plain_multi_head_attention};
     use crate::nn::fused::{self, plain};
-    type Op = fn(&[Tensor], bool) -> Result<Tensor>;
-    let dtype = precision.dtype();
-    let tol = match precision {
-        Precision::F32 => 1e-5,
-        Precision::Bf16 => 3e-2,
-        Precision::F16 => 5e-3,
-    };
-    // (name, input shapes, how many of them are data (in `dtype`; the rest
-    // are f32 parameters), op(inputs, fused))
-    let cases: [(&str, Vec<Vec<usize>>, usize, Op); 6] = [
+    let cases: [OpCase; 6] = [
         (
             "group_norm+silu",
             vec![vec![2, 64, 24, 24], vec![64], vec![64]],
@@ -430,14 +428,46 @@ fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> 
             },
         ),
     ];
+    // The recomputing node's CPU softmax is f32 only (the CPU's half
+    // attention is `attention_cpu`'s).
+    let skip = |name: &str| {
+        device.is_cpu() && precision != Precision::F32 && name.starts_with("recomputing")
+    };
+    let cases = cases.into_iter().filter(|c| !skip(c.0)).collect();
+    compare_ops(device, precision, 60, cases)
+}
+
+/// A data-type tolerance of [`compare_ops`]: relative error of the outputs
+/// (twice that for the gradients).
+fn op_tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 1e-5,
+        Precision::Bf16 => 3e-2,
+        Precision::F16 => 5e-3,
+    }
+}
+
+/// An op checked by [`compare_ops`]: op(inputs, ours) is our path when
+/// `ours`, the plain ops' otherwise.
+type Op = fn(&[Tensor], bool) -> Result<Tensor>;
+/// (name, input shapes, how many of them are data (in the precision's dtype;
+/// the rest are f32 parameters), op).
+type OpCase = (&'static str, Vec<Vec<usize>>, usize, Op);
+
+/// Each case's output and the gradients of every input on `device` (data
+/// in `precision`) against the plain ops in f32 on the CPU (inputs rounded
+/// to the precision first); random inputs from `seed` on.
+fn compare_ops(
+    device: &Device,
+    precision: Precision,
+    seed: u64,
+    cases: Vec<OpCase>,
+) -> Result<Vec<Check>> {
+    let dtype = precision.dtype();
+    let tol = op_tolerance(precision);
     let mut out = Vec::new();
     for (i, (name, shapes, n_data, op)) in cases.into_iter().enumerate() {
-        // The recomputing node's CPU softmax is f32 only (the CPU's half
-        // attention is `attention_cpu`'s).
-        if device.is_cpu() && precision != Precision::F32 && name.starts_with("recomputing") {
-            continue;
-        }
-        let seed = 60 + 10 * i as u64;
+        let seed = seed + 10 * i as u64;
         let run = |dev: &Device, fused_op: bool| -> Result<(Tensor, Vec<Tensor>)> {
             let mut vars = Vec::new();
             for (k, dims) in shapes.iter().enumerate() {
@@ -486,6 +516,54 @@ fn fused_op_checks(device: &Device, precision: Precision) -> Result<Vec<Check>> 
             rel_err: worst,
             tol: 2.0 * tol,
         });
+    }
+    Ok(out)
+}
+
+/// Our flash attention kernel ([`crate::nn::attention_flash`]) on a CUDA
+/// device in bf16 and f16 at SD's head sizes (40 with 77 text keys, 64, 160;
+/// rows and keys that fill no whole tile): outputs and gradients against
+/// the plain ops on the CPU. None elsewhere (the kernel is CUDA-only; the
+/// tests run it on the CPU simulation, tests/cuda_sim.rs).
+fn flash_attention_checks(device: &Device) -> Result<Vec<Check>> {
+    use crate::nn::attention::plain_multi_head_attention;
+    use crate::nn::attention_flash::multi_head_attention;
+    if !cfg!(feature = "cuda") || !device.is_cuda() {
+        return Ok(Vec::new());
+    }
+    // Heads of 40, 64 and 160 channels.
+    fn op(t: &[Tensor], ours: bool, heads: usize) -> Result<Tensor> {
+        let d = t[0].dim(2)? / heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        if ours {
+            multi_head_attention(&t[0], &t[1], &t[2], heads, scale)
+        } else {
+            plain_multi_head_attention(&t[0], &t[1], &t[2], heads, scale)
+        }
+    }
+    let mut out = Vec::new();
+    for precision in [Precision::Bf16, Precision::F16] {
+        let cases: Vec<OpCase> = vec![
+            (
+                "flash attention (8 heads of 40, 77 keys)",
+                vec![vec![2, 300, 320], vec![2, 77, 320], vec![2, 77, 320]],
+                3,
+                |t, f| op(t, f, 8),
+            ),
+            (
+                "flash attention (5 heads of 64)",
+                vec![vec![2, 200, 320], vec![2, 200, 320], vec![2, 200, 320]],
+                3,
+                |t, f| op(t, f, 5),
+            ),
+            (
+                "flash attention (8 heads of 160)",
+                vec![vec![1, 70, 1280], vec![1, 100, 1280], vec![1, 100, 1280]],
+                3,
+                |t, f| op(t, f, 8),
+            ),
+        ];
+        out.extend(compare_ops(device, precision, 160, cases)?);
     }
     Ok(out)
 }

@@ -478,3 +478,53 @@ fn convolution_columns_match_candle_conv2d_and_are_adjoint() {
         }
     }
 }
+
+#[test]
+fn flash_attention_forward_matches_plain_attention() {
+    use dreambooth::nn::attention::plain_multi_head_attention;
+    use gpu_plan::AttentionDims;
+    // (B, N, M, heads, d): rows and keys that fill no whole tile, several key
+    // tiles (the online softmax rescales), every padded head size, d < 32.
+    let cases = [
+        (2, 70, 77, 2, 40),
+        (1, 64, 130, 3, 64),
+        (1, 33, 40, 2, 80),
+        (1, 17, 33, 1, 96),
+        (1, 17, 33, 1, 128),
+        (1, 20, 50, 2, 160),
+        (2, 16, 9, 2, 8),
+    ];
+    let half = [(DType::BF16, "bf16", 2e-2), (DType::F16, "f16", 3e-3)];
+    for (i, (b, n, m, heads, d)) in cases.into_iter().enumerate() {
+        let dims = AttentionDims { b, n, m, heads, d };
+        let c = heads * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        let seed = 100 + 10 * i as u64;
+        for (dtype, sfx, tol) in half {
+            // Scaled up so that rows are peaked and a later key tile often
+            // holds a larger score than the earlier ones.
+            let q = rounded(&(randn(&[b, n, c], seed) * 2.0).unwrap(), dtype);
+            let k = rounded(&(randn(&[b, m, c], seed + 1) * 2.0).unwrap(), dtype);
+            let v = rounded(&randn(&[b, m, c], seed + 2), dtype);
+            let want = plain_multi_head_attention(&q, &k, &v, heads, scale as f64).unwrap();
+            let plan = gpu_plan::flash_attention_fwd(sfx, dims, scale).expect("a flash kernel");
+            let ours = run(&plan, dtype, &[&q, &k, &v]);
+            assert_close(
+                &format!("flash attention {dims:?} {sfx}"),
+                &ours,
+                &vec(&want),
+                tol,
+            );
+        }
+    }
+    // f32 and heads wider than the widest kernel have no flash plan.
+    let wide = AttentionDims {
+        b: 1,
+        n: 8,
+        m: 8,
+        heads: 1,
+        d: 161,
+    };
+    assert!(gpu_plan::flash_attention_fwd("bf16", wide, 1.0).is_none());
+    assert!(gpu_plan::flash_attention_fwd("f32", AttentionDims { d: 40, ..wide }, 1.0).is_none());
+}

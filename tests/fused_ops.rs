@@ -490,6 +490,42 @@ fn chunked_recompute_attention_matches_unchunked() {
     );
 }
 
+/// The flash attention node's backward (the GPU's; the forward is the CUDA
+/// kernel, checked in tests/cuda_sim.rs): the recomputing backward on the
+/// heads split out of token-major q, k, v gives autograd's gradients of the
+/// plain ops, in chunks of one pair, of two and of all of them; and the
+/// flash path is never taken off a CUDA device.
+#[test]
+fn flash_attention_backward_matches_plain_gradients() {
+    use dreambooth::nn::attention::plain_multi_head_attention;
+    use dreambooth::nn::attention_flash::{token_major_backward, usable};
+    let (b, n, m, heads, d) = (2, 9, 7, 3, 4);
+    let c = heads * d;
+    let vars: Vec<candle_core::Var> = [(n, 71), (m, 72), (m, 73)]
+        .iter()
+        .map(|&(rows, seed)| candle_core::Var::from_tensor(&randn(&[b, rows, c], seed)).unwrap())
+        .collect();
+    let (q, k, v) = (
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    let o = plain_multi_head_attention(q, k, v, heads, scale).unwrap();
+    let r = randn(o.dims(), 74);
+    let grads = (&o * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for chunk in [1, 2, b * heads] {
+        let (dq, dk, dv) = token_major_backward(q, k, v, &r, heads, scale, chunk).unwrap();
+        for (name, ours, x) in [("dq", &dq, q), ("dk", &dk, k), ("dv", &dv, v)] {
+            assert_eq!(ours.dims(), x.dims(), "{name} shape");
+            let e = rel_err(ours, grads.get(x).unwrap());
+            assert!(e < 1e-5, "chunk {chunk}: {name} relative error {e:.2e}");
+        }
+    }
+    let half = q.to_dtype(candle_core::DType::BF16).unwrap();
+    assert!(!usable(&half, heads), "flash attention is CUDA-only");
+}
+
 #[test]
 fn layout_ops_match_plain() {
     use dreambooth::nn::layout;

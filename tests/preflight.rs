@@ -12,7 +12,8 @@ fn preflight_passes_on_the_cpu_and_a_turned_off_path_stays_off() {
     let p = preflight(&Device::Cpu);
     assert!(p.turned_off.is_empty(), "{:?}", p.turned_off);
     // AdamW 2, convolution 2, fused ops 12 in f32 and 10 in f16 (the
-    // recomputing node has no CPU f16 softmax), frozen matmuls 2.
+    // recomputing node has no CPU f16 softmax), frozen matmuls 2; flash
+    // attention none (its kernel is CUDA-only).
     assert_eq!(p.checks, 28);
     for path in GpuPath::ALL {
         assert!(!kernel_paths::turned_off(path), "{path:?}");

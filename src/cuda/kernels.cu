@@ -561,3 +561,168 @@ __device__ void geglu_bwd(const T* __restrict__ h, const T* __restrict__ dy, T* 
 FUSED_OPS(f32, float)
 FUSED_OPS(bf16, __nv_bfloat16)
 FUSED_OPS(f16, __half)
+
+// ---------------------------------------------------------------------------
+// Flash attention forward (src/nn/attention_flash.rs): o = softmax(q kᵀ ·
+// scale) v per (batch, head) on token-major q (B, N, H·d), k and v (B, M, H·d)
+// → o (B, N, H·d), without ever holding the (N, M) scores: each block takes
+// 64 query rows of one head (a 16-row slice per warp), walks the keys in
+// tiles of BC with an online softmax (running max and sum per row, the
+// output rescaled as the max grows), and multiplies on the tensor cores
+// (wmma 16×16×16, bf16 / f16 in, f32 accumulators). The head dimension d is
+// padded with zeros to the kernel's D (a multiple of 16, d ≤ D); rows and
+// keys past N and M are masked. Shared memory: the Q tile (then the K and V
+// tiles in the same space), each warp's f32 score tile and its probabilities
+// in T, and two 32-float exchanges per warp for the row reductions (two lanes
+// per row). Grid-stride over the B·H·⌈N/64⌉ tiles; 128 threads per block.
+// ---------------------------------------------------------------------------
+
+#include <mma.h>
+
+template <typename T, int D, int BC>
+__device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, T* __restrict__ o, size_t B, size_t N,
+                          size_t M, size_t H, size_t d, float scale) {
+  using namespace nvcuda;
+  constexpr int BR = 64, WARPS = 4;
+  // Row strides of the score and probability tiles, padded so that the 16
+  // rows a warp's lanes read at once fall in different shared memory banks
+  // (a multiple of 4 floats / 8 halves, as wmma requires).
+  constexpr int LDS = BC + 4, LDP = BC + 8;
+  constexpr int A_ELEMS = (BR * D > 2 * BC * D) ? BR * D : 2 * BC * D;
+  constexpr size_t BYTES = A_ELEMS * sizeof(T) + WARPS * 16 * (LDS * sizeof(float) + LDP * sizeof(T)) +
+                           2 * WARPS * 32 * sizeof(float);
+  __shared__ __align__(32) unsigned char smem[BYTES];
+  T* const sQ = reinterpret_cast<T*>(smem);
+  T* const sK = sQ;
+  T* const sV = sQ + BC * D;
+  float* const sS = reinterpret_cast<float*>(smem + A_ELEMS * sizeof(T));
+  T* const sP = reinterpret_cast<T*>(sS + WARPS * 16 * LDS);
+  float* const sRed = reinterpret_cast<float*>(sP + WARPS * 16 * LDP);
+
+  const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // The warp's row this lane reduces and holds the output of, and which of
+  // the row's columns it takes: those ≡ `half` (mod 2), of the scores and of
+  // each 16-wide block of the output.
+  const unsigned row = lane >> 1, half = lane & 1;
+  float* const S = sS + warp * 16 * LDS;
+  T* const P = sP + warp * 16 * LDP;
+  float* const red_max = sRed + warp * 32;
+  float* const red_sum = sRed + WARPS * 32 + warp * 32;
+  const float scale_log2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
+  const T zero = from_f<T>(0.0f);
+  const size_t ld = H * d, qtiles = (N + BR - 1) / BR, tiles = B * H * qtiles;
+
+  for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const size_t qt = tile % qtiles, bh = tile / qtiles, h = bh % H, b = bh / H;
+    const size_t n0 = qt * BR;
+    __syncthreads();  // the previous tile is done with shared memory
+    for (unsigned i = tid; i < BR * D; i += blockDim.x) {
+      const size_t r = i / D, c = i % D, n = n0 + r;
+      sQ[i] = (n < N && c < d) ? q[(b * N + n) * ld + h * d + c] : zero;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
+    for (int ks = 0; ks < D / 16; ++ks) {
+      wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * D + ks * 16, D);
+    }
+    float acc[D / 16][8];  // output columns cb · 16 + 2j + half of the row
+    for (int cb = 0; cb < D / 16; ++cb)
+      for (int j = 0; j < 8; ++j) acc[cb][j] = 0.0f;
+    float m_run = -INFINITY, l_run = 0.0f;  // the row's max (log2 units) and sum
+
+    for (size_t m0 = 0; m0 < M; m0 += BC) {
+      __syncthreads();  // every warp is done with sQ / the previous K and V
+      for (unsigned i = tid; i < BC * D; i += blockDim.x) {
+        const size_t r = i / D, c = i % D, key = m0 + r;
+        const bool in = key < M && c < d;
+        const size_t g = (b * M + key) * ld + h * d + c;
+        sK[i] = in ? k[g] : zero;
+        sV[i] = in ? v[g] : zero;
+      }
+      __syncthreads();
+      // S = Q Kᵀ for the warp's 16 rows.
+      for (int cb = 0; cb < BC / 16; ++cb) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+        wmma::fill_fragment(s, 0.0f);
+        for (int ks = 0; ks < D / 16; ++ks) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+          wmma::load_matrix_sync(kf, sK + cb * 16 * D + ks * 16, D);
+          wmma::mma_sync(s, qf[ks], kf, s);
+        }
+        wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      // Online softmax of the row: the new max, the old sum and output
+      // rescaled by exp(old max − new max), this tile's probabilities.
+      const float* Sr = S + row * LDS;
+      float mx = -INFINITY;
+      for (unsigned j = half; j < BC; j += 2) {
+        if (m0 + j < M) mx = fmaxf(mx, Sr[j] * scale_log2);
+      }
+      red_max[lane] = mx;
+      __syncwarp();
+      mx = fmaxf(mx, red_max[lane ^ 1]);
+      const float m_new = fmaxf(m_run, mx);  // finite: a tile has at least one key
+      const float alpha = exp2f(m_run - m_new);
+      float sum = 0.0f;
+      for (unsigned j = half; j < BC; j += 2) {
+        const float p = (m0 + j < M) ? exp2f(Sr[j] * scale_log2 - m_new) : 0.0f;
+        P[row * LDP + j] = from_f<T>(p);
+        sum += p;
+      }
+      red_sum[lane] = sum;
+      __syncwarp();
+      l_run = l_run * alpha + sum + red_sum[lane ^ 1];
+      m_run = m_new;
+      for (int cb = 0; cb < D / 16; ++cb)
+        for (int j = 0; j < 8; ++j) acc[cb][j] *= alpha;
+      // O += P V, one 16-column block at a time through the (now free)
+      // score tile.
+      for (int cb = 0; cb < D / 16; ++cb) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> pv;
+        wmma::fill_fragment(pv, 0.0f);
+        for (int kk = 0; kk < BC / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
+          wmma::load_matrix_sync(vf, sV + kk * 16 * D + cb * 16, D);
+          wmma::mma_sync(pv, pf, vf, pv);
+        }
+        wmma::store_matrix_sync(S, pv, LDS, wmma::mem_row_major);
+        __syncwarp();
+        for (int j = 0; j < 8; ++j) acc[cb][j] += S[row * LDS + 2 * j + half];
+        __syncwarp();
+      }
+    }
+
+    const size_t n = n0 + warp * 16 + row;
+    if (n < N) {
+      const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+      for (int cb = 0; cb < D / 16; ++cb)
+        for (int j = 0; j < 8; ++j) {
+          const size_t c = cb * 16 + 2 * j + half;
+          if (c < d) o[(b * N + n) * ld + h * d + c] = from_f<T>(acc[cb][j] * inv);
+        }
+    }
+  }
+}
+
+// One kernel per padded head size D (and its key tile: 64 keys up to D = 80,
+// 32 above, to stay within 48 KiB of static shared memory) and dtype.
+#define FLASH_FWD(NAME, T, D, BC)                                                            \
+  extern "C" __global__ void dreambooth_flash_fwd_d##D##_##NAME(                             \
+      const T* q, const T* k, const T* v, T* o, size_t B, size_t N, size_t M, size_t H,      \
+      size_t d, float scale) {                                                               \
+    flash_fwd<T, D, BC>(q, k, v, o, B, N, M, H, d, scale);                                   \
+  }
+#define FLASH_FWD_ALL(NAME, T)  \
+  FLASH_FWD(NAME, T, 32, 64)    \
+  FLASH_FWD(NAME, T, 48, 64)    \
+  FLASH_FWD(NAME, T, 64, 64)    \
+  FLASH_FWD(NAME, T, 80, 64)    \
+  FLASH_FWD(NAME, T, 96, 32)    \
+  FLASH_FWD(NAME, T, 128, 32)   \
+  FLASH_FWD(NAME, T, 160, 32)
+FLASH_FWD_ALL(bf16, __nv_bfloat16)
+FLASH_FWD_ALL(f16, __half)

@@ -39,7 +39,8 @@ pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
 /// Multi-head attention on token-major tensors: q (B, N, H·d), k and v
 /// (B, M, H·d) → (B, N, H·d), softmax(q kᵀ · scale) v per head. On the CPU
 /// (f32) one autograd node that reads the heads in place and keeps no scores
-/// for the backward pass ([`super::attention_cpu`]); on a GPU one node of
+/// for the backward pass ([`super::attention_cpu`]); on a GPU our flash
+/// kernel in bf16 / f16 ([`super::attention_flash`]), else one node of
 /// batched GEMMs and our fused softmax that keeps no scores either
 /// ([`super::attention_recompute`]).
 pub fn multi_head_attention(
@@ -50,6 +51,9 @@ pub fn multi_head_attention(
     scale: f64,
 ) -> Result<Tensor> {
     if super::fused::use_gpu_kernels(q) {
+        if super::attention_flash::usable(q, heads) {
+            return super::attention_flash::multi_head_attention(q, k, v, heads, scale);
+        }
         return super::attention_recompute::multi_head_attention(q, k, v, heads, scale);
     }
     if !super::fused::use_fused(q) {

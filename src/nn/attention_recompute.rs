@@ -81,7 +81,7 @@ pub fn attention_chunked(
             v.dims()
         )));
     }
-    let chunk = (max_scores / (q.dim(1)? * m).max(1)).clamp(1, bh.max(1));
+    let chunk = pairs_per_chunk(bh, q.dim(1)?, m, max_scores);
     Ok(q.apply_op3(&k, &v, Attention { scale, chunk })?)
 }
 
@@ -91,13 +91,18 @@ struct Attention {
     chunk: usize,
 }
 
-impl Attention {
-    /// The chunks of `bh` pairs: (first, count).
-    fn chunks(&self, bh: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..bh)
-            .step_by(self.chunk)
-            .map(move |b0| (b0, self.chunk.min(bh - b0)))
-    }
+/// `bh` (batch · head) pairs in chunks of `chunk` (at least one): (first, count).
+fn chunks(bh: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..bh)
+        .step_by(chunk)
+        .map(move |b0| (b0, chunk.min(bh - b0)))
+}
+
+/// The (batch · head) pairs per chunk that keep a chunk's scores (N × M
+/// each) within `max_scores` elements (at least one pair).
+pub fn pairs_per_chunk(bh: usize, n: usize, m: usize, max_scores: usize) -> usize {
+    (max_scores / (n * m).max(1)).clamp(1, bh.max(1))
 }
 
 /// The storage-level forward on either backend, chunk by chunk: scores =
@@ -126,7 +131,7 @@ macro_rules! forward {
             return Ok((chunk(0, bh)?, shape));
         }
         let mut o = unsafe { $s1.device().alloc_uninit(&shape, $s1.dtype())? };
-        for (b0, bc) in $self.chunks(bh) {
+        for (b0, bc) in chunks(bh, $self.chunk) {
             let oc = chunk(b0, bc)?;
             oc.copy_strided_src(&mut o, b0 * n * dv, &Layout::contiguous((bc, n, dv)))?;
         }
@@ -174,35 +179,49 @@ impl CustomOp3 for Attention {
         _o: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let g = grad.to_dtype(q.dtype())?.contiguous()?;
-        let bh = q.dim(0)?;
-        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
-        for (b0, bc) in self.chunks(bh) {
-            let (q, k, v, g) = (
-                q.narrow(0, b0, bc)?,
-                k.narrow(0, b0, bc)?,
-                v.narrow(0, b0, bc)?,
-                g.narrow(0, b0, bc)?,
-            );
-            let p = q
-                .matmul(&k.t()?)?
-                .apply_op1_no_bwd(&SoftmaxOp { scale: self.scale })?;
-            dvs.push(p.t()?.matmul(&g)?);
-            let dp = g.matmul(&v.t()?)?;
-            let ds = p.apply_op2_no_bwd(&dp, &SoftmaxBwd { scale: self.scale })?;
-            drop((p, dp));
-            dqs.push(ds.matmul(&k)?);
-            dks.push(ds.t()?.matmul(&q)?);
-        }
-        let join = |parts: Vec<Tensor>| -> candle_core::Result<Tensor> {
-            if parts.len() == 1 {
-                Ok(parts.into_iter().next().expect("one chunk"))
-            } else {
-                Tensor::cat(&parts, 0)
-            }
-        };
-        let (dq, dk, dv) = (join(dqs)?, join(dks)?, join(dvs)?);
+        let (dq, dk, dv) = backward(q, k, v, grad, self.scale, self.chunk)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// The gradients (dq, dk, dv) of softmax(q kᵀ · scale) v for q (BH, N, d), k
+/// (BH, M, d), v (BH, M, dv) and the output gradient `grad`, `chunk`
+/// (batch · head) pairs at a time: the probabilities recomputed (a GEMM and
+/// the fused softmax), then the four gradient GEMMs and the fused softmax
+/// backward. The backward of this node and of the flash attention node
+/// ([`super::attention_flash`]).
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+    chunk: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    let g = grad.to_dtype(q.dtype())?.contiguous()?;
+    let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+    for (b0, bc) in chunks(q.dim(0)?, chunk) {
+        let (q, k, v, g) = (
+            q.narrow(0, b0, bc)?,
+            k.narrow(0, b0, bc)?,
+            v.narrow(0, b0, bc)?,
+            g.narrow(0, b0, bc)?,
+        );
+        let p = q.matmul(&k.t()?)?.apply_op1_no_bwd(&SoftmaxOp { scale })?;
+        dvs.push(p.t()?.matmul(&g)?);
+        let dp = g.matmul(&v.t()?)?;
+        let ds = p.apply_op2_no_bwd(&dp, &SoftmaxBwd { scale })?;
+        drop((p, dp));
+        dqs.push(ds.matmul(&k)?);
+        dks.push(ds.t()?.matmul(&q)?);
+    }
+    let join = |parts: Vec<Tensor>| -> candle_core::Result<Tensor> {
+        if parts.len() == 1 {
+            Ok(parts.into_iter().next().expect("one chunk"))
+        } else {
+            Tensor::cat(&parts, 0)
+        }
+    };
+    Ok((join(dqs)?, join(dks)?, join(dvs)?))
 }

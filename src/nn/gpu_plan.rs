@@ -503,3 +503,53 @@ fn columns(kind: &str, sfx: &str, in_len: usize, out_len: usize, d: ConvDims) ->
         output: 1,
     }
 }
+
+/// The head sizes our flash attention kernels are built for: a head of `d`
+/// channels runs in the smallest one ≥ `d`, zero-padded.
+pub const FLASH_HEAD_SIZES: [usize; 7] = [32, 48, 64, 80, 96, 128, 160];
+
+/// The padded head size of the flash kernel for heads of `d` channels, if
+/// one is built.
+pub fn flash_head_size(d: usize) -> Option<usize> {
+    FLASH_HEAD_SIZES.iter().copied().find(|&p| p >= d)
+}
+
+/// Query rows one flash attention block takes (4 warps of 16).
+const FLASH_ROWS: usize = 64;
+
+/// The shapes of one multi-head attention call: q (B, N, H·d), k and v (B,
+/// M, H·d), token-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub b: usize,
+    pub n: usize,
+    pub m: usize,
+    pub heads: usize,
+    pub d: usize,
+}
+
+/// Flash attention forward (tensor cores, bf16 / f16 only): inputs [q, k,
+/// v] → o (B, N, H·d) = softmax(q kᵀ · scale) v per head, the scores never
+/// stored. `None` for f32 or heads wider than the widest kernel.
+pub fn flash_attention_fwd(sfx: &str, a: AttentionDims, scale: f32) -> Option<Plan> {
+    if sfx == "f32" {
+        return None;
+    }
+    let padded = flash_head_size(a.d)?;
+    let c = a.heads * a.d;
+    let tiles = a.b * a.heads * a.n.div_ceil(FLASH_ROWS);
+    let mut args = vec![buf(0), buf(1), buf(2), buf(3)];
+    args.extend([a.b, a.n, a.m, a.heads, a.d].map(Arg::Usize));
+    args.push(Arg::F32(scale));
+    Some(Plan {
+        inputs: vec![t(a.b * a.n * c), t(a.b * a.m * c), t(a.b * a.m * c)],
+        scratch: vec![t(a.b * a.n * c)],
+        launches: vec![launch(
+            format!("dreambooth_flash_fwd_d{padded}_{sfx}"),
+            tiles.clamp(1, MAX_GRID) as u32,
+            128,
+            args,
+        )],
+        output: 3,
+    })
+}

@@ -15,6 +15,9 @@ pub enum GpuPath {
     /// GroupNorm(+SiLU), LayerNorm, softmax and GEGLU kernels and the
     /// recomputing attention node (`nn::fused`, `nn::attention_recompute`).
     Fused,
+    /// The flash attention forward kernel (`nn::attention_flash`); off, the
+    /// recomputing attention node takes its place.
+    Flash,
     /// The convolution backward as GEMMs on recomputed columns (`nn::conv_gemm`).
     Conv,
     /// The fused in-place AdamW kernel (`cuda::adamw`).
@@ -25,8 +28,9 @@ pub enum GpuPath {
 }
 
 impl GpuPath {
-    pub const ALL: [GpuPath; 4] = [
+    pub const ALL: [GpuPath; 5] = [
         GpuPath::Fused,
+        GpuPath::Flash,
         GpuPath::Conv,
         GpuPath::AdamW,
         GpuPath::Frozen,
@@ -36,6 +40,7 @@ impl GpuPath {
     pub fn describe(self) -> &'static str {
         match self {
             GpuPath::Fused => "fused GroupNorm/LayerNorm/softmax/GEGLU kernels and attention node",
+            GpuPath::Flash => "flash attention kernel",
             GpuPath::Conv => "GEMM convolution backward",
             GpuPath::AdamW => "fused AdamW kernel",
             GpuPath::Frozen => "LoRA frozen-base matmuls",
@@ -43,7 +48,8 @@ impl GpuPath {
     }
 }
 
-static OFF: [AtomicBool; 4] = [const { AtomicBool::new(false) }; 4];
+static OFF: [AtomicBool; GpuPath::ALL.len()] =
+    [const { AtomicBool::new(false) }; GpuPath::ALL.len()];
 
 /// Whether `path` was turned off in this process ([`turn_off`]).
 pub fn turned_off(path: GpuPath) -> bool {

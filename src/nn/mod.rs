@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod attention;
 pub mod attention_cpu;
+pub mod attention_flash;
 pub mod attention_recompute;
 pub mod checkpoint;
 pub mod conv;

@@ -7,8 +7,10 @@
 #   tools/cuda/device-bench.sh selftest step   # some stages
 #
 # Stages (default order: the ratio table's cases and the peer first):
-# info selftest step lora sample peer fusedbwd fusedckpt whole gradckpt release cudnn
-# nofused profile. Not in the default list (name them): sdxl-lora, sdxl-whole
+# info selftest step lora sample sample-noflash peer fusedbwd fusedckpt whole gradckpt
+# release cudnn nofused profile (sample-noflash: class images with the recomputing
+# attention node instead of the flash kernel, DREAMBOOTH_NO_FLASH=1). Not in the
+# default list (name them): noflash (the full fine-tune step so), sdxl-lora, sdxl-whole
 # (SDXL base's LoRA step at 1024 px, batch 1, bf16; the whole step with both
 # text encoders and the VAE) and sdxl-sample (SDXL class images, random
 # weights). Each runs
@@ -33,7 +35,7 @@ T="${STAGE_TIMEOUT:-150}"
 SD15=(--device cuda --arch sd15 --res 512 --batch 2 --warmup 2 --steps 5 --dtype bf16)
 SDXL=(--device cuda --arch sdxl --res 1024 --batch 1 --warmup 1 --steps 3 --dtype bf16)
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora sample peer fusedbwd fusedckpt whole gradckpt release cudnn nofused profile)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(info selftest step lora sample sample-noflash peer fusedbwd fusedckpt whole gradckpt release cudnn nofused profile)
 SUMMARY=()
 BUDGET="${BUDGET_S:-540}"
 START=$(date +%s)
@@ -108,6 +110,8 @@ for s in "${STAGES[@]}"; do
     lora) stage lora "$RUN" bench step "${SD15[@]}" --lora --rank 4 ;;
     whole) stage whole "$RUN" bench step "${SD15[@]}" --with-encoders ;;
     sample) stage sample "$RUN" bench sample --device cuda --arch sd15 --random-weights --images 8 --batch 4 --dtype bf16 ;;
+    sample-noflash) stage sample-noflash env DREAMBOOTH_NO_FLASH=1 "$RUN" bench sample --device cuda --arch sd15 --random-weights --images 8 --batch 4 --dtype bf16 ;;
+    noflash) stage noflash env DREAMBOOTH_NO_FLASH=1 "$RUN" bench step "${SD15[@]}" ;;
     gradckpt) stage gradckpt "$RUN" bench step "${SD15[@]}" --gradient-checkpointing ;;
     release) stage release "$RUN" bench step "${SD15[@]}" --release-block-graphs ;;
     fusedbwd) stage fusedbwd "$RUN" bench step "${SD15[@]}" --fused-backward-pass ;;

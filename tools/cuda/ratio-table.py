@@ -96,6 +96,8 @@ def table(ours, peer):
          p("full_ft_bf16_with_vae_and_text_encode", "median_s"), "s", False),
         ("class images, DDIM 50 + CFG, batch 4", o("sample", "ips"),
          p("class_images_ddim50_cfg_batch4", "images_per_s"), "img/s", True),
+        ("class images, recomputing attention (DREAMBOOTH_NO_FLASH=1)", o("sample-noflash", "ips"),
+         p("class_images_ddim50_cfg_batch4", "images_per_s"), "img/s", True),
         ("peak memory, full fine-tune", o("step", "mem"), p("full_ft_bf16_autocast", "peak_gib"), "GiB", False),
         ("peak memory, LoRA", o("lora", "mem"), p("lora_r4_bf16", "peak_gib"), "GiB", False),
         ("full fine-tune step, gradient checkpointing", o("gradckpt", "step"),
@@ -116,6 +118,8 @@ def table(ours, peer):
          p("full_ft_bf16_autocast_gradckpt", "peak_gib"), "GiB", False),
         ("full fine-tune step, cuDNN build", o("cudnn", "step"), p("full_ft_bf16_autocast", "median_s"), "s", False),
         ("full fine-tune step, DREAMBOOTH_NO_FUSED=1", o("nofused", "step"),
+         p("full_ft_bf16_autocast", "median_s"), "s", False),
+        ("full fine-tune step, DREAMBOOTH_NO_FLASH=1", o("noflash", "step"),
          p("full_ft_bf16_autocast", "median_s"), "s", False),
     ]
     out = ["| case | ours | PyTorch | ours / PyTorch |", "|---|---|---|---|"]

@@ -5,7 +5,10 @@
 // __syncthreads switches back to the scheduler (sim.cpp), which resumes the
 // block's threads round by round, so every thread reaches the barrier
 // before any passes it. __shared__ memory is a function-static array
-// (shared by the block's threads). Kernels must not use warp intrinsics.
+// (shared by the block's threads). Kernels must not use warp shuffles or
+// votes; __syncwarp is a block-wide barrier here (a stronger one), so every
+// thread of the block must reach it as often as the others (no divergent
+// __syncwarp). The warp matrix API (<mma.h>) is include/mma.h.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -22,9 +25,11 @@ inline dim3 gridDim;
 // Yields the running fiber to the scheduler (sim.cpp).
 void sim_sync();
 inline void __syncthreads() { sim_sync(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { sim_sync(); }
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))

@@ -34,6 +34,7 @@ std::function<void(void**)> wrap(void (*f)(A...)) {
 }
 
 #define REG(n) {#n, wrap(&n)}
+#define REG_FLASH(d) REG(dreambooth_flash_fwd_d##d##_bf16), REG(dreambooth_flash_fwd_d##d##_f16)
 #define REG_T(base) REG(dreambooth_##base##_f32), REG(dreambooth_##base##_bf16), REG(dreambooth_##base##_f16)
 
 const std::map<std::string, std::function<void(void**)>>& registry() {
@@ -56,6 +57,8 @@ const std::map<std::string, std::function<void(void**)>>& registry() {
       REG_T(group_norm_bwd_dx),
       REG_T(geglu_fwd),
       REG_T(geglu_bwd),
+      REG_FLASH(32), REG_FLASH(48), REG_FLASH(64), REG_FLASH(80),
+      REG_FLASH(96), REG_FLASH(128), REG_FLASH(160),
   };
   return r;
 }
