@@ -528,3 +528,69 @@ fn flash_attention_forward_matches_plain_attention() {
     assert!(gpu_plan::flash_attention_fwd("bf16", wide, 1.0).is_none());
     assert!(gpu_plan::flash_attention_fwd("f32", AttentionDims { d: 40, ..wide }, 1.0).is_none());
 }
+
+#[test]
+fn flash_attention_backward_matches_autograd() {
+    use dreambooth::nn::attention::plain_multi_head_attention;
+    use gpu_plan::AttentionDims;
+    // (B, N, M, heads, d): every padded head size of the backward, rows and
+    // keys past a tile, more query than key tiles and the reverse.
+    let cases = [
+        (2, 70, 77, 2, 40),
+        (1, 33, 100, 1, 64),
+        (1, 50, 20, 2, 80),
+        (2, 16, 9, 2, 8),
+    ];
+    let half = [(DType::BF16, "bf16", 3e-2), (DType::F16, "f16", 5e-3)];
+    for (i, (b, n, m, heads, d)) in cases.into_iter().enumerate() {
+        let dims = AttentionDims { b, n, m, heads, d };
+        let c = heads * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        let seed = 200 + 10 * i as u64;
+        for (dtype, sfx, tol) in half {
+            let var = |dims: &[usize], seed: u64, amp: f64| {
+                Var::from_tensor(&rounded(&(randn(dims, seed) * amp).unwrap(), dtype)).unwrap()
+            };
+            let (q, k, v) = (
+                var(&[b, n, c], seed, 2.0),
+                var(&[b, m, c], seed + 1, 2.0),
+                var(&[b, m, c], seed + 2, 1.0),
+            );
+            let o = plain_multi_head_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                heads,
+                scale as f64,
+            )
+            .unwrap();
+            let dout = rounded(&randn(&[b, n, c], seed + 3), dtype);
+            let grads = (&o * &dout).unwrap().sum_all().unwrap().backward().unwrap();
+            let plan = gpu_plan::flash_attention_bwd(sfx, dims, scale).expect("a flash backward");
+            let o_t = rounded(&o, dtype);
+            let flat = run(
+                &plan,
+                dtype,
+                &[q.as_tensor(), k.as_tensor(), v.as_tensor(), &o_t, &dout],
+            );
+            let (nq, nk) = (b * n * c, b * m * c);
+            let case = format!("flash attention backward {dims:?} {sfx}");
+            for (name, range, x) in [
+                ("dq", 0..nq, &q),
+                ("dk", nq..nq + nk, &k),
+                ("dv", nq + nk..nq + 2 * nk, &v),
+            ] {
+                let want = vec(grads.get(x.as_tensor()).unwrap());
+                assert_close(&format!("{case} {name}"), &flat[range], &want, tol);
+            }
+        }
+    }
+    let wide = AttentionDims {
+        b: 1,
+        n: 8,
+        m: 8,
+        heads: 1,
+        d: 96,
+    };
+    assert!(gpu_plan::flash_attention_bwd("bf16", wide, 1.0).is_none());
+}

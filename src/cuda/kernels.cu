@@ -579,10 +579,15 @@ FUSED_OPS(f16, __half)
 
 #include <mma.h>
 
-template <typename T, int D, int BC>
+// STATS: the backward's first pass instead (no output): each row's log-sum-
+// exp in log2 units of the scaled scores (lse, (B·H, N)) and δ = Σ dO·O
+// over the row (delta), from the forward's output `o` and its gradient `dout`.
+template <typename T, int D, int BC, bool STATS>
 __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
-                          const T* __restrict__ v, T* __restrict__ o, size_t B, size_t N,
-                          size_t M, size_t H, size_t d, float scale) {
+                          const T* __restrict__ v, T* __restrict__ o,
+                          const T* __restrict__ dout, float* __restrict__ lse,
+                          float* __restrict__ delta, size_t B, size_t N, size_t M, size_t H,
+                          size_t d, float scale) {
   using namespace nvcuda;
   constexpr int BR = 64, WARPS = 4;
   // Row strides of the score and probability tiles, padded so that the 16
@@ -638,7 +643,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
         const bool in = key < M && c < d;
         const size_t g = (b * M + key) * ld + h * d + c;
         sK[i] = in ? k[g] : zero;
-        sV[i] = in ? v[g] : zero;
+        if constexpr (!STATS) sV[i] = in ? v[g] : zero;
       }
       __syncthreads();
       // S = Q Kᵀ for the warp's 16 rows.
@@ -675,28 +680,45 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
       __syncwarp();
       l_run = l_run * alpha + sum + red_sum[lane ^ 1];
       m_run = m_new;
-      for (int cb = 0; cb < D / 16; ++cb)
-        for (int j = 0; j < 8; ++j) acc[cb][j] *= alpha;
-      // O += P V, one 16-column block at a time through the (now free)
-      // score tile.
-      for (int cb = 0; cb < D / 16; ++cb) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> pv;
-        wmma::fill_fragment(pv, 0.0f);
-        for (int kk = 0; kk < BC / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(vf, sV + kk * 16 * D + cb * 16, D);
-          wmma::mma_sync(pv, pf, vf, pv);
+      if constexpr (!STATS) {
+        for (int cb = 0; cb < D / 16; ++cb)
+          for (int j = 0; j < 8; ++j) acc[cb][j] *= alpha;
+        // O += P V, one 16-column block at a time through the (now free)
+        // score tile.
+        for (int cb = 0; cb < D / 16; ++cb) {
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> pv;
+          wmma::fill_fragment(pv, 0.0f);
+          for (int kk = 0; kk < BC / 16; ++kk) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+            wmma::load_matrix_sync(pf, P + kk * 16, LDP);
+            wmma::load_matrix_sync(vf, sV + kk * 16 * D + cb * 16, D);
+            wmma::mma_sync(pv, pf, vf, pv);
+          }
+          wmma::store_matrix_sync(S, pv, LDS, wmma::mem_row_major);
+          __syncwarp();
+          for (int j = 0; j < 8; ++j) acc[cb][j] += S[row * LDS + 2 * j + half];
+          __syncwarp();
         }
-        wmma::store_matrix_sync(S, pv, LDS, wmma::mem_row_major);
-        __syncwarp();
-        for (int j = 0; j < 8; ++j) acc[cb][j] += S[row * LDS + 2 * j + half];
-        __syncwarp();
       }
     }
 
     const size_t n = n0 + warp * 16 + row;
+    if constexpr (STATS) {
+      float dd = 0.0f;
+      if (n < N) {
+        const size_t at = (b * N + n) * ld + h * d;
+        for (size_t c = half; c < d; c += 2) dd += to_f(dout[at + c]) * to_f(o[at + c]);
+      }
+      red_max[lane] = dd;  // the partner read its max before the sum exchange
+      __syncwarp();
+      dd += red_max[lane ^ 1];
+      if (n < N && half == 0) {
+        lse[bh * N + n] = m_run + log2f(l_run);
+        delta[bh * N + n] = dd;
+      }
+      continue;
+    }
     if (n < N) {
       const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
       for (int cb = 0; cb < D / 16; ++cb)
@@ -708,13 +730,262 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   }
 }
 
+// The flash backward's second pass: dq = scale · Σ_keys dS k per query row,
+// dS = P ∘ (dP − δ), P = exp2(s · scale · log2 e − lse) recomputed, dP = dO vᵀ;
+// a block per 64 query rows of one head (16 per warp), keys in tiles of BC.
+template <typename T, int D, int BC>
+__device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
+                             const T* __restrict__ v, const T* __restrict__ dout,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             T* __restrict__ dq, size_t B, size_t N, size_t M, size_t H, size_t d,
+                             float scale) {
+  using namespace nvcuda;
+  constexpr int BR = 64, WARPS = 4, LDS = BC + 4, LDP = BC + 8;
+  constexpr int A_ELEMS = (2 * BR * D > 2 * BC * D) ? 2 * BR * D : 2 * BC * D;
+  constexpr size_t BYTES = A_ELEMS * sizeof(T) + WARPS * 16 * (2 * LDS * sizeof(float) + LDP * sizeof(T));
+  __shared__ __align__(32) unsigned char smem[BYTES];
+  T* const sQ = reinterpret_cast<T*>(smem);  // then sK
+  T* const sO = sQ + BR * D;                 // dO rows
+  T* const sK = sQ;
+  T* const sV = sQ + BC * D;
+  float* const sS = reinterpret_cast<float*>(smem + A_ELEMS * sizeof(T));
+  float* const sD = sS + WARPS * 16 * LDS;
+  T* const sP = reinterpret_cast<T*>(sD + WARPS * 16 * LDS);
+
+  const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const unsigned row = lane >> 1, half = lane & 1;
+  float* const S = sS + warp * 16 * LDS;
+  float* const DP = sD + warp * 16 * LDS;
+  T* const P = sP + warp * 16 * LDP;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  const T zero = from_f<T>(0.0f);
+  const size_t ld = H * d, qtiles = (N + BR - 1) / BR, tiles = B * H * qtiles;
+
+  for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const size_t qt = tile % qtiles, bh = tile / qtiles, h = bh % H, b = bh / H;
+    const size_t n0 = qt * BR, n = n0 + warp * 16 + row;
+    __syncthreads();
+    for (unsigned i = tid; i < BR * D; i += blockDim.x) {
+      const size_t r = i / D, c = i % D, nn = n0 + r;
+      const bool in = nn < N && c < d;
+      const size_t g = (b * N + nn) * ld + h * d + c;
+      sQ[i] = in ? q[g] : zero;
+      sO[i] = in ? dout[g] : zero;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16], of[D / 16];
+    for (int ks = 0; ks < D / 16; ++ks) {
+      wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * D + ks * 16, D);
+      wmma::load_matrix_sync(of[ks], sO + warp * 16 * D + ks * 16, D);
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+    for (int cb = 0; cb < D / 16; ++cb) wmma::fill_fragment(acc[cb], 0.0f);
+    const float row_lse = n < N ? lse[bh * N + n] : 0.0f;
+    const float row_delta = n < N ? delta[bh * N + n] : 0.0f;
+
+    for (size_t m0 = 0; m0 < M; m0 += BC) {
+      __syncthreads();
+      for (unsigned i = tid; i < BC * D; i += blockDim.x) {
+        const size_t r = i / D, c = i % D, key = m0 + r;
+        const bool in = key < M && c < d;
+        const size_t g = (b * M + key) * ld + h * d + c;
+        sK[i] = in ? k[g] : zero;
+        sV[i] = in ? v[g] : zero;
+      }
+      __syncthreads();
+      // S = Q Kᵀ and dP = dO Vᵀ for the warp's 16 rows.
+      for (int cb = 0; cb < BC / 16; ++cb) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
+        wmma::fill_fragment(s, 0.0f);
+        wmma::fill_fragment(dp, 0.0f);
+        for (int ks = 0; ks < D / 16; ++ks) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf, vf;
+          wmma::load_matrix_sync(kf, sK + cb * 16 * D + ks * 16, D);
+          wmma::load_matrix_sync(vf, sV + cb * 16 * D + ks * 16, D);
+          wmma::mma_sync(s, qf[ks], kf, s);
+          wmma::mma_sync(dp, of[ks], vf, dp);
+        }
+        wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
+        wmma::store_matrix_sync(DP + cb * 16, dp, LDS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      for (unsigned j = half; j < BC; j += 2) {
+        const bool in = n < N && m0 + j < M;
+        const float p = in ? exp2f(S[row * LDS + j] * scale_log2 - row_lse) : 0.0f;
+        P[row * LDP + j] = from_f<T>(p * (DP[row * LDS + j] - row_delta));
+      }
+      __syncwarp();
+      // dq += dS K.
+      for (int cb = 0; cb < D / 16; ++cb) {
+        for (int kk = 0; kk < BC / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> kf;
+          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
+          wmma::load_matrix_sync(kf, sK + kk * 16 * D + cb * 16, D);
+          wmma::mma_sync(acc[cb], pf, kf, acc[cb]);
+        }
+      }
+    }
+    // Out through the score tile, 16 columns at a time.
+    for (int cb = 0; cb < D / 16; ++cb) {
+      __syncwarp();
+      wmma::store_matrix_sync(S, acc[cb], LDS, wmma::mem_row_major);
+      __syncwarp();
+      if (n < N) {
+        for (int j = half; j < 16; j += 2) {
+          const size_t c = cb * 16 + j;
+          if (c < d) dq[(b * N + n) * ld + h * d + c] = from_f<T>(S[row * LDS + j] * scale);
+        }
+      }
+    }
+  }
+}
+
+// The flash backward's third pass: dv = Σ_queries Pᵀ dO and dk = scale ·
+// Σ_queries dSᵀ q per key, from the transposed tiles Sᵀ = k qᵀ and dPᵀ = v dOᵀ;
+// a block per 64 keys of one head (16 per warp), queries in tiles of BQ.
+template <typename T, int D, int BQ>
+__device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
+                              const T* __restrict__ v, const T* __restrict__ dout,
+                              const float* __restrict__ lse, const float* __restrict__ delta,
+                              T* __restrict__ dk, T* __restrict__ dv, size_t B, size_t N,
+                              size_t M, size_t H, size_t d, float scale) {
+  using namespace nvcuda;
+  constexpr int BK = 64, WARPS = 4, LDS = BQ + 4, LDP = BQ + 8;
+  constexpr int A_ELEMS = (2 * BK * D > 2 * BQ * D) ? 2 * BK * D : 2 * BQ * D;
+  constexpr size_t BYTES = A_ELEMS * sizeof(T) +
+                           WARPS * 16 * (2 * LDS * sizeof(float) + LDP * sizeof(T)) +
+                           2 * BQ * sizeof(float);
+  __shared__ __align__(32) unsigned char smem[BYTES];
+  T* const sK = reinterpret_cast<T*>(smem);  // then sQ
+  T* const sV = sK + BK * D;
+  T* const sQ = sK;
+  T* const sO = sK + BQ * D;  // dO rows
+  float* const sS = reinterpret_cast<float*>(smem + A_ELEMS * sizeof(T));
+  float* const sD = sS + WARPS * 16 * LDS;
+  T* const sP = reinterpret_cast<T*>(sD + WARPS * 16 * LDS);
+  float* const sL = reinterpret_cast<float*>(sP + WARPS * 16 * LDP);  // lse, then δ
+  float* const sDelta = sL + BQ;
+
+  const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const unsigned row = lane >> 1, half = lane & 1;  // row: the warp's key
+  float* const S = sS + warp * 16 * LDS;
+  float* const DP = sD + warp * 16 * LDS;
+  T* const P = sP + warp * 16 * LDP;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  const T zero = from_f<T>(0.0f);
+  const size_t ld = H * d, ktiles = (M + BK - 1) / BK, tiles = B * H * ktiles;
+
+  for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const size_t kt = tile % ktiles, bh = tile / ktiles, h = bh % H, b = bh / H;
+    const size_t m0 = kt * BK, key = m0 + warp * 16 + row;
+    __syncthreads();
+    for (unsigned i = tid; i < BK * D; i += blockDim.x) {
+      const size_t r = i / D, c = i % D, kk = m0 + r;
+      const bool in = kk < M && c < d;
+      const size_t g = (b * M + kk) * ld + h * d + c;
+      sK[i] = in ? k[g] : zero;
+      sV[i] = in ? v[g] : zero;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> kf[D / 16], vf[D / 16];
+    for (int ks = 0; ks < D / 16; ++ks) {
+      wmma::load_matrix_sync(kf[ks], sK + warp * 16 * D + ks * 16, D);
+      wmma::load_matrix_sync(vf[ks], sV + warp * 16 * D + ks * 16, D);
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dka[D / 16], dva[D / 16];
+    for (int cb = 0; cb < D / 16; ++cb) {
+      wmma::fill_fragment(dka[cb], 0.0f);
+      wmma::fill_fragment(dva[cb], 0.0f);
+    }
+
+    for (size_t n0 = 0; n0 < N; n0 += BQ) {
+      __syncthreads();
+      for (unsigned i = tid; i < BQ * D; i += blockDim.x) {
+        const size_t r = i / D, c = i % D, nn = n0 + r;
+        const bool in = nn < N && c < d;
+        const size_t g = (b * N + nn) * ld + h * d + c;
+        sQ[i] = in ? q[g] : zero;
+        sO[i] = in ? dout[g] : zero;
+      }
+      for (unsigned i = tid; i < BQ; i += blockDim.x) {
+        const bool in = n0 + i < N;
+        sL[i] = in ? lse[bh * N + n0 + i] : 0.0f;
+        sDelta[i] = in ? delta[bh * N + n0 + i] : 0.0f;
+      }
+      __syncthreads();
+      // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for the warp's 16 keys.
+      for (int cb = 0; cb < BQ / 16; ++cb) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
+        wmma::fill_fragment(s, 0.0f);
+        wmma::fill_fragment(dp, 0.0f);
+        for (int ks = 0; ks < D / 16; ++ks) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> qf, of;
+          wmma::load_matrix_sync(qf, sQ + cb * 16 * D + ks * 16, D);
+          wmma::load_matrix_sync(of, sO + cb * 16 * D + ks * 16, D);
+          wmma::mma_sync(s, kf[ks], qf, s);
+          wmma::mma_sync(dp, vf[ks], of, dp);
+        }
+        wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
+        wmma::store_matrix_sync(DP + cb * 16, dp, LDS, wmma::mem_row_major);
+      }
+      __syncwarp();
+      // Pᵀ (in T for dv) and dSᵀ (kept in f32 in the dPᵀ tile).
+      for (unsigned j = half; j < BQ; j += 2) {
+        const bool in = key < M && n0 + j < N;
+        const float p = in ? exp2f(S[row * LDS + j] * scale_log2 - sL[j]) : 0.0f;
+        P[row * LDP + j] = from_f<T>(p);
+        DP[row * LDS + j] = p * (DP[row * LDS + j] - sDelta[j]);
+      }
+      __syncwarp();
+      for (int cb = 0; cb < D / 16; ++cb) {
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> of;
+          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
+          wmma::load_matrix_sync(of, sO + kk * 16 * D + cb * 16, D);
+          wmma::mma_sync(dva[cb], pf, of, dva[cb]);
+        }
+      }
+      __syncwarp();
+      for (unsigned j = half; j < BQ; j += 2) P[row * LDP + j] = from_f<T>(DP[row * LDS + j]);
+      __syncwarp();
+      for (int cb = 0; cb < D / 16; ++cb) {
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> qf;
+          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
+          wmma::load_matrix_sync(qf, sQ + kk * 16 * D + cb * 16, D);
+          wmma::mma_sync(dka[cb], pf, qf, dka[cb]);
+        }
+      }
+    }
+    for (int cb = 0; cb < D / 16; ++cb) {
+      __syncwarp();
+      wmma::store_matrix_sync(S, dka[cb], LDS, wmma::mem_row_major);
+      wmma::store_matrix_sync(DP, dva[cb], LDS, wmma::mem_row_major);
+      __syncwarp();
+      if (key < M) {
+        for (int j = half; j < 16; j += 2) {
+          const size_t c = cb * 16 + j;
+          if (c < d) {
+            const size_t g = (b * M + key) * ld + h * d + c;
+            dk[g] = from_f<T>(S[row * LDS + j] * scale);
+            dv[g] = from_f<T>(DP[row * LDS + j]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // One kernel per padded head size D (and its key tile: 64 keys up to D = 80,
 // 32 above, to stay within 48 KiB of static shared memory) and dtype.
 #define FLASH_FWD(NAME, T, D, BC)                                                            \
   extern "C" __global__ void dreambooth_flash_fwd_d##D##_##NAME(                             \
       const T* q, const T* k, const T* v, T* o, size_t B, size_t N, size_t M, size_t H,      \
       size_t d, float scale) {                                                               \
-    flash_fwd<T, D, BC>(q, k, v, o, B, N, M, H, d, scale);                                   \
+    flash_fwd<T, D, BC, false>(q, k, v, o, nullptr, nullptr, nullptr, B, N, M, H, d, scale); \
   }
 #define FLASH_FWD_ALL(NAME, T)  \
   FLASH_FWD(NAME, T, 32, 64)    \
@@ -726,3 +997,33 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   FLASH_FWD(NAME, T, 160, 32)
 FLASH_FWD_ALL(bf16, __nv_bfloat16)
 FLASH_FWD_ALL(f16, __half)
+
+// The backward's three passes for heads up to 80 channels (dkv keeps the
+// 64 keys' dk and dv accumulators in registers; wider heads take the
+// recomputing backward), keys and queries in tiles of 32.
+#define FLASH_BWD(NAME, T, D)                                                                \
+  extern "C" __global__ void dreambooth_flash_stats_d##D##_##NAME(                           \
+      const T* q, const T* k, const T* o, const T* dout, float* lse, float* delta, size_t B, \
+      size_t N, size_t M, size_t H, size_t d, float scale) {                                 \
+    flash_fwd<T, D, 64, true>(q, k, nullptr, const_cast<T*>(o), dout, lse, delta, B, N, M, H, \
+                              d, scale);                                                     \
+  }                                                                                          \
+  extern "C" __global__ void dreambooth_flash_bwd_dq_d##D##_##NAME(                          \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse,                   \
+      const float* delta, T* dq, size_t B, size_t N, size_t M, size_t H, size_t d,           \
+      float scale) {                                                                         \
+    flash_bwd_dq<T, D, 32>(q, k, v, dout, lse, delta, dq, B, N, M, H, d, scale);              \
+  }                                                                                          \
+  extern "C" __global__ void dreambooth_flash_bwd_dkv_d##D##_##NAME(                         \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse,                   \
+      const float* delta, T* dk, T* dv, size_t B, size_t N, size_t M, size_t H, size_t d,    \
+      float scale) {                                                                         \
+    flash_bwd_dkv<T, D, 32>(q, k, v, dout, lse, delta, dk, dv, B, N, M, H, d, scale);         \
+  }
+#define FLASH_BWD_ALL(NAME, T) \
+  FLASH_BWD(NAME, T, 32)       \
+  FLASH_BWD(NAME, T, 48)       \
+  FLASH_BWD(NAME, T, 64)       \
+  FLASH_BWD(NAME, T, 80)
+FLASH_BWD_ALL(bf16, __nv_bfloat16)
+FLASH_BWD_ALL(f16, __half)

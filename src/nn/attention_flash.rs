@@ -4,9 +4,14 @@
 //! it reads q, k and v token-major, (B, N, H·d), where the projections left
 //! them, walks the keys in tiles with an online softmax and writes the
 //! output in the same layout, so neither the (N, M) scores nor the
-//! head-major copies of q, k, v and the output are ever made. The backward
-//! is the recomputing node's ([`super::attention_recompute::backward`]) on
-//! the heads split out: it keeps nothing from the forward but q, k and v.
+//! head-major copies of q, k, v and the output are ever made. The backward,
+//! for heads up to 80 channels, is three more of our kernels
+//! ([`super::gpu_plan::flash_attention_bwd`]: each row's log-sum-exp, then
+//! dq over the keys and dk, dv over the queries, the probabilities
+//! recomputed tile by tile), on the same layout; wider heads take the
+//! recomputing node's ([`super::attention_recompute::backward`]) on the
+//! heads split out. Either keeps nothing from the forward but q, k, v and
+//! the output.
 //!
 //! Taken for bf16 / f16 on a CUDA device when a kernel covers the head size
 //! (up to 160 channels: SD 1.x's 40/80/160, SD 2.x's and SDXL's 64), unless
@@ -167,12 +172,85 @@ impl CustomOp3 for FlashAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _o: &Tensor,
+        o: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let plan = super::gpu_plan::suffix(q.dtype()).and_then(|sfx| {
+            super::gpu_plan::flash_attention_bwd(sfx, self.dims, self.scale as f32)
+        });
+        if let (Some(plan), true) = (plan, q.device().is_cuda()) {
+            let flat = q.detach().apply_op3_no_bwd(
+                &k.detach(),
+                &v.detach(),
+                &FlashAttentionBwd {
+                    plan,
+                    o: o.detach().contiguous()?,
+                    grad: grad.to_dtype(q.dtype())?.contiguous()?,
+                },
+            )?;
+            let (nq, nk) = (q.elem_count(), k.elem_count());
+            let part =
+                |at: usize, n: usize, like: &Tensor| flat.narrow(0, at, n)?.reshape(like.shape());
+            return Ok((
+                Some(part(0, nq, q)?),
+                Some(part(nq, nk, k)?),
+                Some(part(nq + nk, nk, v)?),
+            ));
+        }
         let (dq, dk, dv) =
             token_major_backward(q, k, v, grad, self.dims.heads, self.scale, self.chunk)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The flash backward's kernels on (q, k, v) with the forward's output and
+/// its gradient → flat [dq; dk; dv] (built only on a CUDA device).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashAttentionBwd {
+    plan: super::gpu_plan::Plan,
+    o: Tensor,
+    grad: Tensor,
+}
+
+impl CustomOp3 for FlashAttentionBwd {
+    fn name(&self) -> &'static str {
+        "flash-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on a CUDA device only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::Storage;
+        let (os, ol) = self.o.storage_and_layout();
+        let (gs, gl) = self.grad.storage_and_layout();
+        let (Storage::Cuda(os), Storage::Cuda(gs)) = (&*os, &*gs) else {
+            candle_core::bail!("flash attention backward: output or gradient not on the GPU");
+        };
+        let flat = crate::cuda::exec::run(
+            &self.plan,
+            &[(s1, l1), (s2, l2), (s3, l3), (os, ol), (gs, gl)],
+        )?;
+        let n = self.plan.scratch.last().map_or(0, |b| b.len);
+        Ok((flat, Shape::from(n)))
     }
 }

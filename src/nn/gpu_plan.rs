@@ -553,3 +553,67 @@ pub fn flash_attention_fwd(sfx: &str, a: AttentionDims, scale: f32) -> Option<Pl
         output: 3,
     })
 }
+
+/// The widest head the flash backward kernels take (their 64 keys' dk and
+/// dv accumulators live in registers); wider heads take the recomputing
+/// backward.
+pub const FLASH_BWD_MAX_HEAD: usize = 80;
+
+/// Flash attention backward (bf16 / f16): inputs [q, k, v, o, dO] (o the
+/// forward's output, dO its gradient, token-major like q) → one buffer
+/// [dq; dk; dv] in their layouts. Three passes: each query row's log-sum-exp
+/// and δ = Σ dO·o (scratch, f32), dq over the keys of each query tile, dk
+/// and dv over the queries of each key tile, the probabilities recomputed in
+/// each, nothing (B·H, N, M)-sized stored. `None` for f32 or heads wider
+/// than [`FLASH_BWD_MAX_HEAD`].
+pub fn flash_attention_bwd(sfx: &str, a: AttentionDims, scale: f32) -> Option<Plan> {
+    if sfx == "f32" || a.d > FLASH_BWD_MAX_HEAD {
+        return None;
+    }
+    let padded = flash_head_size(a.d)?;
+    let c = a.heads * a.d;
+    let (nq, nk) = (a.b * a.n * c, a.b * a.m * c);
+    let rows = a.b * a.heads * a.n;
+    let grid = |len: usize| (a.b * a.heads * len.div_ceil(FLASH_ROWS)).clamp(1, MAX_GRID) as u32;
+    let tail = |mut args: Vec<Arg>| {
+        args.extend([a.b, a.n, a.m, a.heads, a.d].map(Arg::Usize));
+        args.push(Arg::F32(scale));
+        args
+    };
+    // Buffers: 0 q, 1 k, 2 v, 3 o, 4 dO; scratch 5 lse, 6 δ, 7 [dq; dk; dv].
+    let name = |pass: &str| format!("dreambooth_flash_{pass}_d{padded}_{sfx}");
+    Some(Plan {
+        inputs: vec![t(nq), t(nk), t(nk), t(nq), t(nq)],
+        scratch: vec![f32s(rows), f32s(rows), t(nq + 2 * nk)],
+        launches: vec![
+            launch(
+                name("stats"),
+                grid(a.n),
+                128,
+                tail(vec![buf(0), buf(1), buf(3), buf(4), buf(5), buf(6)]),
+            ),
+            launch(
+                name("bwd_dq"),
+                grid(a.n),
+                128,
+                tail(vec![buf(0), buf(1), buf(2), buf(4), buf(5), buf(6), buf(7)]),
+            ),
+            launch(
+                name("bwd_dkv"),
+                grid(a.m),
+                128,
+                tail(vec![
+                    buf(0),
+                    buf(1),
+                    buf(2),
+                    buf(4),
+                    buf(5),
+                    buf(6),
+                    at(7, nq),
+                    at(7, nq + nk),
+                ]),
+            ),
+        ],
+        output: 7,
+    })
+}

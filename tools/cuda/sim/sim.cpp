@@ -35,6 +35,10 @@ std::function<void(void**)> wrap(void (*f)(A...)) {
 
 #define REG(n) {#n, wrap(&n)}
 #define REG_FLASH(d) REG(dreambooth_flash_fwd_d##d##_bf16), REG(dreambooth_flash_fwd_d##d##_f16)
+#define REG_FLASH_BWD_T(d, t)                                                    \
+  REG(dreambooth_flash_stats_d##d##_##t), REG(dreambooth_flash_bwd_dq_d##d##_##t), \
+      REG(dreambooth_flash_bwd_dkv_d##d##_##t)
+#define REG_FLASH_BWD(d) REG_FLASH_BWD_T(d, bf16), REG_FLASH_BWD_T(d, f16)
 #define REG_T(base) REG(dreambooth_##base##_f32), REG(dreambooth_##base##_bf16), REG(dreambooth_##base##_f16)
 
 const std::map<std::string, std::function<void(void**)>>& registry() {
@@ -59,6 +63,7 @@ const std::map<std::string, std::function<void(void**)>>& registry() {
       REG_T(geglu_bwd),
       REG_FLASH(32), REG_FLASH(48), REG_FLASH(64), REG_FLASH(80),
       REG_FLASH(96), REG_FLASH(128), REG_FLASH(160),
+      REG_FLASH_BWD(32), REG_FLASH_BWD(48), REG_FLASH_BWD(64), REG_FLASH_BWD(80),
   };
   return r;
 }
