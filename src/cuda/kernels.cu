@@ -579,6 +579,39 @@ FUSED_OPS(f16, __half)
 
 #include <mma.h>
 
+// A ROWS × D tile of one head of a token-major (rows, ld) tensor into
+// shared memory: tile[r][c] = src[r · ld + c] for r < rows and c < d,
+// zeros elsewhere (the padding columns and the rows past the end); `src`
+// points at the head's first column of the tile's first row. 16-byte loads
+// and stores when d, ld and `src` allow (SD's heads of 40, 64, 80, 160 at
+// an aligned base), else one element at a time. Every thread of the block
+// takes part.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_head_tile(T* __restrict__ tile, const T* __restrict__ src,
+                                               size_t rows, size_t ld, size_t d) {
+  constexpr int V = 16 / sizeof(T);  // elements per 16-byte vector
+  if (d % V == 0 && ld % V == 0 && reinterpret_cast<size_t>(src) % 16 == 0) {
+    constexpr int PER_ROW = D / V;
+    for (unsigned i = threadIdx.x; i < ROWS * PER_ROW; i += blockDim.x) {
+      const size_t r = i / PER_ROW, c = (i % PER_ROW) * V;
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (r < rows && c < d) x = *reinterpret_cast<const uint4*>(src + r * ld + c);
+      *reinterpret_cast<uint4*>(tile + r * D + c) = x;
+    }
+  } else {
+    const T zero = from_f<T>(0.0f);
+    for (unsigned i = threadIdx.x; i < ROWS * D; i += blockDim.x) {
+      const size_t r = i / D, c = i % D;
+      tile[i] = (r < rows && c < d) ? src[r * ld + c] : zero;
+    }
+  }
+}
+
+// Rows left from `first` of `len`, at most `rows`.
+__device__ __forceinline__ size_t rows_left(size_t first, size_t len, size_t rows) {
+  return first < len ? (len - first < rows ? len - first : rows) : 0;
+}
+
 // STATS: the backward's first pass instead (no output): each row's log-sum-
 // exp in log2 units of the scaled scores (lse, (B·H, N)) and δ = Σ dO·O
 // over the row (delta), from the forward's output `o` and its gradient `dout`.
@@ -615,17 +648,13 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   float* const red_max = sRed + warp * 32;
   float* const red_sum = sRed + WARPS * 32 + warp * 32;
   const float scale_log2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
-  const T zero = from_f<T>(0.0f);
   const size_t ld = H * d, qtiles = (N + BR - 1) / BR, tiles = B * H * qtiles;
 
   for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const size_t qt = tile % qtiles, bh = tile / qtiles, h = bh % H, b = bh / H;
     const size_t n0 = qt * BR;
     __syncthreads();  // the previous tile is done with shared memory
-    for (unsigned i = tid; i < BR * D; i += blockDim.x) {
-      const size_t r = i / D, c = i % D, n = n0 + r;
-      sQ[i] = (n < N && c < d) ? q[(b * N + n) * ld + h * d + c] : zero;
-    }
+    load_head_tile<T, BR, D>(sQ, q + (b * N + n0) * ld + h * d, rows_left(n0, N, BR), ld, d);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -638,13 +667,9 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
 
     for (size_t m0 = 0; m0 < M; m0 += BC) {
       __syncthreads();  // every warp is done with sQ / the previous K and V
-      for (unsigned i = tid; i < BC * D; i += blockDim.x) {
-        const size_t r = i / D, c = i % D, key = m0 + r;
-        const bool in = key < M && c < d;
-        const size_t g = (b * M + key) * ld + h * d + c;
-        sK[i] = in ? k[g] : zero;
-        if constexpr (!STATS) sV[i] = in ? v[g] : zero;
-      }
+      const size_t keys = rows_left(m0, M, BC), at = (b * M + m0) * ld + h * d;
+      load_head_tile<T, BC, D>(sK, k + at, keys, ld, d);
+      if constexpr (!STATS) load_head_tile<T, BC, D>(sV, v + at, keys, ld, d);
       __syncthreads();
       // S = Q Kᵀ for the warp's 16 rows.
       for (int cb = 0; cb < BC / 16; ++cb) {
@@ -758,19 +783,16 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
   float* const DP = sD + warp * 16 * LDS;
   T* const P = sP + warp * 16 * LDP;
   const float scale_log2 = scale * 1.4426950408889634f;
-  const T zero = from_f<T>(0.0f);
   const size_t ld = H * d, qtiles = (N + BR - 1) / BR, tiles = B * H * qtiles;
 
   for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const size_t qt = tile % qtiles, bh = tile / qtiles, h = bh % H, b = bh / H;
     const size_t n0 = qt * BR, n = n0 + warp * 16 + row;
     __syncthreads();
-    for (unsigned i = tid; i < BR * D; i += blockDim.x) {
-      const size_t r = i / D, c = i % D, nn = n0 + r;
-      const bool in = nn < N && c < d;
-      const size_t g = (b * N + nn) * ld + h * d + c;
-      sQ[i] = in ? q[g] : zero;
-      sO[i] = in ? dout[g] : zero;
+    {
+      const size_t rows = rows_left(n0, N, BR), at = (b * N + n0) * ld + h * d;
+      load_head_tile<T, BR, D>(sQ, q + at, rows, ld, d);
+      load_head_tile<T, BR, D>(sO, dout + at, rows, ld, d);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16], of[D / 16];
@@ -785,13 +807,9 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
 
     for (size_t m0 = 0; m0 < M; m0 += BC) {
       __syncthreads();
-      for (unsigned i = tid; i < BC * D; i += blockDim.x) {
-        const size_t r = i / D, c = i % D, key = m0 + r;
-        const bool in = key < M && c < d;
-        const size_t g = (b * M + key) * ld + h * d + c;
-        sK[i] = in ? k[g] : zero;
-        sV[i] = in ? v[g] : zero;
-      }
+      const size_t keys = rows_left(m0, M, BC), at = (b * M + m0) * ld + h * d;
+      load_head_tile<T, BC, D>(sK, k + at, keys, ld, d);
+      load_head_tile<T, BC, D>(sV, v + at, keys, ld, d);
       __syncthreads();
       // S = Q Kᵀ and dP = dO Vᵀ for the warp's 16 rows.
       for (int cb = 0; cb < BC / 16; ++cb) {
@@ -873,19 +891,16 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
   float* const DP = sD + warp * 16 * LDS;
   T* const P = sP + warp * 16 * LDP;
   const float scale_log2 = scale * 1.4426950408889634f;
-  const T zero = from_f<T>(0.0f);
   const size_t ld = H * d, ktiles = (M + BK - 1) / BK, tiles = B * H * ktiles;
 
   for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const size_t kt = tile % ktiles, bh = tile / ktiles, h = bh % H, b = bh / H;
     const size_t m0 = kt * BK, key = m0 + warp * 16 + row;
     __syncthreads();
-    for (unsigned i = tid; i < BK * D; i += blockDim.x) {
-      const size_t r = i / D, c = i % D, kk = m0 + r;
-      const bool in = kk < M && c < d;
-      const size_t g = (b * M + kk) * ld + h * d + c;
-      sK[i] = in ? k[g] : zero;
-      sV[i] = in ? v[g] : zero;
+    {
+      const size_t keys = rows_left(m0, M, BK), at = (b * M + m0) * ld + h * d;
+      load_head_tile<T, BK, D>(sK, k + at, keys, ld, d);
+      load_head_tile<T, BK, D>(sV, v + at, keys, ld, d);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> kf[D / 16], vf[D / 16];
@@ -901,13 +916,9 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
 
     for (size_t n0 = 0; n0 < N; n0 += BQ) {
       __syncthreads();
-      for (unsigned i = tid; i < BQ * D; i += blockDim.x) {
-        const size_t r = i / D, c = i % D, nn = n0 + r;
-        const bool in = nn < N && c < d;
-        const size_t g = (b * N + nn) * ld + h * d + c;
-        sQ[i] = in ? q[g] : zero;
-        sO[i] = in ? dout[g] : zero;
-      }
+      const size_t rows = rows_left(n0, N, BQ), at = (b * N + n0) * ld + h * d;
+      load_head_tile<T, BQ, D>(sQ, q + at, rows, ld, d);
+      load_head_tile<T, BQ, D>(sO, dout + at, rows, ld, d);
       for (unsigned i = tid; i < BQ; i += blockDim.x) {
         const bool in = n0 + i < N;
         sL[i] = in ? lse[bh * N + n0 + i] : 0.0f;

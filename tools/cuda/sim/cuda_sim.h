@@ -22,6 +22,12 @@ inline dim3 blockIdx;
 inline dim3 blockDim;
 inline dim3 gridDim;
 
+// CUDA's 16-byte vector type (vector_types.h).
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 // Yields the running fiber to the scheduler (sim.cpp).
 void sim_sync();
 inline void __syncthreads() { sim_sync(); }
