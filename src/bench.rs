@@ -859,8 +859,17 @@ pub fn bench_sample(
                 other.name()
             )));
         }
-        None => StableDiffusion::load(&opts.model, device, LoadOptions::default())?,
+        None => {
+            // The UNet read straight into its sampling dtype, as `generate`.
+            opts.precision.check_device(device)?;
+            let load = LoadOptions {
+                dtypes: crate::models::FrozenDTypes::unet_only(opts.precision.dtype()),
+                ..LoadOptions::default()
+            };
+            StableDiffusion::load(&opts.model, device, load)?
+        }
     };
+    // A random model's UNet is converted (a no-op for one read in its dtype).
     model.set_unet_precision(opts.precision)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let gen_opts = |n: usize, seed: u64| GenerateOptions {

@@ -466,6 +466,7 @@ fn configs_are_detected_without_metadata() {
         &dir.join("sd2.safetensors"),
         &SingleFileOptions {
             prediction_type: Some(PredictionType::Epsilon),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -485,6 +486,7 @@ fn configs_are_detected_without_metadata() {
 fn prediction_type_override_beats_metadata() {
     let opts = SingleFileOptions {
         prediction_type: Some(PredictionType::Epsilon),
+        ..Default::default()
     };
     let c = load_components(&single("sd2"), &Device::Cpu, &opts).unwrap();
     assert_eq!(c.scheduler.prediction_type, PredictionType::Epsilon);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use candle_core::{DType, Device};
 use dreambooth::dreambooth::export;
+use dreambooth::models::FrozenDTypes;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum SaveDType {
@@ -24,7 +25,9 @@ pub struct Args {
     /// A VAE to write in place of the model's (folder or file, as `generate --vae`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
-    /// Precision of the written weights (folder or single file).
+    /// Precision of the written weights (folder or single file). The model is
+    /// read straight into it, one tensor at a time: fp16 / bf16 output takes
+    /// half the memory of f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: SaveDType,
 }
@@ -38,7 +41,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.out.exists() && args.out.canonicalize().ok() == args.model.model.canonicalize().ok() {
         bail!("{}: --out is the model itself", args.out.display());
     }
-    let mut model = args.model.load(&Device::Cpu)?;
+    // Every component read straight into the output dtype (the weights are
+    // only written out): a half-precision output never needs the model in f32.
+    let mut model = args.model.load_in(&Device::Cpu, FrozenDTypes::all(dtype))?;
     if let Some(vae) = &args.vae {
         model.set_vae(vae)?;
     }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use dreambooth::diffusion::SamplerKind;
 use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
 use dreambooth::image_io;
-use dreambooth::models::StableDiffusion;
+use dreambooth::models::{FrozenDTypes, StableDiffusion};
 
 /// Where the bundled tiny model lives, relative to the crate, the binary or the
 /// working directory.
@@ -80,7 +80,8 @@ pub struct Args {
     #[arg(long)]
     pub device: Option<String>,
     /// The UNet's dtype: f32 (default), bf16 (GPU) or fp16; latents, guidance
-    /// and the sampler stay f32.
+    /// and the sampler stay f32. Without --lora the UNet is read straight into
+    /// it (a half-precision UNet is never held in f32 too: half the memory).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -95,8 +96,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => find_tiny_model()?,
     };
     let device = super::device::select(args.device.as_deref())?;
+    precision.check_device(&device)?;
+    let mut load = args.prediction.load_options()?;
+    if loras.is_empty() {
+        // The UNet read straight into its sampling dtype: a half-precision
+        // UNet is never held in f32 as well. LoRA files are folded into f32
+        // weights first, and the UNet converted after.
+        load.dtypes = FrozenDTypes::unet_only(precision.dtype());
+    }
     // Library errors name the file at fault; no extra context needed.
-    let mut model = StableDiffusion::load(&model_path, &device, args.prediction.load_options()?)?;
+    let mut model = StableDiffusion::load(&model_path, &device, load)?;
     if let Some(vae) = &args.vae {
         model.set_vae(vae)?;
     }
@@ -105,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let f = dreambooth::models::lora::merge_file(&mut model, path, *scale)?;
         eprintln!("{}", dreambooth::models::lora::describe(&f, *scale));
     }
+    // A no-op when the UNet was read in that dtype.
     model.set_unet_precision(precision)?;
 
     let latents = match &args.latents {

@@ -65,10 +65,23 @@ impl ModelArgs {
         &self,
         device: &candle_core::Device,
     ) -> anyhow::Result<dreambooth::models::StableDiffusion> {
+        self.load_in(device, Default::default())
+    }
+
+    /// The model, frozen, on `device`, each component read in its dtype of
+    /// `dtypes` (cast tensor by tensor while reading).
+    pub fn load_in(
+        &self,
+        device: &candle_core::Device,
+        dtypes: dreambooth::models::FrozenDTypes,
+    ) -> anyhow::Result<dreambooth::models::StableDiffusion> {
         Ok(dreambooth::models::StableDiffusion::load(
             &self.model,
             device,
-            self.prediction.load_options()?,
+            dreambooth::models::LoadOptions {
+                dtypes,
+                ..self.prediction.load_options()?
+            },
         )?)
     }
 }

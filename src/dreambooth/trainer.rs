@@ -28,7 +28,7 @@ use super::export;
 use super::loss::{denoising_loss, min_snr_weights};
 use crate::diffusion::{GenerateOptions, NoiseSchedule, SamplerKind, generate};
 use crate::models::sd::{PromptEmbeds, encode_ids};
-use crate::models::{LoadOptions, StableDiffusion, UNetCond, lora};
+use crate::models::{FrozenDTypes, LoadOptions, StableDiffusion, UNetCond, lora};
 use crate::nn::Precision;
 use crate::nn::checkpoint::Checkpointing;
 use crate::optim::{
@@ -131,6 +131,14 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
         None => crate::models::sd::default_model_dir()?,
     };
     let spec = cfg.lora_spec()?;
+    // LoRA with mixed precision: the frozen base is held in the compute
+    // dtype (half the memory, no per-step casts), read straight into it (no
+    // f32 copy of the UNet while loading); the adapters stay f32.
+    let precision = cfg.precision()?;
+    let half_base = spec.is_some() && precision != Precision::F32;
+    if half_base {
+        precision.check_device(device)?;
+    }
     let mut model = StableDiffusion::load(
         &path,
         device,
@@ -142,18 +150,17 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
                 .as_deref()
                 .map(crate::diffusion::PredictionType::parse)
                 .transpose()?,
+            dtypes: if half_base {
+                FrozenDTypes::unet_only(precision.dtype())
+            } else {
+                FrozenDTypes::default()
+            },
         },
     )?;
     if let Some(vae) = &cfg.vae {
         model.set_vae(vae)?;
     }
     if let Some(spec) = &spec {
-        // LoRA with mixed precision: the frozen base is stored in the compute
-        // dtype (half the memory, no per-step casts), the adapters stay f32.
-        let precision = cfg.precision()?;
-        if precision != Precision::F32 {
-            model.set_unet_precision(precision)?;
-        }
         lora::attach_trainable(&mut model, spec)?;
     }
     Ok(model)

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::nn::checkpoint::{self, Checkpointing};
 use crate::nn::{
-    Activation, Embedding, LayerNorm, Linear, Precision, Vb, causal_mask, read_weights,
+    Activation, Embedding, LayerNorm, Linear, Precision, Vb, causal_mask, read_weights_in,
     scaled_dot_product_attention,
 };
 use crate::{Error, Result};
@@ -229,7 +229,7 @@ impl ClipTextModel {
         device: &Device,
         trainable: bool,
     ) -> Result<(Self, Vb)> {
-        Self::load_as(path, cfg, device, trainable, false)
+        Self::load_in(path, cfg, device, trainable, false, DType::F32)
     }
 
     /// [`load`](Self::load) for a `CLIPTextModelWithProjection` (SDXL's
@@ -240,17 +240,24 @@ impl ClipTextModel {
         device: &Device,
         trainable: bool,
     ) -> Result<(Self, Vb)> {
-        Self::load_as(path, cfg, device, trainable, true)
+        Self::load_in(path, cfg, device, trainable, true, DType::F32)
     }
 
-    fn load_as(
+    /// [`load`](Self::load) (or, with `projection`,
+    /// [`load_with_projection`](Self::load_with_projection)) with the weights
+    /// held in `dtype`, cast tensor by tensor as they are read (f16 / bf16
+    /// only for a frozen encoder, which then computes in it; a trainable one
+    /// keeps f32 weights: [`crate::nn::store::check_params_dtype`]).
+    pub fn load_in(
         path: &Path,
         cfg: &ClipTextConfig,
         device: &Device,
         trainable: bool,
         projection: bool,
+        dtype: DType,
     ) -> Result<(Self, Vb)> {
-        let mut tensors = read_weights(path, device)?;
+        crate::nn::store::check_params_dtype(path, trainable, dtype)?;
+        let mut tensors = read_weights_in(path, device, dtype)?;
         for k in BUFFER_KEYS {
             tensors.remove(k);
         }

@@ -5,6 +5,7 @@ pub mod clip_text;
 pub mod clip_vision;
 pub mod config;
 pub mod dino;
+pub mod frozen_dtypes;
 pub mod hub;
 pub mod load;
 pub mod lora;
@@ -19,5 +20,6 @@ pub mod unet_blocks;
 pub mod vae;
 
 pub use config::UNetConfig;
+pub use frozen_dtypes::FrozenDTypes;
 pub use sd::{LoadOptions, ModelFormat, StableDiffusion};
 pub use unet::{AddedCond, UNet2DConditionModel, UNetCond};

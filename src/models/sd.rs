@@ -89,7 +89,8 @@ impl PromptEmbeds {
     }
 }
 
-/// Which networks get trainable parameters (their [`Vb`] holds `Var`s).
+/// Which networks get trainable parameters (their [`Vb`] holds `Var`s), and
+/// the dtype the frozen ones are read in.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     pub train_unet: bool,
@@ -97,6 +98,11 @@ pub struct LoadOptions {
     /// Overrides the scheduler's prediction type (a single file cannot tell
     /// SD 2.x's ε and v models apart; a diffusers folder's config can be wrong).
     pub prediction_type: Option<PredictionType>,
+    /// The dtype each frozen component is read in (default f32): f16 / bf16
+    /// are cast tensor by tensor while reading, so a half-precision component
+    /// never exists in f32 in memory, and the component computes in that
+    /// dtype. A trained component stays f32 (asking otherwise is an error).
+    pub dtypes: super::FrozenDTypes,
 }
 
 /// Where a model was loaded from.
@@ -166,6 +172,8 @@ impl StableDiffusion {
     /// A diffusers folder: `model_index.json` and the `unet/ vae/ text_encoder/
     /// tokenizer/ scheduler/` folders.
     pub fn load_diffusers(dir: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
+        let dtypes = opts.dtypes;
+        dtypes.check(dir, opts.train_unet, opts.train_text_encoder)?;
         let index_path = dir.join("model_index.json");
         if !index_path.is_file() {
             return Err(Error::config(
@@ -205,18 +213,25 @@ impl StableDiffusion {
 
         let unet_dir = dir.join("unet");
         let unet_file = weights_file(&unet_dir)?;
-        let (unet, unet_vb) = UNet2DConditionModel::load(&unet_dir, device, opts.train_unet)?;
+        let (unet, unet_vb) =
+            UNet2DConditionModel::load_in(&unet_dir, device, opts.train_unet, dtypes.unet())?;
 
         let te_dir = dir.join("text_encoder");
         let te_file = weights_file(&te_dir)?;
         let te_cfg = ClipTextConfig::from_file(&te_dir.join("config.json"))?;
-        let (text_encoder, text_encoder_vb) =
-            ClipTextModel::load(&te_file, &te_cfg, device, opts.train_text_encoder)?;
+        let (text_encoder, text_encoder_vb) = ClipTextModel::load_in(
+            &te_file,
+            &te_cfg,
+            device,
+            opts.train_text_encoder,
+            false,
+            dtypes.text_encoders(),
+        )?;
 
         let vae_dir = dir.join("vae");
         let vae_file = weights_file(&vae_dir)?;
         let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-        let vae_vb = Vb::from_file(&vae_file, device, false)?;
+        let vae_vb = Vb::from_file_in(&vae_file, device, false, dtypes.vae())?;
         let vae = AutoencoderKL::new(&vae_vb, &vae_cfg)?;
         vae_vb.finish()?;
 
@@ -230,11 +245,13 @@ impl StableDiffusion {
             let file2 = weights_file(&dir2)?;
             let cfg2 = ClipTextConfig::from_file(&dir2.join("config.json"))?;
             // SDXL's second text encoder is a CLIPTextModelWithProjection.
-            let (model2, vb2) = ClipTextModel::load_with_projection(
+            let (model2, vb2) = ClipTextModel::load_in(
                 &file2,
                 &cfg2,
                 device,
                 opts.train_text_encoder,
+                true,
+                dtypes.text_encoders(),
             )?;
             weight_files.push(("text_encoder_2", file2));
             Some(SecondTextEncoder {
@@ -273,8 +290,11 @@ impl StableDiffusion {
     /// An original-layout single-file checkpoint, converted to diffusers keys by
     /// `super::single_file`; the tokenizer is CLIP's BPE from `assets/clip/`.
     pub fn load_single_file(path: &Path, device: &Device, opts: LoadOptions) -> Result<Self> {
+        opts.dtypes
+            .check(path, opts.train_unet, opts.train_text_encoder)?;
         let sf_opts = super::single_file::SingleFileOptions {
             prediction_type: opts.prediction_type,
+            dtypes: opts.dtypes,
         };
         let c = super::single_file::load_components(path, device, &sf_opts)?;
         let tokenizer = c.tokenizer(&clip_bpe_file()?)?;
@@ -683,9 +703,12 @@ impl StableDiffusion {
     /// diffusers model folder (its `vae/`), or a file read by
     /// [`super::single_file::load_vae_file`] with this model's VAE architecture
     /// (`vae-ft-mse-840000-ema-pruned.safetensors`, another checkpoint's VAE).
-    /// The latent channels must match the UNet's.
+    /// The latent channels must match the UNet's. The new VAE's weights are
+    /// read in the dtype of the one it replaces (f32, or what
+    /// [`LoadOptions::dtypes`] asked for).
     pub fn set_vae(&mut self, path: &Path) -> Result<()> {
         let path = &super::hub::resolve(path)?;
+        let dtype = self.vae_dtype();
         let (cfg, tensors, file) = if path.is_dir() {
             let dir = if path.join("model_index.json").is_file() {
                 path.join("vae")
@@ -694,11 +717,11 @@ impl StableDiffusion {
             };
             let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
             let file = weights_file(&dir)?;
-            let tensors = crate::nn::read_weights(&file, &self.device)?;
+            let tensors = crate::nn::read_weights_in(&file, &self.device, dtype)?;
             (cfg, tensors, file)
         } else if path.is_file() {
             let cfg = self.vae.config().clone();
-            let tensors = super::single_file::load_vae_file(path, &cfg, &self.device)?;
+            let tensors = super::single_file::load_vae_file(path, &cfg, &self.device, dtype)?;
             (cfg, tensors, path.to_path_buf())
         } else {
             return Err(Error::NotFound {
@@ -723,6 +746,16 @@ impl StableDiffusion {
         self.weight_files.retain(|(name, _)| *name != "vae");
         self.weight_files.push(("vae", file));
         Ok(())
+    }
+
+    /// The dtype the VAE's floating-point weights are held in.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_vb
+            .tensors()
+            .values()
+            .map(|t| t.dtype())
+            .find(|d| d.is_float())
+            .unwrap_or(DType::F32)
     }
 
     /// A short stable fingerprint of the weights (16 hex digits): SHA-256 over

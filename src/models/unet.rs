@@ -246,8 +246,20 @@ impl UNet2DConditionModel {
 
     /// Loads `unet/` of a diffusers folder (config.json + weights).
     pub fn load(dir: &Path, device: &Device, trainable: bool) -> Result<(Self, Vb)> {
+        Self::load_in(dir, device, trainable, candle_core::DType::F32)
+    }
+
+    /// [`Self::load`] with the weights held in `dtype` (f32, or f16 / bf16 for
+    /// a frozen UNet, which then computes in it), cast tensor by tensor as
+    /// they are read ([`Vb::from_file_in`]).
+    pub fn load_in(
+        dir: &Path,
+        device: &Device,
+        trainable: bool,
+        dtype: candle_core::DType,
+    ) -> Result<(Self, Vb)> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let vb = Vb::from_file(&super::load::weights_file(dir)?, device, trainable)?;
+        let vb = Vb::from_file_in(&super::load::weights_file(dir)?, device, trainable, dtype)?;
         let model = Self::new(&vb, &config)?;
         vb.finish()?;
         Ok((model, vb))

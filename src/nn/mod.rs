@@ -38,4 +38,4 @@ pub use norm::{GroupNorm, LayerNorm};
 pub use precision::Precision;
 pub use store::{Init, Vb, read_safetensors, save_safetensors};
 pub use upsample::{upsample_nearest, upsample_nearest_2x};
-pub use weights::{WeightsReader, read_weights};
+pub use weights::{WeightsReader, read_weights, read_weights_in};

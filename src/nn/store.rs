@@ -67,11 +67,47 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     super::weights::WeightsReader::open_safetensors(path)?.load_all(device)
 }
 
+/// Checks that parameters read from `path` may be held in `dtype`: f32, f16
+/// or bf16 ([`super::weights::check_float_dtype`]), and f32 when they are
+/// trainable (the master weights the optimizer updates stay f32; mixed
+/// precision casts them per use, [`super::precision`]).
+pub fn check_params_dtype(path: &Path, trainable: bool, dtype: DType) -> Result<()> {
+    super::weights::check_float_dtype(path, dtype)?;
+    if trainable && dtype != DType::F32 {
+        return Err(Error::config(
+            path,
+            format!(
+                "trainable parameters are kept in f32 (the master weights the optimizer \
+                 updates), not read in {}; only a frozen component is read in half precision",
+                dtype.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Vb {
     /// Parameters read from a weight file (safetensors, a shard index or a
     /// PyTorch zip pickle: [`super::weights`]; f32, f16 or bf16 stored; f32 in memory).
     pub fn from_file(path: &Path, device: &Device, trainable: bool) -> Result<Self> {
-        let tensors = super::weights::read_weights(path, device)?;
+        Self::from_file_in(path, device, trainable, DType::F32)
+    }
+
+    /// [`Self::from_file`] with every floating-point tensor held in `dtype`
+    /// (f32, f16 or bf16), each cast as it is read
+    /// ([`super::weights::read_weights_in`]): a frozen component in half
+    /// precision without an f32 copy of it ever in memory, its tensors
+    /// bit-identical to `from_file` followed by [`Self::converted`].
+    /// Trainable parameters stay f32: another `dtype` with `trainable` is an
+    /// error ([`check_params_dtype`]).
+    pub fn from_file_in(
+        path: &Path,
+        device: &Device,
+        trainable: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_params_dtype(path, trainable, dtype)?;
+        let tensors = super::weights::read_weights_in(path, device, dtype)?;
         Ok(Self::from_tensors(path, tensors, device, trainable))
     }
 

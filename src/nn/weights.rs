@@ -8,8 +8,10 @@
 //! which only rebuilds objects and never runs code from the file (unlike
 //! `torch.load` without `weights_only`). The format is found from the file's
 //! first bytes, not its name. Floating-point tensors come out as f32 (the
-//! models compute in f32 and cast where mixed precision asks for it); integer
-//! tensors keep their dtype.
+//! models compute in f32 and cast where mixed precision asks for it), or in
+//! the f16 / bf16 a frozen component is read in ([`WeightsReader::load_in`]:
+//! cast one tensor at a time while reading, so no f32 copy of the whole file
+//! is made); integer tensors keep their dtype.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -248,6 +250,16 @@ impl WeightsReader {
 
     /// The tensor `name` on `device`: f32 for floating point, integers as stored.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        self.load_in(name, device, DType::F32)
+    }
+
+    /// The tensor `name` on `device`, floating point in `float` (f32, f16 or
+    /// bf16: [`check_float_dtype`]), integers as stored. The values are those
+    /// of [`load`](Self::load) converted to `float` afterwards, bit for bit
+    /// (a stored dtype other than `float` goes through f32 as that does), but
+    /// only this one tensor is ever held in f32.
+    pub fn load_in(&self, name: &str, device: &Device, float: DType) -> Result<Tensor> {
+        check_float_dtype(self.path(), float)?;
         let missing = || Error::MissingKey {
             path: self.path().to_path_buf(),
             key: name.to_string(),
@@ -275,9 +287,7 @@ impl WeightsReader {
                 use candle_core::safetensors::Load;
                 use safetensors::Dtype as D;
                 match view.dtype() {
-                    D::F32 | D::F16 | D::BF16 | D::F64 => {
-                        Ok(view.load(device)?.to_dtype(DType::F32)?)
-                    }
+                    D::F32 | D::F16 | D::BF16 | D::F64 => as_read(view.load(device)?, float),
                     D::I64 | D::U8 | D::U32 => Ok(view.load(device)?),
                     d => Err(Error::UnsupportedDType {
                         path: path.clone(),
@@ -289,32 +299,87 @@ impl WeightsReader {
             Self::Pickle { pth, .. } => {
                 let t = pth.get(name, &Device::Cpu)?.ok_or_else(missing)?;
                 let t = match t.dtype() {
-                    DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                    DType::F32 | DType::F16 | DType::BF16 | DType::F64 => as_read(t, float)?,
                     _ => t,
                 };
                 Ok(t.to_device(device)?)
             }
             Self::Sharded { shards, owner, .. } => {
                 let i = owner.get(name).ok_or_else(missing)?;
-                shards[*i].load(name, device)
+                shards[*i].load_in(name, device, float)
             }
         }
     }
 
     /// Every tensor, loaded.
     pub fn load_all(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        self.load_all_in(device, DType::F32)
+    }
+
+    /// Every tensor, loaded with floating point in `float` ([`Self::load_in`]).
+    pub fn load_all_in(&self, device: &Device, float: DType) -> Result<HashMap<String, Tensor>> {
+        check_float_dtype(self.path(), float)?;
         self.shapes()
             .into_iter()
             .map(|(name, _)| {
-                let t = self.load(&name, device)?;
+                let t = self.load_in(&name, device, float)?;
                 Ok((name, t))
             })
             .collect()
     }
 }
 
+/// The dtypes floating-point weights are read in: f32, f16 or bf16. Any other
+/// is an error naming `path`, the file that was to be read.
+pub fn check_float_dtype(path: &Path, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::config(
+            path,
+            format!(
+                "cannot read the weights in {}: floating-point weights are read in f32, f16 \
+                 or bf16",
+                other.as_str()
+            ),
+        )),
+    }
+}
+
+/// A floating-point tensor as stored, in `float`: as it is when already so,
+/// else through f32, the dtype [`WeightsReader::load`] reads in, so that
+/// reading in `float` and converting an f32 read give the same bits (an f16
+/// or bf16 value is exact in f32; an f64 one is rounded once to f32, then
+/// to `float`, as a load followed by a conversion would).
+fn as_read(t: Tensor, float: DType) -> Result<Tensor> {
+    if t.dtype() == float {
+        return Ok(t);
+    }
+    let t = if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    };
+    Ok(if float == DType::F32 {
+        t
+    } else {
+        t.to_dtype(float)?
+    })
+}
+
 /// Every tensor of a weight file in any of the formats above (see
 /// [`WeightsReader`]): f32 for floating point, on `device`.
 pub fn read_weights(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    WeightsReader::open(path)?.load_all(device)
+    read_weights_in(path, device, DType::F32)
+}
+
+/// [`read_weights`] with floating-point tensors in `float` (f32, f16 or
+/// bf16), each cast as it is read ([`WeightsReader::load_in`]): the whole
+/// file is never held in f32.
+pub fn read_weights_in(
+    path: &Path,
+    device: &Device,
+    float: DType,
+) -> Result<HashMap<String, Tensor>> {
+    check_float_dtype(path, float)?;
+    WeightsReader::open(path)?.load_all_in(device, float)
 }

@@ -164,6 +164,9 @@ impl Family {
 pub struct SingleFileOptions {
     /// Overrides the prediction type (see the module docs for the default).
     pub prediction_type: Option<PredictionType>,
+    /// The dtype each component's tensors are read in (f32 by default), each
+    /// cast as it is read: no f32 copy of a half-precision component is made.
+    pub dtypes: crate::models::FrozenDTypes,
 }
 
 /// The configs of a single file: from its metadata, or detected (see the module docs).
@@ -180,8 +183,9 @@ pub struct SingleFileConfigs {
     pub from_metadata: bool,
 }
 
-/// A single file's networks as diffusers-named tensors (f32, on the device),
-/// each ready for [`Vb::from_tensors`], with their configs.
+/// A single file's networks as diffusers-named tensors (on the device; f32,
+/// or as [`SingleFileOptions::dtypes`] asks), each ready for
+/// [`Vb::from_tensors`], with their configs.
 #[derive(Clone, Debug)]
 pub struct SingleFileComponents {
     pub family: Family,
@@ -569,13 +573,14 @@ pub fn detect_configs(path: &Path, options: &SingleFileOptions) -> Result<Single
 // ---------------------------------------------------------------------------
 // Loading.
 
-/// Renames one component's tensors to diffusers keys; `skip` names tensors the
-/// model does not use.
+/// Renames one component's tensors to diffusers keys, read in `dtype`; `skip`
+/// names tensors the model does not use.
 fn convert(
     file: &WeightsReader,
     part: &Part,
     map: &KeyMap,
     device: &Device,
+    dtype: DType,
     skip: impl Fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
@@ -591,7 +596,7 @@ fn convert(
                 part.what
             )));
         }
-        let t = file.load(&key, device)?;
+        let t = file.load_in(&key, device, dtype)?;
         if !t.dtype().is_float() {
             return Err(Error::UnsupportedDType {
                 path: part.path.to_path_buf(),
@@ -662,6 +667,7 @@ pub fn load_components(
     device: &Device,
     options: &SingleFileOptions,
 ) -> Result<SingleFileComponents> {
+    options.dtypes.check(path, false, false)?;
     let file = WeightsReader::open(path)?;
     let scan = scan(path, file.shapes().into_iter(), file.metadata())?;
     let configs = resolve_configs(&scan, path, options)?;
@@ -713,11 +719,19 @@ pub fn load_components(
     let unet_map = unet_keys::key_map(&configs.unet);
     let vae_map = vae_keys::key_map(&configs.vae);
     let text_map = family.text_key_map(&configs.text_encoder);
-    let unet = convert(&file, &scan.unet, &unet_map, device, |_| false)?;
-    let vae = convert(&file, &scan.vae, &vae_map, device, |_| false)?;
-    let text_encoder = convert(&file, &scan.text, &text_map, device, |k| {
-        extra_layer && k.starts_with(&unused)
+    let dtypes = &options.dtypes;
+    let unet = convert(&file, &scan.unet, &unet_map, device, dtypes.unet(), |_| {
+        false
     })?;
+    let vae = convert(&file, &scan.vae, &vae_map, device, dtypes.vae(), |_| false)?;
+    let text_encoder = convert(
+        &file,
+        &scan.text,
+        &text_map,
+        device,
+        dtypes.text_encoders(),
+        |k| extra_layer && k.starts_with(&unused),
+    )?;
 
     let file_name = |map: &KeyMap, prefix: &str, key: &str| match map.to_ldm(key) {
         Some((ldm, _)) => format!("{prefix}{ldm}"),
@@ -764,7 +778,7 @@ pub fn load_components(
                 ));
             }
             let map = text_keys::openclip_projection_key_map(cfg);
-            let tensors = convert(&file, part, &map, device, |_| false)?;
+            let tensors = convert(&file, part, &map, device, dtypes.text_encoders(), |_| false)?;
             check_model(path, &tensors, device, |vb| {
                 ClipTextModel::new_with_projection(vb, cfg).map(drop)
             })
@@ -809,11 +823,14 @@ pub fn load_components(
 /// diffusers' names (`encoder.down_blocks.N…`), in any format
 /// [`WeightsReader`] reads. Training leftovers (`loss.*`, `model_ema.*`) are
 /// skipped; any other tensor that is not the VAE's is an error naming it.
+/// Floating-point tensors are read in `dtype` (f32, f16 or bf16), one at a time.
 pub fn load_vae_file(
     path: &Path,
     cfg: &VaeConfig,
     device: &Device,
+    dtype: DType,
 ) -> Result<HashMap<String, Tensor>> {
+    crate::nn::store::check_params_dtype(path, false, dtype)?;
     let file = WeightsReader::open(path)?;
     let shapes = file.shapes();
     let has = |p: &str| shapes.iter().any(|(k, _)| k.starts_with(p));
@@ -823,7 +840,7 @@ pub fn load_vae_file(
         let mut tensors = HashMap::new();
         for (k, _) in &shapes {
             if !leftover(k) {
-                tensors.insert(k.clone(), file.load(k, device)?);
+                tensors.insert(k.clone(), file.load_in(k, device, dtype)?);
             }
         }
         check_model(path, &tensors, device, build)?;
@@ -842,7 +859,7 @@ pub fn load_vae_file(
         return Err(Error::config(path, "no VAE tensors in this file"));
     }
     let map = vae_keys::key_map(cfg);
-    let tensors = convert(&file, &part, &map, device, |_| false)?;
+    let tensors = convert(&file, &part, &map, device, dtype, |_| false)?;
     check_model(path, &tensors, device, build).map_err(|e| {
         rename_error(e, |k| match map.to_ldm(k) {
             Some((ldm, _)) => format!("{prefix}{ldm}"),
