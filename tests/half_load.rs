@@ -421,8 +421,10 @@ fn convert_to_half_writes_the_same_tensors() {
 }
 
 /// LoRA training under fp16 mixed precision reads its frozen base UNet in
-/// f16 (the tensors set_unet_precision gave), while the adapters — the
-/// trainable parameters — and the frozen text encoder and VAE stay f32.
+/// f16 (the tensors set_unet_precision gave) and its frozen text encoder in
+/// f16 too (as diffusers' `weight_dtype`), whose embeddings come back in f32;
+/// the adapters — the trainable parameters — and the VAE stay f32. With the
+/// text encoder trained (adapters on it), its base stays f32.
 #[test]
 fn lora_frozen_base_is_read_in_the_compute_dtype_adapters_stay_f32() {
     use dreambooth::dreambooth::config::TrainConfig;
@@ -450,12 +452,37 @@ fn lora_frozen_base_is_read_in_the_compute_dtype_adapters_stay_f32() {
     }
     assert!(m.unet_vb.vars().is_empty());
     assert_eq!(m.vae_dtype(), DType::F32);
-    assert!(
-        m.text_encoder_vb
+    let te_dtypes = |m: &StableDiffusion| -> Vec<DType> {
+        let mut d: Vec<DType> = m
+            .text_encoder_vb
             .tensors()
             .values()
-            .all(|t| t.dtype() != DType::F16)
-    );
+            .filter(|t| t.dtype().is_float())
+            .map(|t| t.dtype())
+            .collect();
+        d.dedup();
+        d
+    };
+    assert_eq!(te_dtypes(&m), [DType::F16]);
+    let (embeds, _) = m
+        .encode_prompt(&["a photo of a sks dog".into()], 0)
+        .unwrap();
+    assert_eq!(embeds.context.dtype(), DType::F32);
+    // Close to the f32 encoder's (f16 rounding only).
+    let (want, _) = old
+        .encode_prompt(&["a photo of a sks dog".into()], 0)
+        .unwrap();
+    let err = dreambooth::selftest::rel_err(&embeds.context, &want.context).unwrap();
+    assert!(err < 5e-3, "f16 text encoder: relative error {err:.2e}");
+    let trained_te = dreambooth::dreambooth::trainer::load_model(
+        &TrainConfig {
+            train_text_encoder: true,
+            ..cfg
+        },
+        CPU,
+    )
+    .unwrap();
+    assert_eq!(te_dtypes(&trained_te), [DType::F32]);
 }
 
 /// A component being trained keeps f32 master weights, and only f32, f16 or

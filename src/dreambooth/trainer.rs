@@ -131,14 +131,21 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
         None => crate::models::sd::default_model_dir()?,
     };
     let spec = cfg.lora_spec()?;
-    // LoRA with mixed precision: the frozen base is held in the compute
-    // dtype (half the memory, no per-step casts), read straight into it (no
-    // f32 copy of the UNet while loading); the adapters stay f32.
+    // Mixed precision, as diffusers' scripts cast to `weight_dtype`: what is
+    // frozen and computes every step or once is held in the compute dtype,
+    // read straight into it (no f32 copy while loading) — LoRA's base UNet
+    // (its adapters stay f32), and the text encoder(s) when not trained
+    // (their embeddings come back in f32: `encode_ids`). The VAE stays f32.
     let precision = cfg.precision()?;
-    let half_base = spec.is_some() && precision != Precision::F32;
-    if half_base {
+    let half = precision != Precision::F32;
+    if half {
         precision.check_device(device)?;
     }
+    let dtypes = FrozenDTypes {
+        unet: (half && spec.is_some()).then(|| precision.dtype()),
+        text_encoders: (half && !cfg.train_text_encoder).then(|| precision.dtype()),
+        vae: None,
+    };
     let mut model = StableDiffusion::load(
         &path,
         device,
@@ -150,11 +157,7 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
                 .as_deref()
                 .map(crate::diffusion::PredictionType::parse)
                 .transpose()?,
-            dtypes: if half_base {
-                FrozenDTypes::unet_only(precision.dtype())
-            } else {
-                FrozenDTypes::default()
-            },
+            dtypes,
         },
     )?;
     if let Some(vae) = &cfg.vae {

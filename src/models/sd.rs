@@ -851,18 +851,21 @@ pub fn encode_ids(
     ids2: Option<&Tensor>,
     clip_skip: usize,
 ) -> Result<PromptEmbeds> {
+    // Embeddings in f32 whatever the encoders compute in (a frozen encoder
+    // held in half precision for training): the rest of the pipeline and
+    // the cached embeddings see the same dtype either way.
+    let f32 = |t: Tensor| crate::nn::precision::cast(&t, candle_core::DType::F32);
     match (te2, ids2) {
         (None, _) => Ok(PromptEmbeds {
-            context: te.forward_with_skip(ids, clip_skip)?,
+            context: f32(te.forward_with_skip(ids, clip_skip)?)?,
             pooled: None,
         }),
         (Some(te2), Some(ids2)) => {
             let (h1, _) = te.forward_sdxl(ids, clip_skip)?;
             let (h2, pooled) = te2.forward_sdxl(ids2, clip_skip)?;
-            let h2 = crate::nn::precision::like(&h2, &h1)?;
             Ok(PromptEmbeds {
-                context: Tensor::cat(&[&h1, &h2], 2)?,
-                pooled,
+                context: Tensor::cat(&[&f32(h1)?, &f32(h2)?], 2)?,
+                pooled: pooled.map(f32).transpose()?,
             })
         }
         (Some(_), None) => Err(Error::msg(
