@@ -579,14 +579,14 @@ FUSED_OPS(f16, __half)
 
 #include <mma.h>
 
-// A ROWS × D tile of one head of a token-major (rows, ld) tensor into
-// shared memory: tile[r][c] = src[r · ld + c] for r < rows and c < d,
+// A ROWS × D tile (row stride LD) of one head of a token-major (rows, ld)
+// tensor into shared memory: tile[r][c] = src[r · ld + c] for r < rows and c < d,
 // zeros elsewhere (the padding columns and the rows past the end); `src`
 // points at the head's first column of the tile's first row. 16-byte loads
 // and stores when d, ld and `src` allow (SD's heads of 40, 64, 80, 160 at
 // an aligned base), else one element at a time. Every thread of the block
 // takes part.
-template <typename T, int ROWS, int D>
+template <typename T, int ROWS, int D, int LD>
 __device__ __forceinline__ void load_head_tile(T* __restrict__ tile, const T* __restrict__ src,
                                                size_t rows, size_t ld, size_t d) {
   constexpr int V = 16 / sizeof(T);  // elements per 16-byte vector
@@ -596,13 +596,13 @@ __device__ __forceinline__ void load_head_tile(T* __restrict__ tile, const T* __
       const size_t r = i / PER_ROW, c = (i % PER_ROW) * V;
       uint4 x = make_uint4(0, 0, 0, 0);
       if (r < rows && c < d) x = *reinterpret_cast<const uint4*>(src + r * ld + c);
-      *reinterpret_cast<uint4*>(tile + r * D + c) = x;
+      *reinterpret_cast<uint4*>(tile + r * LD + c) = x;
     }
   } else {
     const T zero = from_f<T>(0.0f);
     for (unsigned i = threadIdx.x; i < ROWS * D; i += blockDim.x) {
       const size_t r = i / D, c = i % D;
-      tile[i] = (r < rows && c < d) ? src[r * ld + c] : zero;
+      tile[r * LD + c] = (r < rows && c < d) ? src[r * ld + c] : zero;
     }
   }
 }
@@ -627,13 +627,17 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   // rows a warp's lanes read at once fall in different shared memory banks
   // (a multiple of 4 floats / 8 halves, as wmma requires).
   constexpr int LDS = BC + 4, LDP = BC + 8;
-  constexpr int A_ELEMS = (BR * D > 2 * BC * D) ? BR * D : 2 * BC * D;
+  // Row stride of the Q, K, V tiles: D plus 8 halves, so that the 8 rows a
+  // wmma load reads at once fall in different banks (D = 64 or 128 would
+  // put them all in one).
+  constexpr int LDT = D + 8;
+  constexpr int A_ELEMS = (BR * LDT > 2 * BC * LDT) ? BR * LDT : 2 * BC * LDT;
   constexpr size_t BYTES = A_ELEMS * sizeof(T) + WARPS * 16 * (LDS * sizeof(float) + LDP * sizeof(T)) +
                            2 * WARPS * 32 * sizeof(float);
   __shared__ __align__(32) unsigned char smem[BYTES];
   T* const sQ = reinterpret_cast<T*>(smem);
   T* const sK = sQ;
-  T* const sV = sQ + BC * D;
+  T* const sV = sQ + BC * LDT;
   float* const sS = reinterpret_cast<float*>(smem + A_ELEMS * sizeof(T));
   T* const sP = reinterpret_cast<T*>(sS + WARPS * 16 * LDS);
   float* const sRed = reinterpret_cast<float*>(sP + WARPS * 16 * LDP);
@@ -654,11 +658,11 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     const size_t qt = tile % qtiles, bh = tile / qtiles, h = bh % H, b = bh / H;
     const size_t n0 = qt * BR;
     __syncthreads();  // the previous tile is done with shared memory
-    load_head_tile<T, BR, D>(sQ, q + (b * N + n0) * ld + h * d, rows_left(n0, N, BR), ld, d);
+    load_head_tile<T, BR, D, LDT>(sQ, q + (b * N + n0) * ld + h * d, rows_left(n0, N, BR), ld, d);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
-      wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * D + ks * 16, D);
+      wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * LDT + ks * 16, LDT);
     }
     float acc[D / 16][8];  // output columns cb · 16 + 2j + half of the row
     for (int cb = 0; cb < D / 16; ++cb)
@@ -668,8 +672,8 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     for (size_t m0 = 0; m0 < M; m0 += BC) {
       __syncthreads();  // every warp is done with sQ / the previous K and V
       const size_t keys = rows_left(m0, M, BC), at = (b * M + m0) * ld + h * d;
-      load_head_tile<T, BC, D>(sK, k + at, keys, ld, d);
-      if constexpr (!STATS) load_head_tile<T, BC, D>(sV, v + at, keys, ld, d);
+      load_head_tile<T, BC, D, LDT>(sK, k + at, keys, ld, d);
+      if constexpr (!STATS) load_head_tile<T, BC, D, LDT>(sV, v + at, keys, ld, d);
       __syncthreads();
       // S = Q Kᵀ for the warp's 16 rows.
       for (int cb = 0; cb < BC / 16; ++cb) {
@@ -677,7 +681,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
         wmma::fill_fragment(s, 0.0f);
         for (int ks = 0; ks < D / 16; ++ks) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-          wmma::load_matrix_sync(kf, sK + cb * 16 * D + ks * 16, D);
+          wmma::load_matrix_sync(kf, sK + cb * 16 * LDT + ks * 16, LDT);
           wmma::mma_sync(s, qf[ks], kf, s);
         }
         wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
@@ -717,7 +721,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
             wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-            wmma::load_matrix_sync(vf, sV + kk * 16 * D + cb * 16, D);
+            wmma::load_matrix_sync(vf, sV + kk * 16 * LDT + cb * 16, LDT);
             wmma::mma_sync(pv, pf, vf, pv);
           }
           wmma::store_matrix_sync(S, pv, LDS, wmma::mem_row_major);
@@ -765,14 +769,14 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
                              T* __restrict__ dq, size_t B, size_t N, size_t M, size_t H, size_t d,
                              float scale) {
   using namespace nvcuda;
-  constexpr int BR = 64, WARPS = 4, LDS = BC + 4, LDP = BC + 8;
-  constexpr int A_ELEMS = (2 * BR * D > 2 * BC * D) ? 2 * BR * D : 2 * BC * D;
+  constexpr int BR = 64, WARPS = 4, LDS = BC + 4, LDP = BC + 8, LDT = D + 8;
+  constexpr int A_ELEMS = (2 * BR * LDT > 2 * BC * LDT) ? 2 * BR * LDT : 2 * BC * LDT;
   constexpr size_t BYTES = A_ELEMS * sizeof(T) + WARPS * 16 * (2 * LDS * sizeof(float) + LDP * sizeof(T));
   __shared__ __align__(32) unsigned char smem[BYTES];
   T* const sQ = reinterpret_cast<T*>(smem);  // then sK
-  T* const sO = sQ + BR * D;                 // dO rows
+  T* const sO = sQ + BR * LDT;                 // dO rows
   T* const sK = sQ;
-  T* const sV = sQ + BC * D;
+  T* const sV = sQ + BC * LDT;
   float* const sS = reinterpret_cast<float*>(smem + A_ELEMS * sizeof(T));
   float* const sD = sS + WARPS * 16 * LDS;
   T* const sP = reinterpret_cast<T*>(sD + WARPS * 16 * LDS);
@@ -791,14 +795,14 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
     __syncthreads();
     {
       const size_t rows = rows_left(n0, N, BR), at = (b * N + n0) * ld + h * d;
-      load_head_tile<T, BR, D>(sQ, q + at, rows, ld, d);
-      load_head_tile<T, BR, D>(sO, dout + at, rows, ld, d);
+      load_head_tile<T, BR, D, LDT>(sQ, q + at, rows, ld, d);
+      load_head_tile<T, BR, D, LDT>(sO, dout + at, rows, ld, d);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16], of[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
-      wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * D + ks * 16, D);
-      wmma::load_matrix_sync(of[ks], sO + warp * 16 * D + ks * 16, D);
+      wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * LDT + ks * 16, LDT);
+      wmma::load_matrix_sync(of[ks], sO + warp * 16 * LDT + ks * 16, LDT);
     }
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
     for (int cb = 0; cb < D / 16; ++cb) wmma::fill_fragment(acc[cb], 0.0f);
@@ -808,8 +812,8 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
     for (size_t m0 = 0; m0 < M; m0 += BC) {
       __syncthreads();
       const size_t keys = rows_left(m0, M, BC), at = (b * M + m0) * ld + h * d;
-      load_head_tile<T, BC, D>(sK, k + at, keys, ld, d);
-      load_head_tile<T, BC, D>(sV, v + at, keys, ld, d);
+      load_head_tile<T, BC, D, LDT>(sK, k + at, keys, ld, d);
+      load_head_tile<T, BC, D, LDT>(sV, v + at, keys, ld, d);
       __syncthreads();
       // S = Q Kᵀ and dP = dO Vᵀ for the warp's 16 rows.
       for (int cb = 0; cb < BC / 16; ++cb) {
@@ -818,8 +822,8 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
         wmma::fill_fragment(dp, 0.0f);
         for (int ks = 0; ks < D / 16; ++ks) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf, vf;
-          wmma::load_matrix_sync(kf, sK + cb * 16 * D + ks * 16, D);
-          wmma::load_matrix_sync(vf, sV + cb * 16 * D + ks * 16, D);
+          wmma::load_matrix_sync(kf, sK + cb * 16 * LDT + ks * 16, LDT);
+          wmma::load_matrix_sync(vf, sV + cb * 16 * LDT + ks * 16, LDT);
           wmma::mma_sync(s, qf[ks], kf, s);
           wmma::mma_sync(dp, of[ks], vf, dp);
         }
@@ -839,7 +843,7 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> kf;
           wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(kf, sK + kk * 16 * D + cb * 16, D);
+          wmma::load_matrix_sync(kf, sK + kk * 16 * LDT + cb * 16, LDT);
           wmma::mma_sync(acc[cb], pf, kf, acc[cb]);
         }
       }
@@ -869,16 +873,16 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
                               T* __restrict__ dk, T* __restrict__ dv, size_t B, size_t N,
                               size_t M, size_t H, size_t d, float scale) {
   using namespace nvcuda;
-  constexpr int BK = 64, WARPS = 4, LDS = BQ + 4, LDP = BQ + 8;
-  constexpr int A_ELEMS = (2 * BK * D > 2 * BQ * D) ? 2 * BK * D : 2 * BQ * D;
+  constexpr int BK = 64, WARPS = 4, LDS = BQ + 4, LDP = BQ + 8, LDT = D + 8;
+  constexpr int A_ELEMS = (2 * BK * LDT > 2 * BQ * LDT) ? 2 * BK * LDT : 2 * BQ * LDT;
   constexpr size_t BYTES = A_ELEMS * sizeof(T) +
                            WARPS * 16 * (2 * LDS * sizeof(float) + LDP * sizeof(T)) +
                            2 * BQ * sizeof(float);
   __shared__ __align__(32) unsigned char smem[BYTES];
   T* const sK = reinterpret_cast<T*>(smem);  // then sQ
-  T* const sV = sK + BK * D;
+  T* const sV = sK + BK * LDT;
   T* const sQ = sK;
-  T* const sO = sK + BQ * D;  // dO rows
+  T* const sO = sK + BQ * LDT;  // dO rows
   float* const sS = reinterpret_cast<float*>(smem + A_ELEMS * sizeof(T));
   float* const sD = sS + WARPS * 16 * LDS;
   T* const sP = reinterpret_cast<T*>(sD + WARPS * 16 * LDS);
@@ -899,14 +903,14 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
     __syncthreads();
     {
       const size_t keys = rows_left(m0, M, BK), at = (b * M + m0) * ld + h * d;
-      load_head_tile<T, BK, D>(sK, k + at, keys, ld, d);
-      load_head_tile<T, BK, D>(sV, v + at, keys, ld, d);
+      load_head_tile<T, BK, D, LDT>(sK, k + at, keys, ld, d);
+      load_head_tile<T, BK, D, LDT>(sV, v + at, keys, ld, d);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> kf[D / 16], vf[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
-      wmma::load_matrix_sync(kf[ks], sK + warp * 16 * D + ks * 16, D);
-      wmma::load_matrix_sync(vf[ks], sV + warp * 16 * D + ks * 16, D);
+      wmma::load_matrix_sync(kf[ks], sK + warp * 16 * LDT + ks * 16, LDT);
+      wmma::load_matrix_sync(vf[ks], sV + warp * 16 * LDT + ks * 16, LDT);
     }
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> dka[D / 16], dva[D / 16];
     for (int cb = 0; cb < D / 16; ++cb) {
@@ -917,8 +921,8 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
     for (size_t n0 = 0; n0 < N; n0 += BQ) {
       __syncthreads();
       const size_t rows = rows_left(n0, N, BQ), at = (b * N + n0) * ld + h * d;
-      load_head_tile<T, BQ, D>(sQ, q + at, rows, ld, d);
-      load_head_tile<T, BQ, D>(sO, dout + at, rows, ld, d);
+      load_head_tile<T, BQ, D, LDT>(sQ, q + at, rows, ld, d);
+      load_head_tile<T, BQ, D, LDT>(sO, dout + at, rows, ld, d);
       for (unsigned i = tid; i < BQ; i += blockDim.x) {
         const bool in = n0 + i < N;
         sL[i] = in ? lse[bh * N + n0 + i] : 0.0f;
@@ -932,8 +936,8 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
         wmma::fill_fragment(dp, 0.0f);
         for (int ks = 0; ks < D / 16; ++ks) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> qf, of;
-          wmma::load_matrix_sync(qf, sQ + cb * 16 * D + ks * 16, D);
-          wmma::load_matrix_sync(of, sO + cb * 16 * D + ks * 16, D);
+          wmma::load_matrix_sync(qf, sQ + cb * 16 * LDT + ks * 16, LDT);
+          wmma::load_matrix_sync(of, sO + cb * 16 * LDT + ks * 16, LDT);
           wmma::mma_sync(s, kf[ks], qf, s);
           wmma::mma_sync(dp, vf[ks], of, dp);
         }
@@ -954,7 +958,7 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> of;
           wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(of, sO + kk * 16 * D + cb * 16, D);
+          wmma::load_matrix_sync(of, sO + kk * 16 * LDT + cb * 16, LDT);
           wmma::mma_sync(dva[cb], pf, of, dva[cb]);
         }
       }
@@ -966,7 +970,7 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> qf;
           wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(qf, sQ + kk * 16 * D + cb * 16, D);
+          wmma::load_matrix_sync(qf, sQ + kk * 16 * LDT + cb * 16, LDT);
           wmma::mma_sync(dka[cb], pf, qf, dka[cb]);
         }
       }
@@ -990,7 +994,7 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
   }
 }
 
-// One kernel per padded head size D (and its key tile: 64 keys up to D = 80,
+// One kernel per padded head size D (and its key tile: 64 keys up to D = 64,
 // 32 above, to stay within 48 KiB of static shared memory) and dtype.
 #define FLASH_FWD(NAME, T, D, BC)                                                            \
   extern "C" __global__ void dreambooth_flash_fwd_d##D##_##NAME(                             \
@@ -1002,7 +1006,7 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
   FLASH_FWD(NAME, T, 32, 64)    \
   FLASH_FWD(NAME, T, 48, 64)    \
   FLASH_FWD(NAME, T, 64, 64)    \
-  FLASH_FWD(NAME, T, 80, 64)    \
+  FLASH_FWD(NAME, T, 80, 32)    \
   FLASH_FWD(NAME, T, 96, 32)    \
   FLASH_FWD(NAME, T, 128, 32)   \
   FLASH_FWD(NAME, T, 160, 32)
@@ -1016,8 +1020,8 @@ FLASH_FWD_ALL(f16, __half)
   extern "C" __global__ void dreambooth_flash_stats_d##D##_##NAME(                           \
       const T* q, const T* k, const T* o, const T* dout, float* lse, float* delta, size_t B, \
       size_t N, size_t M, size_t H, size_t d, float scale) {                                 \
-    flash_fwd<T, D, 64, true>(q, k, nullptr, const_cast<T*>(o), dout, lse, delta, B, N, M, H, \
-                              d, scale);                                                     \
+    flash_fwd<T, D, (D <= 64 ? 64 : 32), true>(q, k, nullptr, const_cast<T*>(o), dout, lse,     \
+                                               delta, B, N, M, H, d, scale);                     \
   }                                                                                          \
   extern "C" __global__ void dreambooth_flash_bwd_dq_d##D##_##NAME(                          \
       const T* q, const T* k, const T* v, const T* dout, const float* lse,                   \
