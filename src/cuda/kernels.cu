@@ -612,6 +612,63 @@ __device__ __forceinline__ size_t rows_left(size_t first, size_t len, size_t row
   return first < len ? (len - first < rows ? len - first : rows) : 0;
 }
 
+template <typename T>
+using RowFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// out (16 × W, row stride LDS) = A · Xᵀ for a warp: A its 16 rows of D as
+// fragments, X a shared W × D tile (row stride LDT), e.g. the scores Q Kᵀ.
+template <typename T, int D, int W, int LDT, int LDS>
+__device__ __forceinline__ void product_t(float* out, const RowFrag<T> (&a)[D / 16], const T* x) {
+  using namespace nvcuda;
+  for (int cb = 0; cb < W / 16; ++cb) {
+    AccFrag s;
+    wmma::fill_fragment(s, 0.0f);
+    for (int ks = 0; ks < D / 16; ++ks) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> xf;
+      wmma::load_matrix_sync(xf, x + cb * 16 * LDT + ks * 16, LDT);
+      wmma::mma_sync(s, a[ks], xf, s);
+    }
+    wmma::store_matrix_sync(out + cb * 16, s, LDS, wmma::mem_row_major);
+  }
+}
+
+// acc (16 × D) += P · X for a warp: P a shared 16 × W tile (row stride
+// LDP), X a shared W × D tile (row stride LDT), e.g. dq += dS K.
+template <typename T, int D, int W, int LDP, int LDT>
+__device__ __forceinline__ void accumulate(AccFrag (&acc)[D / 16], const T* p, const T* x) {
+  using namespace nvcuda;
+  for (int cb = 0; cb < D / 16; ++cb) {
+    for (int kk = 0; kk < W / 16; ++kk) {
+      RowFrag<T> pf;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> xf;
+      wmma::load_matrix_sync(pf, p + kk * 16, LDP);
+      wmma::load_matrix_sync(xf, x + kk * 16 * LDT + cb * 16, LDT);
+      wmma::mma_sync(acc[cb], pf, xf, acc[cb]);
+    }
+  }
+}
+
+// A warp's 16 × D accumulators times `scale` into the row `dst` (the first
+// d columns) of the lane's `row`, through the lane pair's scratch tile
+// (16 × 16 floats, row stride LDS); `live`: the row exists.
+template <typename T, int D, int LDS>
+__device__ __forceinline__ void store_rows(const AccFrag (&acc)[D / 16], float* scratch, T* dst,
+                                           bool live, unsigned row, unsigned half, size_t d,
+                                           float scale) {
+  for (int cb = 0; cb < D / 16; ++cb) {
+    __syncwarp();
+    nvcuda::wmma::store_matrix_sync(scratch, acc[cb], LDS, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+    if (live) {
+      for (int j = half; j < 16; j += 2) {
+        const size_t c = cb * 16 + j;
+        if (c < d) dst[c] = from_f<T>(scratch[row * LDS + j] * scale);
+      }
+    }
+  }
+}
+
 // STATS: the backward's first pass instead (no output): each row's log-sum-
 // exp in log2 units of the scaled scores (lse, (B·H, N)) and δ = Σ dO·O
 // over the row (delta), from the forward's output `o` and its gradient `dout`.
@@ -660,7 +717,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     __syncthreads();  // the previous tile is done with shared memory
     load_head_tile<T, BR, D, LDT>(sQ, q + (b * N + n0) * ld + h * d, rows_left(n0, N, BR), ld, d);
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
+    RowFrag<T> qf[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
       wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * LDT + ks * 16, LDT);
     }
@@ -675,17 +732,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
       load_head_tile<T, BC, D, LDT>(sK, k + at, keys, ld, d);
       if constexpr (!STATS) load_head_tile<T, BC, D, LDT>(sV, v + at, keys, ld, d);
       __syncthreads();
-      // S = Q Kᵀ for the warp's 16 rows.
-      for (int cb = 0; cb < BC / 16; ++cb) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
-        wmma::fill_fragment(s, 0.0f);
-        for (int ks = 0; ks < D / 16; ++ks) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-          wmma::load_matrix_sync(kf, sK + cb * 16 * LDT + ks * 16, LDT);
-          wmma::mma_sync(s, qf[ks], kf, s);
-        }
-        wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
-      }
+      product_t<T, D, BC, LDT, LDS>(S, qf, sK);  // S = Q Kᵀ for the warp's 16 rows
       __syncwarp();
       // Online softmax of the row: the new max, the old sum and output
       // rescaled by exp(old max − new max), this tile's probabilities.
@@ -799,12 +846,12 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
       load_head_tile<T, BR, D, LDT>(sO, dout + at, rows, ld, d);
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16], of[D / 16];
+    RowFrag<T> qf[D / 16], of[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
       wmma::load_matrix_sync(qf[ks], sQ + warp * 16 * LDT + ks * 16, LDT);
       wmma::load_matrix_sync(of[ks], sO + warp * 16 * LDT + ks * 16, LDT);
     }
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+    AccFrag acc[D / 16];
     for (int cb = 0; cb < D / 16; ++cb) wmma::fill_fragment(acc[cb], 0.0f);
     const float row_lse = n < N ? lse[bh * N + n] : 0.0f;
     const float row_delta = n < N ? delta[bh * N + n] : 0.0f;
@@ -816,20 +863,8 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
       load_head_tile<T, BC, D, LDT>(sV, v + at, keys, ld, d);
       __syncthreads();
       // S = Q Kᵀ and dP = dO Vᵀ for the warp's 16 rows.
-      for (int cb = 0; cb < BC / 16; ++cb) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
-        wmma::fill_fragment(s, 0.0f);
-        wmma::fill_fragment(dp, 0.0f);
-        for (int ks = 0; ks < D / 16; ++ks) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf, vf;
-          wmma::load_matrix_sync(kf, sK + cb * 16 * LDT + ks * 16, LDT);
-          wmma::load_matrix_sync(vf, sV + cb * 16 * LDT + ks * 16, LDT);
-          wmma::mma_sync(s, qf[ks], kf, s);
-          wmma::mma_sync(dp, of[ks], vf, dp);
-        }
-        wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
-        wmma::store_matrix_sync(DP + cb * 16, dp, LDS, wmma::mem_row_major);
-      }
+      product_t<T, D, BC, LDT, LDS>(S, qf, sK);
+      product_t<T, D, BC, LDT, LDS>(DP, of, sV);
       __syncwarp();
       for (unsigned j = half; j < BC; j += 2) {
         const bool in = n < N && m0 + j < M;
@@ -837,29 +872,11 @@ __device__ void flash_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
         P[row * LDP + j] = from_f<T>(p * (DP[row * LDS + j] - row_delta));
       }
       __syncwarp();
-      // dq += dS K.
-      for (int cb = 0; cb < D / 16; ++cb) {
-        for (int kk = 0; kk < BC / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> kf;
-          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(kf, sK + kk * 16 * LDT + cb * 16, LDT);
-          wmma::mma_sync(acc[cb], pf, kf, acc[cb]);
-        }
-      }
+      accumulate<T, D, BC, LDP, LDT>(acc, P, sK);  // dq += dS K
     }
-    // Out through the score tile, 16 columns at a time.
-    for (int cb = 0; cb < D / 16; ++cb) {
-      __syncwarp();
-      wmma::store_matrix_sync(S, acc[cb], LDS, wmma::mem_row_major);
-      __syncwarp();
-      if (n < N) {
-        for (int j = half; j < 16; j += 2) {
-          const size_t c = cb * 16 + j;
-          if (c < d) dq[(b * N + n) * ld + h * d + c] = from_f<T>(S[row * LDS + j] * scale);
-        }
-      }
-    }
+    // (Row 0 stands in for a row past the end, which writes nothing.)
+    store_rows<T, D, LDS>(acc, S, dq + (b * N + (n < N ? n : 0)) * ld + h * d, n < N, row, half, d,
+                          scale);
   }
 }
 
@@ -907,12 +924,12 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
       load_head_tile<T, BK, D, LDT>(sV, v + at, keys, ld, d);
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> kf[D / 16], vf[D / 16];
+    RowFrag<T> kf[D / 16], vf[D / 16];
     for (int ks = 0; ks < D / 16; ++ks) {
       wmma::load_matrix_sync(kf[ks], sK + warp * 16 * LDT + ks * 16, LDT);
       wmma::load_matrix_sync(vf[ks], sV + warp * 16 * LDT + ks * 16, LDT);
     }
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> dka[D / 16], dva[D / 16];
+    AccFrag dka[D / 16], dva[D / 16];
     for (int cb = 0; cb < D / 16; ++cb) {
       wmma::fill_fragment(dka[cb], 0.0f);
       wmma::fill_fragment(dva[cb], 0.0f);
@@ -930,20 +947,8 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
       }
       __syncthreads();
       // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for the warp's 16 keys.
-      for (int cb = 0; cb < BQ / 16; ++cb) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
-        wmma::fill_fragment(s, 0.0f);
-        wmma::fill_fragment(dp, 0.0f);
-        for (int ks = 0; ks < D / 16; ++ks) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> qf, of;
-          wmma::load_matrix_sync(qf, sQ + cb * 16 * LDT + ks * 16, LDT);
-          wmma::load_matrix_sync(of, sO + cb * 16 * LDT + ks * 16, LDT);
-          wmma::mma_sync(s, kf[ks], qf, s);
-          wmma::mma_sync(dp, vf[ks], of, dp);
-        }
-        wmma::store_matrix_sync(S + cb * 16, s, LDS, wmma::mem_row_major);
-        wmma::store_matrix_sync(DP + cb * 16, dp, LDS, wmma::mem_row_major);
-      }
+      product_t<T, D, BQ, LDT, LDS>(S, kf, sQ);
+      product_t<T, D, BQ, LDT, LDS>(DP, vf, sO);
       __syncwarp();
       // Pᵀ (in T for dv) and dSᵀ (kept in f32 in the dPᵀ tile).
       for (unsigned j = half; j < BQ; j += 2) {
@@ -953,44 +958,15 @@ __device__ void flash_bwd_dkv(const T* __restrict__ q, const T* __restrict__ k,
         DP[row * LDS + j] = p * (DP[row * LDS + j] - sDelta[j]);
       }
       __syncwarp();
-      for (int cb = 0; cb < D / 16; ++cb) {
-        for (int kk = 0; kk < BQ / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> of;
-          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(of, sO + kk * 16 * LDT + cb * 16, LDT);
-          wmma::mma_sync(dva[cb], pf, of, dva[cb]);
-        }
-      }
+      accumulate<T, D, BQ, LDP, LDT>(dva, P, sO);  // dv += Pᵀ dO
       __syncwarp();
       for (unsigned j = half; j < BQ; j += 2) P[row * LDP + j] = from_f<T>(DP[row * LDS + j]);
       __syncwarp();
-      for (int cb = 0; cb < D / 16; ++cb) {
-        for (int kk = 0; kk < BQ / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> qf;
-          wmma::load_matrix_sync(pf, P + kk * 16, LDP);
-          wmma::load_matrix_sync(qf, sQ + kk * 16 * LDT + cb * 16, LDT);
-          wmma::mma_sync(dka[cb], pf, qf, dka[cb]);
-        }
-      }
+      accumulate<T, D, BQ, LDP, LDT>(dka, P, sQ);  // dk += dSᵀ Q (· scale below)
     }
-    for (int cb = 0; cb < D / 16; ++cb) {
-      __syncwarp();
-      wmma::store_matrix_sync(S, dka[cb], LDS, wmma::mem_row_major);
-      wmma::store_matrix_sync(DP, dva[cb], LDS, wmma::mem_row_major);
-      __syncwarp();
-      if (key < M) {
-        for (int j = half; j < 16; j += 2) {
-          const size_t c = cb * 16 + j;
-          if (c < d) {
-            const size_t g = (b * M + key) * ld + h * d + c;
-            dk[g] = from_f<T>(S[row * LDS + j] * scale);
-            dv[g] = from_f<T>(DP[row * LDS + j]);
-          }
-        }
-      }
-    }
+    const size_t at = (b * M + (key < M ? key : 0)) * ld + h * d;  // row 0 for none
+    store_rows<T, D, LDS>(dka, S, dk + at, key < M, row, half, d, scale);
+    store_rows<T, D, LDS>(dva, S, dv + at, key < M, row, half, d, 1.0f);
   }
 }
 
