@@ -486,9 +486,11 @@ fn flash_attention_forward_matches_plain_attention() {
     // (B, N, M, heads, d): rows and keys that fill no whole tile, several key
     // tiles (the online softmax rescales), every padded head size, d < 32;
     // heads of 20 (not a multiple of 8) take the element-wise loads, the
-    // others 16-byte ones.
+    // others 16-byte ones; 40 heads make more tiles than the simulation's
+    // 32 blocks (each block loops over several).
     let cases = [
         (1, 40, 45, 3, 20),
+        (1, 64, 10, 40, 8),
         (2, 70, 77, 2, 40),
         (1, 64, 130, 3, 64),
         (1, 33, 40, 2, 80),
@@ -538,9 +540,11 @@ fn flash_attention_backward_matches_autograd() {
     use gpu_plan::AttentionDims;
     // (B, N, M, heads, d): every padded head size of the backward, rows and
     // keys past a tile, more query than key tiles and the reverse, element-
-    // wise loads (d = 20).
+    // wise loads (d = 20), more query and key tiles than blocks (40 heads,
+    // every warp's rows and keys in use).
     let cases = [
         (1, 30, 35, 2, 20),
+        (1, 64, 70, 40, 8),
         (2, 70, 77, 2, 40),
         (1, 33, 100, 1, 64),
         (1, 50, 20, 2, 80),

@@ -1,14 +1,14 @@
 // Runs our CUDA kernels (src/cuda/kernels.cu) on the CPU, for the tests
 // (tests/cuda_sim.rs): force-included before the kernel source, it maps
 // CUDA's keywords to C++ and the thread model to coroutines. One block runs
-// at a time, each of its threads a ucontext fiber on one OS thread;
-// __syncthreads switches back to the scheduler (sim.cpp), which resumes the
-// block's threads round by round, so every thread reaches the barrier
-// before any passes it. __shared__ memory is a function-static array
-// (shared by the block's threads). Kernels must not use warp shuffles or
-// votes; __syncwarp is a block-wide barrier here (a stronger one), so every
-// thread of the block must reach it as often as the others (no divergent
-// __syncwarp). The warp matrix API (<mma.h>) is include/mma.h.
+// at a time, each of its threads a ucontext fiber on one OS thread; a
+// barrier (__syncthreads for the block, __syncwarp for a warp of 32)
+// switches back to the scheduler (sim.cpp), which lets no thread pass a
+// barrier before all the threads it binds reach it, and runs each warp as
+// far ahead of the others as the barriers allow, so a missing
+// __syncthreads between warps shows. __shared__ memory is a function-static
+// array (shared by the block's threads). Kernels must not use warp shuffles
+// or votes. The warp matrix API (<mma.h>) is include/mma.h.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -28,10 +28,11 @@ struct alignas(16) uint4 {
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
-// Yields the running fiber to the scheduler (sim.cpp).
-void sim_sync();
-inline void __syncthreads() { sim_sync(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { sim_sync(); }
+// Waits at a barrier of the block (__syncthreads) or of the thread's warp
+// of 32 (__syncwarp): yields the running fiber to the scheduler (sim.cpp).
+void sim_barrier(bool block);
+inline void __syncthreads() { sim_barrier(true); }
+inline void __syncwarp(unsigned = 0xffffffffu) { sim_barrier(false); }
 
 #define __global__
 #define __device__

@@ -6,13 +6,16 @@
 //
 // runs `kernel` over a 1-D grid, `args` as for cuLaunchKernel (a pointer to
 // each argument's value). Returns 0, 1 for an unknown kernel, 2 for a block
-// size that is not a power of two in 1..=1024. Launches are serialized.
+// size that is not a power of two in 1..=1024, 3 for a deadlock at the
+// barriers (a block's threads waiting at barriers the others never reach;
+// the block is abandoned). Launches are serialized.
 #include "cuda_sim.h"
 
 #include "../../../src/cuda/kernels.cu"
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <memory>
@@ -73,10 +76,11 @@ const std::map<std::string, std::function<void(void**)>>& registry() {
 namespace {
 
 // The fibers of the running block and the scheduler's context.
+enum class At { Running, WarpBarrier, BlockBarrier, Done };
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
-  bool done = false;
+  At at = At::Running;
 };
 ucontext_t scheduler;
 std::vector<Fiber>* fibers = nullptr;
@@ -86,13 +90,66 @@ void** body_args = nullptr;
 
 void fiber_main() {
   body->operator()(body_args);
-  (*fibers)[current].done = true;
+  (*fibers)[current].at = At::Done;
   // Returning resumes uc_link (the scheduler).
 }
 
 }  // namespace
 
-void sim_sync() { swapcontext(&(*fibers)[current].ctx, &scheduler); }
+void sim_barrier(bool block) {
+  (*fibers)[current].at = block ? At::BlockBarrier : At::WarpBarrier;
+  swapcontext(&(*fibers)[current].ctx, &scheduler);
+}
+
+namespace {
+
+// Resumes thread `tx` until it reaches a barrier or its end.
+void resume(std::vector<Fiber>& threads, unsigned tx) {
+  current = tx;
+  threadIdx = dim3{tx, 0, 0};
+  threads[tx].at = At::Running;
+  swapcontext(&scheduler, &threads[tx].ctx);
+}
+
+// Runs one block to its end: each warp in turn as far as it can go (through
+// its __syncwarp barriers, up to a __syncthreads or its end) before the
+// next, so that warps drift as far apart as the barriers allow (a missing
+// __syncthreads between two warps' uses of shared memory shows); then the
+// block barrier releases every thread. Returns false on a deadlock (threads
+// waiting at barriers the others never reach).
+bool run_block(std::vector<Fiber>& threads, unsigned block) {
+  for (;;) {
+    for (unsigned w0 = 0; w0 < block; w0 += 32) {
+      const unsigned w1 = std::min(block, w0 + 32);
+      for (;;) {
+        for (unsigned tx = w0; tx < w1; ++tx) {
+          if (threads[tx].at == At::Running) resume(threads, tx);
+        }
+        bool all = true, any = false;
+        for (unsigned tx = w0; tx < w1; ++tx) {
+          all = all && (threads[tx].at == At::WarpBarrier || threads[tx].at == At::Done);
+          any = any || threads[tx].at == At::WarpBarrier;
+        }
+        if (!(all && any)) break;
+        for (unsigned tx = w0; tx < w1; ++tx) {
+          if (threads[tx].at == At::WarpBarrier) threads[tx].at = At::Running;
+        }
+      }
+    }
+    bool done = true, at_block = true;
+    for (unsigned tx = 0; tx < block; ++tx) {
+      done = done && threads[tx].at == At::Done;
+      at_block = at_block && (threads[tx].at == At::BlockBarrier || threads[tx].at == At::Done);
+    }
+    if (done) return true;
+    if (!at_block) return false;
+    for (unsigned tx = 0; tx < block; ++tx) {
+      if (threads[tx].at == At::BlockBarrier) threads[tx].at = At::Running;
+    }
+  }
+}
+
+}  // namespace
 
 extern "C" int dreambooth_sim_launch(const char* kernel, unsigned grid, unsigned block,
                                      void** args) {
@@ -116,25 +173,16 @@ extern "C" int dreambooth_sim_launch(const char* kernel, unsigned grid, unsigned
     blockIdx = dim3{bx, 0, 0};
     for (unsigned tx = 0; tx < block; ++tx) {
       Fiber& f = threads[tx];
-      f.done = false;
+      f.at = At::Running;
       getcontext(&f.ctx);
       f.ctx.uc_stack.ss_sp = f.stack.get();
       f.ctx.uc_stack.ss_size = STACK;
       f.ctx.uc_link = &scheduler;
       makecontext(&f.ctx, fiber_main, 0);
     }
-    // Rounds: resume every unfinished thread once; each runs to its next
-    // __syncthreads or to its end.
-    bool running = true;
-    while (running) {
-      running = false;
-      for (unsigned tx = 0; tx < block; ++tx) {
-        if (threads[tx].done) continue;
-        current = tx;
-        threadIdx = dim3{tx, 0, 0};
-        swapcontext(&scheduler, &threads[tx].ctx);
-        running = running || !threads[tx].done;
-      }
+    if (!run_block(threads, block)) {
+      fibers = nullptr;
+      return 3;
     }
   }
   fibers = nullptr;
