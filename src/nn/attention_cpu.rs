@@ -54,17 +54,12 @@ impl Dims {
         v: &[usize],
         heads: usize,
     ) -> candle_core::Result<Self> {
-        let (&[b, n, c], &[bk, m, ck]) = (q, k) else {
-            candle_core::bail!("attention: q {q:?} and k {k:?} must be (B, N, C)")
-        };
-        if v != k || bk != b || ck != c || heads == 0 || !c.is_multiple_of(heads) {
-            candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?}, {heads} heads");
-        }
+        let a = super::gpu_plan::AttentionDims::of(q, k, v, heads)?;
         Ok(Self {
-            b,
-            n,
-            m,
-            c,
+            b: a.b,
+            n: a.n,
+            m: a.m,
+            c: a.heads * a.d,
             heads,
             max_scores: MAX_SCORES,
         })

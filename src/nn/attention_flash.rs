@@ -62,30 +62,9 @@ pub fn multi_head_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let dims = attention_dims(&q, &k, &v, heads)?;
+    let dims = AttentionDims::of(q.dims(), k.dims(), v.dims(), heads)?;
     let chunk = pairs_per_chunk(dims.b * heads, dims.n, dims.m, MAX_SCORES);
     Ok(q.apply_op3(&k, &v, FlashAttention { dims, scale, chunk })?)
-}
-
-/// The shapes of q (B, N, H·d), k and v (B, M, H·d), checked.
-fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionDims> {
-    let (b, n, c) = q.dims3()?;
-    let (bk, m, ck) = k.dims3()?;
-    if v.dims() != k.dims() || bk != b || ck != c || heads == 0 || !c.is_multiple_of(heads) {
-        return Err(crate::Error::msg(format!(
-            "flash attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )));
-    }
-    Ok(AttentionDims {
-        b,
-        n,
-        m,
-        heads,
-        d: c / heads,
-    })
 }
 
 /// The gradients (dq, dk, dv), token-major like q, k and v, of the flash

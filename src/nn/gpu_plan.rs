@@ -528,6 +528,26 @@ pub struct AttentionDims {
     pub d: usize,
 }
 
+impl AttentionDims {
+    /// The shapes of q, k, v (dims) split into `heads` heads, checked: q
+    /// (B, N, C), k and v both (B, M, C), C a multiple of `heads`.
+    pub fn of(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> candle_core::Result<Self> {
+        let (&[b, n, c], &[bk, m, ck]) = (q, k) else {
+            candle_core::bail!("attention: q {q:?} and k {k:?} must be (B, N, C)")
+        };
+        if v != k || bk != b || ck != c || heads == 0 || !c.is_multiple_of(heads) {
+            candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?}, {heads} heads");
+        }
+        Ok(Self {
+            b,
+            n,
+            m,
+            heads,
+            d: c / heads,
+        })
+    }
+}
+
 /// Flash attention forward (tensor cores, bf16 / f16 only): inputs [q, k,
 /// v] → o (B, N, H·d) = softmax(q kᵀ · scale) v per head, the scores never
 /// stored. `None` for f32 or heads wider than the widest kernel.
