@@ -420,6 +420,141 @@ fn convert_to_half_writes_the_same_tensors() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `merge --dtype fp16|bf16` reads the model straight into that dtype and
+/// adds each LoRA delta in f32 before rounding: the weights no adapter
+/// touches are written exactly as the f32 merge exported in that dtype, and
+/// the adapted ones within the three roundings' half ulps of it (the
+/// half-read weight is rounded once more than the f32 one), each of them
+/// changed by the merge. Folder and single-file outputs alike.
+#[test]
+fn merge_to_half_rounds_the_f32_merge() {
+    let dir = tmp_dir("merge");
+    let src = common::fixtures().join("tiny-sd1");
+    let lora = common::fixtures().join("parity/sd1_lora_peft.safetensors");
+    let base = StableDiffusion::load(&src, CPU, LoadOptions::default()).unwrap();
+    let mut merged = StableDiffusion::load(&src, CPU, LoadOptions::default()).unwrap();
+    dreambooth::models::lora::merge_file(&mut merged, &lora, 0.8).unwrap();
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let values = |p: &Path| -> BTreeMap<String, (DType, Vec<usize>, Vec<f32>)> {
+        candle_core::safetensors::load(p, CPU)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                let v = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+                (
+                    k,
+                    (t.dtype(), t.dims().to_vec(), v.to_vec1::<f32>().unwrap()),
+                )
+            })
+            .collect()
+    };
+    for (name, dtype, mantissa) in [("fp16", DType::F16, 10), ("bf16", DType::BF16, 7)] {
+        for out in [dir.join(name), dir.join(format!("{name}.safetensors"))] {
+            let o = dreambooth(&[
+                "merge".as_ref(),
+                "--model".as_ref(),
+                &os(&src),
+                "--lora".as_ref(),
+                &os(&lora),
+                "--lora-scale".as_ref(),
+                "0.8".as_ref(),
+                "--out".as_ref(),
+                &os(&out),
+                "--dtype".as_ref(),
+                name.as_ref(),
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let file = out.file_name().unwrap().to_string_lossy().to_string();
+            let want = dir.join(format!("want-{file}"));
+            let plain = dir.join(format!("plain-{file}"));
+            dreambooth::dreambooth::export::save_to(&merged, &want, dtype).unwrap();
+            dreambooth::dreambooth::export::save_to(&base, &plain, dtype).unwrap();
+            let files: Vec<[PathBuf; 3]> = if out.is_dir() {
+                [
+                    "unet/diffusion_pytorch_model.safetensors",
+                    "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors",
+                ]
+                .iter()
+                .map(|f| [out.join(f), want.join(f), plain.join(f)])
+                .collect()
+            } else {
+                vec![[out.clone(), want.clone(), plain.clone()]]
+            };
+            let mut adapted = 0;
+            for [g, w, p] in files {
+                let (gv, wv, pv) = (values(&g), values(&w), values(&p));
+                assert_eq!(
+                    gv.keys().collect::<Vec<_>>(),
+                    wv.keys().collect::<Vec<_>>(),
+                    "{}",
+                    g.display()
+                );
+                for (k, (wd, ws, w)) in &wv {
+                    let (gd, gs, got) = &gv[k];
+                    assert_eq!((gd, gs), (wd, ws), "{}: `{k}`", g.display());
+                    if !wd.is_float() || pv[k].2 == *w {
+                        assert!(got == w, "{}: untouched `{k}` differs", g.display());
+                        continue;
+                    }
+                    adapted += 1;
+                    assert!(*got != pv[k].2, "{}: `{k}` not merged", g.display());
+                    // got = round(round(w) + d), want = round(w + d): half
+                    // an ulp from each of the three roundings at most.
+                    let ulp =
+                        |x: f32| 2f32.powi(x.abs().max(1e-30).log2().floor() as i32 - mantissa);
+                    for ((a, b), w0) in got.iter().zip(w).zip(&pv[k].2) {
+                        let bound = 0.5 * (ulp(*a) + ulp(*b) + ulp(*w0));
+                        assert!((a - b).abs() <= bound, "{}: `{k}`: {a} vs {b}", g.display());
+                    }
+                }
+            }
+            assert!(
+                adapted > 10,
+                "{}: only {adapted} adapted weights",
+                out.display()
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `convert` and `merge` refuse to write over the model they read, and leave
+/// it as it was.
+#[test]
+fn convert_and_merge_refuse_to_overwrite_the_model() {
+    let dir = tmp_dir("overwrite");
+    let src = single_file_of(&common::fixtures().join("tiny-sd1"), &dir);
+    let before = std::fs::read(&src).unwrap();
+    let lora = common::fixtures().join("parity/sd1_lora_peft.safetensors");
+    let (s, l) = (src.as_os_str(), lora.as_os_str());
+    for args in [
+        vec![
+            "convert".as_ref(),
+            "--model".as_ref(),
+            s,
+            "--out".as_ref(),
+            s,
+        ],
+        vec![
+            "merge".as_ref(),
+            "--model".as_ref(),
+            s,
+            "--lora".as_ref(),
+            l,
+            "--out".as_ref(),
+            s,
+        ],
+    ] {
+        let o = dreambooth(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains("--out is the model itself"), "{err}");
+    }
+    assert!(std::fs::read(&src).unwrap() == before, "the model changed");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// LoRA training under fp16 mixed precision reads its frozen base UNet in
 /// f16 (the tensors set_unet_precision gave) and its frozen text encoder in
 /// f16 too (as diffusers' `weight_dtype`), whose embeddings come back in f32;

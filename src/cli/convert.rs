@@ -2,17 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use dreambooth::dreambooth::export;
 use dreambooth::models::FrozenDTypes;
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum SaveDType {
-    F32,
-    Fp16,
-    Bf16,
-}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,18 +21,12 @@ pub struct Args {
     /// read straight into it, one tensor at a time: fp16 / bf16 output takes
     /// half the memory of f32.
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: SaveDType,
+    pub dtype: super::SaveDType,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dtype = match args.dtype {
-        SaveDType::F32 => DType::F32,
-        SaveDType::Fp16 => DType::F16,
-        SaveDType::Bf16 => DType::BF16,
-    };
-    if args.out.exists() && args.out.canonicalize().ok() == args.model.model.canonicalize().ok() {
-        bail!("{}: --out is the model itself", args.out.display());
-    }
+    let dtype = args.dtype.dtype();
+    args.model.check_out(&args.out)?;
     // Every component read straight into the output dtype (the weights are
     // only written out): a half-precision output never needs the model in f32.
     let mut model = args.model.load_in(&Device::Cpu, FrozenDTypes::all(dtype))?;

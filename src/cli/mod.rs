@@ -60,6 +60,15 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// An error when `out` is the model being read (writing over it while it
+    /// is read would destroy it).
+    pub fn check_out(&self, out: &std::path::Path) -> anyhow::Result<()> {
+        if out.exists() && out.canonicalize().ok() == self.model.canonicalize().ok() {
+            anyhow::bail!("{}: --out is the model itself", out.display());
+        }
+        Ok(())
+    }
+
     /// The model, frozen, on `device`.
     pub fn load(
         &self,
@@ -83,6 +92,24 @@ impl ModelArgs {
                 ..self.prediction.load_options()?
             },
         )?)
+    }
+}
+
+/// The precision weights are written in (`convert --dtype`, `merge --dtype`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SaveDType {
+    F32,
+    Fp16,
+    Bf16,
+}
+
+impl SaveDType {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            SaveDType::F32 => candle_core::DType::F32,
+            SaveDType::Fp16 => candle_core::DType::F16,
+            SaveDType::Bf16 => candle_core::DType::BF16,
+        }
     }
 }
 
