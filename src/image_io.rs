@@ -36,6 +36,10 @@ pub struct GenerationInfo {
     pub model_hash: String,
     pub width: usize,
     pub height: usize,
+    /// Image-to-image: the image it started from (its file name) and the
+    /// strength; both absent for text-to-image.
+    pub init_image: Option<String>,
+    pub strength: Option<f64>,
 }
 
 impl GenerationInfo {
@@ -71,11 +75,18 @@ impl GenerationInfo {
             self.width.to_string(),
             self.height.to_string(),
         ];
-        Self::KEYS
+        let mut text: Vec<(String, String)> = Self::KEYS
             .iter()
             .zip(values)
             .map(|(k, v)| (k.to_string(), v))
-            .collect()
+            .collect();
+        if let Some(i) = &self.init_image {
+            text.push(("init_image".into(), i.clone()));
+        }
+        if let Some(s) = self.strength {
+            text.push(("strength".into(), s.to_string()));
+        }
+        text
     }
 
     /// Parses the text chunks of a PNG; `path` names the file in errors.
@@ -109,6 +120,11 @@ impl GenerationInfo {
             model_hash: opt("model_hash", ""),
             width: num(path, "width", get("width")?)?,
             height: num(path, "height", get("height")?)?,
+            init_image: text.get("init_image").cloned(),
+            strength: match text.get("strength") {
+                Some(v) => Some(num(path, "strength", v)?),
+                None => None,
+            },
         })
     }
 }
@@ -480,15 +496,26 @@ mod tests {
             model_hash: "0123456789abcdef".into(),
             width: 3,
             height: 2,
+            init_image: None,
+            strength: None,
         }
     }
 
     #[test]
     fn png_text_round_trip() {
         let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 80, y as u8 * 100, 7]));
-        let bytes = encode_png(&img, &info().to_text()).unwrap();
         let path = Path::new("mem.png");
+        let img2img = GenerationInfo {
+            init_image: Some("my dog.jpg".into()),
+            strength: Some(0.65),
+            ..info()
+        };
+        let text = png_text(&encode_png(&img, &img2img.to_text()).unwrap(), path).unwrap();
+        assert_eq!(text["strength"], "0.65");
+        assert_eq!(GenerationInfo::from_text(&text, path).unwrap(), img2img);
+        let bytes = encode_png(&img, &info().to_text()).unwrap();
         let text = png_text(&bytes, path).unwrap();
+        assert!(!text.contains_key("strength") && !text.contains_key("init_image"));
         assert_eq!(GenerationInfo::from_text(&text, path).unwrap(), info());
         let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(back, img);

@@ -49,6 +49,7 @@ fn case_options(case: &Value, latents: Tensor) -> GenerateOptions {
         height: Some(case["height"].as_u64().unwrap() as usize),
         clip_skip: case["clip_skip"].as_u64().unwrap() as usize,
         latents: Some(latents),
+        init: None,
     }
 }
 

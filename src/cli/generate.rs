@@ -58,9 +58,19 @@ pub struct Args {
     /// Pixels (default: as width).
     #[arg(long)]
     pub height: Option<usize>,
-    /// Initial latents: a .safetensors file with a tensor `latents` (N, 4, H/8, W/8).
+    /// Initial latents: a .safetensors file with a tensor `latents` (N, 4, H/8, W/8)
+    /// (with --init-image: the noise added to the image's latents).
     #[arg(long)]
     pub latents: Option<PathBuf>,
+    /// Image-to-image: start from this picture (PNG, JPEG, WebP, TIFF) instead
+    /// of noise. Its size is the output size (--width/--height resize it),
+    /// rounded down to what the model takes.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// With --init-image: how much to change it, in (0, 1] (the share of
+    /// --steps that run; 1 keeps only its size and layout's faint trace).
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f64,
     /// 0: the text encoder's last layer; 1: the penultimate; ...
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
@@ -91,6 +101,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let sampler: SamplerKind = args.sampler.parse()?;
     let precision = dreambooth::nn::Precision::parse(&args.dtype)?;
     let loras = dreambooth::models::lora::pair_scales(&args.lora, &args.lora_scale)?;
+    if args.init_image.is_some() {
+        dreambooth::diffusion::pipeline::first_step(args.steps, args.strength)?;
+    }
+    // Read (and its errors shown) before the model loads.
+    let init_rgb = match &args.init_image {
+        Some(p) => Some(dreambooth::dreambooth::data::load_image(p)?),
+        None => None,
+    };
     let model_path = match &args.model {
         Some(p) => p.clone(),
         None => find_tiny_model()?,
@@ -134,6 +152,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if n == 0 {
         bail!("-n must be at least 1");
     }
+    let init = match (&args.init_image, init_rgb) {
+        (Some(path), Some(rgb)) => {
+            let (w, h) = init_size(&model, &rgb, args.width, args.height);
+            let rgb = if (w, h) == (rgb.width() as usize, rgb.height() as usize) {
+                rgb
+            } else {
+                eprintln!(
+                    "{}: {}×{} resized to {w}×{h}",
+                    path.display(),
+                    rgb.width(),
+                    rgb.height()
+                );
+                image::imageops::resize(
+                    &rgb,
+                    w as u32,
+                    h as u32,
+                    image::imageops::FilterType::Lanczos3,
+                )
+            };
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            );
+            Some(dreambooth::diffusion::pipeline::InitImage::from_rgb(
+                &rgb,
+                args.strength,
+                name,
+            )?)
+        }
+        _ => None,
+    };
     let opts = GenerateOptions {
         prompts: vec![args.prompt.clone(); n],
         negative_prompt: args.negative_prompt.clone(),
@@ -143,16 +192,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eta: args.eta,
         seed: args.seed,
         batch_size: args.batch_size.unwrap_or(n.min(4)),
-        width: args.width,
-        height: args.height,
+        // With an initial image, its (resized) size.
+        width: args.width.filter(|_| init.is_none()),
+        height: args.height.filter(|_| init.is_none()),
         clip_skip: args.clip_skip,
         latents,
+        init,
     };
     // Size errors before the output folder is made.
     dreambooth::diffusion::pipeline::image_size(&model, &opts)?;
 
     let batches = n.div_ceil(opts.batch_size);
-    let bar = ProgressBar::new((batches * args.steps) as u64);
+    let steps = match &opts.init {
+        Some(i) => {
+            args.steps - dreambooth::diffusion::pipeline::first_step(args.steps, i.strength)?
+        }
+        None => args.steps,
+    };
+    let bar = ProgressBar::new((batches * steps) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
@@ -191,6 +248,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The image-to-image output size: --width / --height (one given: the other
+/// keeps the picture's aspect ratio), else the picture's; rounded down to a
+/// multiple of what the model takes (at least one multiple).
+fn init_size(
+    model: &StableDiffusion,
+    rgb: &image::RgbImage,
+    width: Option<usize>,
+    height: Option<usize>,
+) -> (usize, usize) {
+    let (iw, ih) = (rgb.width() as f64, rgb.height() as f64);
+    let (w, h) = match (width, height) {
+        (Some(w), Some(h)) => (w, h),
+        (Some(w), None) => (w, (w as f64 * ih / iw).round() as usize),
+        (None, Some(h)) => ((h as f64 * iw / ih).round() as usize, h),
+        (None, None) => (iw as usize, ih as usize),
+    };
+    let m = model.size_multiple();
+    let down = |v: usize| (v / m).max(1) * m;
+    (down(w), down(h))
 }
 
 /// The tensor `latents` of a safetensors file.

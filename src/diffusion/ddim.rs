@@ -116,6 +116,13 @@ impl Sampler for DdimSampler {
         self.eta > 0.0
     }
 
+    /// √ᾱₜ·x₀ + √(1−ᾱₜ)·ε at the step's training timestep.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        check_index(self.kind(), i, self.timesteps.len())?;
+        let a = self.alphas_cumprod[self.train_timesteps[i]];
+        lin(a.sqrt(), &to_f32(x0)?, (1.0 - a).sqrt(), &to_f32(noise)?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

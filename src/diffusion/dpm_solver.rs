@@ -153,6 +153,20 @@ impl Sampler for DpmSolverSampler {
         false
     }
 
+    /// αₜ·x₀ + σₜ·ε at the step's noise level.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        check_index(self.kind(), i, self.timesteps.len())?;
+        let (alpha, sigma) = alpha_sigma(self.sigmas[i]);
+        lin(alpha, &to_f32(x0)?, sigma, &to_f32(noise)?)
+    }
+
+    fn begin_at(&mut self, i: usize) -> Result<()> {
+        check_index(self.kind(), i, self.timesteps.len())?;
+        self.prev_x0 = None;
+        self.next_step = i;
+        Ok(())
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -74,6 +74,11 @@ impl EulerSchedule {
         })
     }
 
+    /// x₀ + σ·ε at step `i`'s σ.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        Ok((to_f32(x0)? + (to_f32(noise)? * self.sigmas[i])?)?)
+    }
+
     /// x / √(σ²+1).
     pub fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let sigma = self.sigmas[i];
@@ -141,6 +146,11 @@ impl Sampler for EulerSampler {
 
     fn needs_noise(&self) -> bool {
         false
+    }
+
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        check_index(self.kind(), i, self.schedule.timesteps.len())?;
+        self.schedule.add_noise(x0, noise, i)
     }
 
     fn step(

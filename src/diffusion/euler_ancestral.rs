@@ -58,6 +58,11 @@ impl Sampler for EulerAncestralSampler {
         true
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        check_index(self.kind(), i, self.schedule.timesteps.len())?;
+        self.schedule.add_noise(x0, noise, i)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

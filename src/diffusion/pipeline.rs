@@ -1,14 +1,20 @@
-//! Text-to-image generation, as diffusers' `StableDiffusionPipeline`.
+//! Text-to-image generation, as diffusers' `StableDiffusionPipeline`, and
+//! image-to-image, as its `StableDiffusionImg2ImgPipeline`.
 //!
 //! prompt → text context; Gaussian latents × init_noise_sigma; per step the
 //! UNet's prediction with classifier-free guidance (negative prompt and prompt
 //! in one batch: ε̂ = ε̂_neg + g·(ε̂_pos − ε̂_neg); no negative pass when g ≤ 1)
 //! and a sampler step; the VAE decodes latents / scaling_factor to pixels.
 //!
+//! Image-to-image ([`InitImage`]) starts part-way instead: of `steps` steps it
+//! runs the last ⌊steps·strength⌋, from the image's VAE latents (a posterior
+//! sample × scaling_factor) noised to the first of them by the sampler's
+//! forward process.
+//!
 //! Every random draw comes from a per-image [`StdRng`] seeded with `seed + i`
-//! (image `i`'s starting noise, then the ancestral samplers' per-step noise), so
-//! the same seed gives the same images whatever the batch size, and image `i` is
-//! reproduced alone with `seed + i`.
+//! (image `i`'s posterior noise for image-to-image, its starting noise, then the
+//! ancestral samplers' per-step noise), so the same seed gives the same images
+//! whatever the batch size, and image `i` is reproduced alone with `seed + i`.
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -46,8 +52,65 @@ pub struct GenerateOptions {
     pub clip_skip: usize,
     /// Starting latents (B, C, H/f, W/f), unit Gaussian (they are multiplied by
     /// the sampler's init_noise_sigma); B equals the number of prompts.
-    /// Drawn from the seeded RNG when absent.
+    /// Drawn from the seeded RNG when absent. For image-to-image: the noise
+    /// added to the image's latents.
     pub latents: Option<Tensor>,
+    /// Image-to-image: start from this image instead of pure noise.
+    pub init: Option<InitImage>,
+}
+
+/// The image an image-to-image generation starts from.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// (1 or B, 3, H, W) pixels in [-1, 1]; one image serves every prompt.
+    pub pixels: Tensor,
+    /// How far from the image to go, in (0, 1]: the share of the sampler's
+    /// steps that run (1 = text-to-image from the image's size alone).
+    pub strength: f64,
+    /// What the image was (its file name), for the generation record.
+    pub name: String,
+    /// The unit Gaussian of the VAE's posterior sample (B, C, H/f, W/f);
+    /// drawn from the seeded RNG when absent.
+    pub posterior_noise: Option<Tensor>,
+}
+
+impl InitImage {
+    /// `image` as pixels in [-1, 1] (x/127.5 − 1, as diffusers' preprocessing).
+    pub fn from_rgb(image: &RgbImage, strength: f64, name: impl Into<String>) -> Result<Self> {
+        let (w, h) = image.dimensions();
+        let x = Tensor::from_vec(
+            image.as_raw().clone(),
+            (1, h as usize, w as usize, 3),
+            &Device::Cpu,
+        )?
+        .permute((0, 3, 1, 2))?
+        .to_dtype(DType::F32)?;
+        Ok(Self {
+            pixels: ((x / 127.5)? - 1.0)?,
+            strength,
+            name: name.into(),
+            posterior_noise: None,
+        })
+    }
+}
+
+/// The first step image-to-image takes of `steps` at `strength` (diffusers'
+/// `get_timesteps`: the last ⌊steps·strength⌋ steps run), or an error when
+/// the strength is outside (0, 1] or leaves no step.
+pub fn first_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::msg(format!(
+            "strength must be in (0, 1] (the share of the steps that change the image), got {strength}"
+        )));
+    }
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(Error::msg(format!(
+            "strength {strength} of {steps} steps runs no step (⌊{steps} × {strength}⌋ = 0); \
+             raise the strength or the steps"
+        )));
+    }
+    Ok(steps - run)
 }
 
 impl GenerateOptions {
@@ -66,6 +129,7 @@ impl GenerateOptions {
             height: None,
             clip_skip: 0,
             latents: None,
+            init: None,
         }
     }
 
@@ -132,6 +196,10 @@ pub fn generate(
     let latent_shape = (model.unet_config().in_channels, height / f, width / f);
     // Fail on a bad sampler configuration before any work.
     make_sampler(opts.sampler, &model.scheduler, opts.steps, opts.eta)?;
+    if let Some(init) = &opts.init {
+        first_step(opts.steps, init.strength)?;
+        check_init(model, init, n, latent_shape)?;
+    }
     let model_name = model.name();
     let model_hash = model.model_hash()?;
 
@@ -154,6 +222,11 @@ pub fn generate(
         let lo = batch * opts.batch_size;
         let hi = (lo + opts.batch_size).min(n);
         let prompts = &opts.prompts[lo..hi];
+        // Image-to-image: the image's latents, drawn before the noise.
+        let init_latents = match &opts.init {
+            Some(init) => Some(init_latents(model, init, lo, hi, &mut rngs[lo..hi])?),
+            None => None,
+        };
         let x0 = match &opts.latents {
             Some(l) => l
                 .narrow(0, lo, hi - lo)?
@@ -181,7 +254,10 @@ pub fn generate(
         let latents = denoise(
             model,
             opts,
-            &x0,
+            Start {
+                noise: &x0,
+                image_latents: init_latents.as_ref(),
+            },
             &cond,
             uncond.as_ref(),
             &mut rngs[lo..hi],
@@ -214,6 +290,8 @@ pub fn generate(
                     model_hash: model_hash.clone(),
                     width,
                     height,
+                    init_image: opts.init.as_ref().map(|i| i.name.clone()),
+                    strength: opts.init.as_ref().map(|i| i.strength),
                 },
             });
         }
@@ -263,6 +341,25 @@ pub fn image_size(model: &StableDiffusion, opts: &GenerateOptions) -> Result<(us
         w = Some(lw * f);
         h = Some(lh * f);
     }
+    if let Some(init) = &opts.init {
+        let (_, _, ih, iw) = init.pixels.dims4().map_err(|_| {
+            Error::msg(format!(
+                "the initial image must be (batch, 3, height, width) pixels, got shape {:?}",
+                init.pixels.dims()
+            ))
+        })?;
+        for (name, given, from_image) in [("width", w, iw), ("height", h, ih)] {
+            if let Some(g) = given
+                && g != from_image
+            {
+                return Err(Error::msg(format!(
+                    "{name} {g} differs from the initial image's {from_image} (resize the image instead)"
+                )));
+            }
+        }
+        w = Some(iw);
+        h = Some(ih);
+    }
     let d = model.default_size();
     let (w, h) = (w.unwrap_or(d), h.unwrap_or(d));
     let m = model.size_multiple();
@@ -285,19 +382,31 @@ pub fn image_size(model: &StableDiffusion, opts: &GenerateOptions) -> Result<(us
     Ok((w, h))
 }
 
-/// Runs the sampler from `x0` (unit Gaussian, multiplied by init_noise_sigma
-/// here) to the final latents, with guidance when `uncond` is given. `rngs`
-/// (one per image) supply the ancestral samplers' noise. `on_step(step, steps)`
-/// after each step.
+/// Where [`denoise`] starts.
+#[derive(Clone, Copy)]
+pub struct Start<'a> {
+    /// Unit Gaussian latents (B, C, h, w).
+    pub noise: &'a Tensor,
+    /// Image-to-image: the image's scaled latents, noised with `noise` to the
+    /// [`first_step`] of the options' strength.
+    pub image_latents: Option<&'a Tensor>,
+}
+
+/// Runs the sampler from `start` to the final latents, with guidance when
+/// `uncond` is given: from the noise × init_noise_sigma at the first step,
+/// or (image-to-image) from the image latents noised to [`first_step`].
+/// `rngs` (one per image) supply the ancestral samplers' noise.
+/// `on_step(step, steps)` after each step (`steps` = the steps that run).
 pub fn denoise(
     model: &StableDiffusion,
     opts: &GenerateOptions,
-    x0: &Tensor,
+    start: Start<'_>,
     cond: &PromptEmbeds,
     uncond: Option<&PromptEmbeds>,
     rngs: &mut [StdRng],
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
+    let x0 = start.noise;
     let b = x0.dim(0)?;
     let dev = x0.device().clone();
     let mut sampler = make_sampler(opts.sampler, &model.scheduler, opts.steps, opts.eta)?;
@@ -310,15 +419,27 @@ pub fn denoise(
     let f = model.vae_scale_factor();
     let (_, _, lh, lw) = x0.dims4()?;
     let added = model.added_cond(&embeds, lh * f, lw * f)?;
-    let mut x = (x0 * sampler.init_noise_sigma())?;
     let steps = sampler.num_steps();
+    let (first, mut x) = match (start.image_latents, &opts.init) {
+        (Some(z), Some(i)) => {
+            let first = first_step(steps, i.strength)?;
+            sampler.begin_at(first)?;
+            (first, sampler.add_noise(z, x0, first)?)
+        }
+        (None, None) => (0, (x0 * sampler.init_noise_sigma())?),
+        _ => {
+            return Err(Error::msg(
+                "denoise: initial latents and the options' initial image go together",
+            ));
+        }
+    };
     let shape = {
         let (_, c, h, w) = x0.dims4()?;
         (c, h, w)
     };
     let unet_dtype = model.unet.conv_in.weight.dtype();
     let _warm = crate::nn::cpu::KeepWarm::start();
-    for i in 0..steps {
+    for i in first..steps {
         let t = sampler.timesteps()[i];
         let x_in = sampler.scale_model_input(&x, i)?;
         let x_in = if uncond.is_some() {
@@ -348,9 +469,87 @@ pub fn denoise(
             None
         };
         x = sampler.step(&pred, i, &x, noise.as_ref())?;
-        on_step(i + 1, steps);
+        on_step(i + 1 - first, steps - first);
     }
     Ok(x)
+}
+
+/// The initial image against the request: one image or one per prompt, RGB,
+/// and latents of the shape the UNet takes.
+fn check_init(
+    model: &StableDiffusion,
+    init: &InitImage,
+    n: usize,
+    latent_shape: (usize, usize, usize),
+) -> Result<()> {
+    let (b, c, _, _) = init.pixels.dims4()?;
+    if c != 3 {
+        return Err(Error::msg(format!(
+            "the initial image has {c} colour channels, the VAE takes 3"
+        )));
+    }
+    if b != 1 && b != n {
+        return Err(Error::msg(format!(
+            "{b} initial images for {n} prompts: give one, or one per prompt"
+        )));
+    }
+    let vae_c = model.vae.config().latent_channels;
+    if vae_c != latent_shape.0 {
+        return Err(Error::msg(format!(
+            "image-to-image needs the VAE's {vae_c} latent channels to be the UNet's {} input \
+             channels (an inpainting or depth UNet takes more)",
+            latent_shape.0
+        )));
+    }
+    if let Some(e) = &init.posterior_noise {
+        let want = (n, latent_shape.0, latent_shape.1, latent_shape.2);
+        if e.dims4().ok() != Some(want) {
+            return Err(Error::msg(format!(
+                "posterior noise of shape {:?}; expected {want:?}",
+                e.dims()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Images `lo..hi`'s latents for image-to-image: the VAE posterior sampled
+/// with `posterior_noise` (or each image's RNG), then (z − shift)·scale.
+fn init_latents(
+    model: &StableDiffusion,
+    init: &InitImage,
+    lo: usize,
+    hi: usize,
+    rngs: &mut [StdRng],
+) -> Result<Tensor> {
+    let dev = &model.device;
+    let pixels = init.pixels.to_device(dev)?.to_dtype(DType::F32)?;
+    let pixels = if pixels.dim(0)? == 1 {
+        pixels.repeat((hi - lo, 1, 1, 1))?
+    } else {
+        pixels.narrow(0, lo, hi - lo)?
+    };
+    let vae_dtype = model.vae_dtype();
+    let post = model
+        .vae
+        .encode(&crate::nn::precision::cast(&pixels, vae_dtype)?)?;
+    let (mean, std) = (
+        post.mean.to_dtype(DType::F32)?,
+        post.std()?.to_dtype(DType::F32)?,
+    );
+    let eps = match &init.posterior_noise {
+        Some(e) => e
+            .narrow(0, lo, hi - lo)?
+            .to_device(dev)?
+            .to_dtype(DType::F32)?,
+        None => {
+            let (_, c, h, w) = mean.dims4()?;
+            randn(rngs, (c, h, w), dev)?
+        }
+    };
+    let z = (mean + (std * eps)?)?;
+    let vae = &model.vae;
+    Ok(((z - vae.shift_factor())? * vae.scaling_factor())?.detach())
 }
 
 /// Standard normal latents (B, C, H, W): image `i`'s from `rngs[i]`.

@@ -63,6 +63,17 @@ pub trait Sampler: Send {
     fn num_steps(&self) -> usize {
         self.timesteps().len()
     }
+
+    /// `x0` (clean latents) noised with `noise` (unit Gaussian) to step `i`'s
+    /// noise level, as the sample there is scaled (diffusers' `add_noise` at
+    /// `timesteps[i]`): image-to-image starts from it at step `i`.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor>;
+
+    /// Makes `i` the first step taken (diffusers' `set_begin_index`): a
+    /// multistep sampler starts without history there.
+    fn begin_at(&mut self, i: usize) -> Result<()> {
+        check_index(self.kind(), i, self.num_steps())
+    }
 }
 
 /// The samplers, by the names the CLI and configs use.

@@ -329,6 +329,7 @@ impl ClassImageCache {
                 height: opts.size,
                 clip_skip: 0,
                 latents: None,
+                init: None,
             };
             let result = generate(model, &request, &mut |p| {
                 progress(&ClassProgress {
