@@ -86,7 +86,61 @@ impl GenerationInfo {
         if let Some(s) = self.strength {
             text.push(("strength".into(), s.to_string()));
         }
+        text.push(("parameters".into(), self.a1111_parameters()));
         text
+    }
+
+    /// The parameters as AUTOMATIC1111's web UI writes them in its
+    /// `parameters` chunk (its "PNG Info" tab, and ComfyUI's import, read
+    /// it): the prompt, a `Negative prompt:` line when there is one, then
+    /// `Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …`
+    /// (+ `Denoising strength`, `Clip skip` counted as A1111 does — 2 is the
+    /// penultimate layer — and DDIM's `Eta` when they apply). Its samplers'
+    /// names: DDIM, Euler, Euler a, DPM++ 2M. The seed is ours: A1111's noise
+    /// generator differs, so the same seed there gives other images.
+    pub fn a1111_parameters(&self) -> String {
+        let sampler = match self.sampler.as_str() {
+            "ddim" => "DDIM",
+            "euler" => "Euler",
+            "euler-a" => "Euler a",
+            "dpm++" => "DPM++ 2M",
+            other => other,
+        };
+        let mut out = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            out.push_str("\nNegative prompt: ");
+            out.push_str(&self.negative_prompt);
+        }
+        // A1111 quotes a value holding a comma, colon or quote.
+        let quoted = |v: &str| {
+            if v.contains([',', ':', '"']) {
+                serde_json::to_string(v).unwrap_or_default()
+            } else {
+                v.to_string()
+            }
+        };
+        let mut fields = vec![
+            format!("Steps: {}", self.steps),
+            format!("Sampler: {sampler}"),
+            format!("CFG scale: {}", self.guidance),
+            format!("Seed: {}", self.seed),
+            format!("Size: {}x{}", self.width, self.height),
+        ];
+        if !self.model.is_empty() {
+            fields.push(format!("Model: {}", quoted(&self.model)));
+        }
+        if let Some(s) = self.strength {
+            fields.push(format!("Denoising strength: {s}"));
+        }
+        if self.clip_skip > 0 {
+            fields.push(format!("Clip skip: {}", self.clip_skip + 1));
+        }
+        if self.sampler == "ddim" && self.eta > 0.0 {
+            fields.push(format!("Eta DDIM: {}", self.eta));
+        }
+        out.push('\n');
+        out.push_str(&fields.join(", "));
+        out
     }
 
     /// Parses the text chunks of a PNG; `path` names the file in errors.
@@ -513,9 +567,28 @@ mod tests {
         let text = png_text(&encode_png(&img, &img2img.to_text()).unwrap(), path).unwrap();
         assert_eq!(text["strength"], "0.65");
         assert_eq!(GenerationInfo::from_text(&text, path).unwrap(), img2img);
+        assert_eq!(
+            text["parameters"],
+            "a photo of sks dog, «café» 犬\nNegative prompt: blurry\nSteps: 30, Sampler: DPM++ 2M, \
+             CFG scale: 7.5, Seed: 42, Size: 3x2, Model: tiny-sd1, Denoising strength: 0.65, \
+             Clip skip: 2"
+        );
         let bytes = encode_png(&img, &info().to_text()).unwrap();
         let text = png_text(&bytes, path).unwrap();
         assert!(!text.contains_key("strength") && !text.contains_key("init_image"));
+        let plain = GenerationInfo {
+            negative_prompt: String::new(),
+            sampler: "ddim".into(),
+            eta: 0.5,
+            clip_skip: 0,
+            model: "my, model".into(),
+            ..info()
+        };
+        assert_eq!(
+            plain.a1111_parameters(),
+            "a photo of sks dog, «café» 犬\nSteps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, \
+             Size: 3x2, Model: \"my, model\", Eta DDIM: 0.5"
+        );
         assert_eq!(GenerationInfo::from_text(&text, path).unwrap(), info());
         let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(back, img);
