@@ -383,3 +383,119 @@ fn generate_command_errors() {
         "a failed run created the output folder"
     );
 }
+
+/// `generate --prompt-file`: -n images of each prompt in file order (blank
+/// lines and # comments skipped), image i with seed + i, each the image
+/// `--prompt P -n 1 --seed` that seed gives alone.
+#[test]
+fn generate_command_prompt_file() {
+    let tiny = common::fixtures().join("tiny-sd1");
+    let dir = tmp("prompt-file");
+    let file = dir.join("prompts.txt");
+    std::fs::write(
+        &file,
+        "# the paper's contexts\na photo of sks dog\n\n  a sks dog on the beach  \n",
+    )
+    .unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        let o = bin()
+            .args(["generate", "--model"])
+            .arg(&tiny)
+            .args(["--steps", "2", "--sampler", "ddim"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let all = dir.join("all");
+    run(
+        &[
+            "--prompt-file",
+            file.to_str().unwrap(),
+            "-n",
+            "2",
+            "--seed",
+            "5",
+        ],
+        &all,
+    );
+    let prompts = [
+        "a photo of sks dog",
+        "a photo of sks dog",
+        "a sks dog on the beach",
+        "a sks dog on the beach",
+    ];
+    for (i, p) in prompts.iter().enumerate() {
+        let (_, info) = image_io::read_generated(&all.join(format!("{i:05}.png"))).unwrap();
+        assert_eq!((info.prompt.as_str(), info.seed), (*p, 5 + i as u64));
+    }
+    assert!(!all.join("00004.png").exists());
+    let one = dir.join("one");
+    run(
+        &[
+            "--prompt",
+            "a sks dog on the beach",
+            "-n",
+            "1",
+            "--seed",
+            "7",
+        ],
+        &one,
+    );
+    let (a, _) = image_io::read_generated(&all.join("00002.png")).unwrap();
+    let (b, _) = image_io::read_generated(&one.join("00000.png")).unwrap();
+    assert_eq!(
+        a, b,
+        "image 2 of the file run differs from its prompt alone with seed 7"
+    );
+
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "# nothing\n\n").unwrap();
+    let out = dir.join("x");
+    let tiny_s = tiny.to_str().unwrap();
+    let out_s = out.to_str().unwrap();
+    expect_error(
+        &[
+            "--model",
+            tiny_s,
+            "--prompt-file",
+            empty.to_str().unwrap(),
+            "--out",
+            out_s,
+        ],
+        &["empty.txt", "no prompts"],
+    );
+    expect_error(
+        &[
+            "--model",
+            tiny_s,
+            "--prompt-file",
+            dir.join("nope.txt").to_str().unwrap(),
+            "--out",
+            out_s,
+        ],
+        &["nope.txt"],
+    );
+    for args in [
+        vec!["--model", tiny_s, "--out", out_s],
+        vec![
+            "--model",
+            tiny_s,
+            "--prompt",
+            "x",
+            "--prompt-file",
+            file.to_str().unwrap(),
+            "--out",
+            out_s,
+        ],
+    ] {
+        let o = bin().arg("generate").args(&args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && e.contains("--prompt"),
+            "{args:?}: {e}"
+        );
+    }
+}

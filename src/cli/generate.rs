@@ -30,12 +30,20 @@ pub struct Args {
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// What to draw (cut to 77 CLIP tokens, with a warning naming the dropped words).
+    #[arg(
+        long,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
+    pub prompt: Option<String>,
+    /// Several prompts: a text file with one per line (blank lines and lines
+    /// starting with `#` are skipped); -n images of each, in file order.
     #[arg(long)]
-    pub prompt: String,
+    pub prompt_file: Option<PathBuf>,
     /// What to steer away from (used when --guidance > 1).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Number of images (default 4, or the batch of --latents).
+    /// Number of images per prompt (default 4, or the batch of --latents).
     #[arg(short = 'n', long = "num-images")]
     pub num_images: Option<usize>,
     #[arg(long, default_value_t = 30)]
@@ -101,6 +109,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let sampler: SamplerKind = args.sampler.parse()?;
     let precision = dreambooth::nn::Precision::parse(&args.dtype)?;
     let loras = dreambooth::models::lora::pair_scales(&args.lora, &args.lora_scale)?;
+    let prompts = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(f)) => read_prompt_file(f)?,
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    };
     if args.init_image.is_some() {
         dreambooth::diffusion::pipeline::first_step(args.steps, args.strength)?;
     }
@@ -139,19 +152,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => Some(read_latents(p, &device)?),
         None => None,
     };
-    let n = match (&latents, args.num_images) {
-        (Some(l), Some(n)) if l.dim(0)? != n => bail!(
-            "{}: latents hold {} images but -n {n} was given",
+    let k = prompts.len();
+    let per_prompt = match (&latents, args.num_images) {
+        (Some(l), Some(n)) if l.dim(0)? != n * k => bail!(
+            "{}: latents hold {} images but {k} prompt(s) × -n {n} = {} were asked for",
+            args.latents.as_ref().unwrap().display(),
+            l.dim(0)?,
+            n * k
+        ),
+        (Some(l), None) if l.dim(0)? % k != 0 => bail!(
+            "{}: latents hold {} images, not a multiple of the {k} prompts",
             args.latents.as_ref().unwrap().display(),
             l.dim(0)?
         ),
-        (Some(l), _) => l.dim(0)?,
+        (Some(l), _) => l.dim(0)? / k,
         (None, Some(n)) => n,
         (None, None) => 4,
     };
-    if n == 0 {
+    if per_prompt == 0 {
         bail!("-n must be at least 1");
     }
+    let prompts: Vec<String> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), per_prompt))
+        .collect();
+    let n = prompts.len();
     let init = match (&args.init_image, init_rgb) {
         (Some(path), Some(rgb)) => {
             let (w, h) = init_size(&model, &rgb, args.width, args.height);
@@ -184,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     let opts = GenerateOptions {
-        prompts: vec![args.prompt.clone(); n],
+        prompts,
         negative_prompt: args.negative_prompt.clone(),
         guidance_scale: args.guidance,
         steps: args.steps,
@@ -269,6 +294,26 @@ fn init_size(
     let m = model.size_multiple();
     let down = |v: usize| (v / m).max(1) * m;
     (down(w), down(h))
+}
+
+/// The prompts of a `--prompt-file`: one per line, trimmed; blank lines and
+/// `#` comments skipped.
+fn read_prompt_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the prompt file {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        bail!(
+            "{}: no prompts (one per line; blank lines and lines starting with # are skipped)",
+            path.display()
+        );
+    }
+    Ok(prompts)
 }
 
 /// The tensor `latents` of a safetensors file.
