@@ -16,32 +16,12 @@ use dreambooth::image_io;
 use dreambooth::models::{LoadOptions, StableDiffusion};
 use serde_json::Value;
 
-fn load_model(name: &str) -> StableDiffusion {
-    StableDiffusion::load(
-        &common::fixtures().join(name),
-        &Device::Cpu,
-        LoadOptions::default(),
-    )
-    .unwrap()
-}
+use common::{fixture_model as load_model, max_abs};
 
 fn cases() -> serde_json::Map<String, Value> {
     let path = common::fixtures().join("parity/img2img_cases.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v.as_object().unwrap().clone()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Pixels in [0, 1] → [-1, 1], as diffusers' image processor.
@@ -82,16 +62,7 @@ fn parity_with_diffusers() {
         let out = generate(&model, &opts, &mut |p| seen.push((p.step, p.steps))).unwrap();
         assert_eq!(seen.last(), Some(&(steps_run, steps_run)), "{name}");
         assert_eq!(seen.len(), steps_run, "{name}");
-        common::assert_close(
-            &format!("{name} final latents"),
-            &out.latents,
-            &fx["final_latents"],
-            1e-4,
-        );
-        let ours = decode_latents(&model, &out.latents).unwrap();
-        let d = max_abs(&ours, &fx["images"]);
-        println!("{name}: images max |Δ| {d:.2e}");
-        assert!(d < 2.0 / 255.0, "{name}: images differ by {d}");
+        common::assert_pipeline_parity(&name, &model, &out.latents, &fx);
         let info = &out.images[0].info;
         let (h, w) = (
             case["height"].as_u64().unwrap(),

@@ -8,19 +8,12 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use dreambooth::diffusion::SamplerKind;
-use dreambooth::diffusion::pipeline::{GenerateOptions, decode_latents, generate};
+use dreambooth::diffusion::pipeline::{GenerateOptions, generate};
 use dreambooth::image_io;
-use dreambooth::models::{LoadOptions, StableDiffusion};
+
 use serde_json::Value;
 
-fn load_model(name: &str) -> StableDiffusion {
-    StableDiffusion::load(
-        &common::fixtures().join(name),
-        &Device::Cpu,
-        LoadOptions::default(),
-    )
-    .unwrap()
-}
+use common::{fixture_model as load_model, max_abs};
 
 fn cases() -> serde_json::Map<String, Value> {
     let path = common::fixtures().join("parity/pipeline_cases.json");
@@ -53,19 +46,6 @@ fn case_options(case: &Value, latents: Tensor) -> GenerateOptions {
     }
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// Images (B,3,H,W) in [0,1] → u8 values as diffusers' numpy_to_pil rounds them.
 fn to_u8(images: &Tensor) -> Vec<u8> {
     let v = images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -96,16 +76,7 @@ fn parity_with_diffusers() {
         let opts = case_options(&case, fx["latents"].clone());
         let out = generate(&model, &opts, &mut |_| {}).unwrap();
 
-        common::assert_close(
-            &format!("{name} final latents"),
-            &out.latents,
-            &fx["final_latents"],
-            1e-4,
-        );
-        let ours = decode_latents(&model, &out.latents).unwrap();
-        let d = max_abs(&ours, &fx["images"]);
-        println!("{name}: images max |Δ| {d:.2e} (×255 = {:.3})", d * 255.0);
-        assert!(d < 2.0 / 255.0, "{name}: images differ by {d}");
+        common::assert_pipeline_parity(&name, &model, &out.latents, &fx);
         let imgs: Vec<_> = out.images.iter().map(|g| g.image.clone()).collect();
         let du8 = max_u8_diff(&rgb_nchw(&imgs), &to_u8(&fx["images"]));
         assert!(du8 <= 2, "{name}: u8 images differ by {du8}");

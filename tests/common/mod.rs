@@ -133,3 +133,48 @@ pub fn train_until(
     let (model, outcome) = dreambooth::dreambooth::trainer::train(cfg, &Device::Cpu, &mut ev)?;
     Ok((model, outcome, steps, lines))
 }
+
+/// A fixture model (`tests/fixtures/NAME`), f32 on the CPU.
+pub fn fixture_model(name: &str) -> dreambooth::models::StableDiffusion {
+    dreambooth::models::StableDiffusion::load(
+        &fixtures().join(name),
+        &Device::Cpu,
+        dreambooth::models::LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+/// The largest |a − b|.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// A pipeline's final latents against a diffusers fixture's
+/// `final_latents` (relative L2 within 1e-4), and their decoded images
+/// against its `images` (within 2/255).
+pub fn assert_pipeline_parity(
+    name: &str,
+    model: &dreambooth::models::StableDiffusion,
+    latents: &Tensor,
+    fx: &HashMap<String, Tensor>,
+) {
+    assert_close(
+        &format!("{name} final latents"),
+        latents,
+        &fx["final_latents"],
+        1e-4,
+    );
+    let ours = dreambooth::diffusion::pipeline::decode_latents(model, latents).unwrap();
+    let d = max_abs(&ours, &fx["images"]);
+    println!("{name}: images max |Δ| {d:.2e} (×255 = {:.3})", d * 255.0);
+    assert!(d < 2.0 / 255.0, "{name}: images differ by {d}");
+}
