@@ -484,7 +484,7 @@ fn lora_config(instance: &Path, out: &Path) -> TrainConfig {
         max_train_steps: 4,
         learning_rate: 1e-2,
         checkpointing_steps: 2,
-        validation_prompt: Some("a photo of sks ball".into()),
+        validation_prompt: vec!["a photo of sks ball".into()],
         validation_steps: 2,
         num_validation_images: 1,
         class_steps: 2,

@@ -1217,7 +1217,7 @@ fn validation_images_follow_the_validation_precision() {
         let out = dir.join(format!("out-{precision}"));
         let mut cfg = config(&dir.join("instance"), &out);
         cfg.max_train_steps = 2;
-        cfg.validation_prompt = Some(INSTANCE_PROMPT.into());
+        cfg.validation_prompt = vec![INSTANCE_PROMPT.into()];
         cfg.num_validation_images = 2;
         cfg.validation_precision = precision.into();
         run(&cfg, None);
@@ -1444,4 +1444,70 @@ fn prediction_type_overrides_the_models() {
     cfg.prediction_type = Some("x0".into());
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("--prediction-type"), "{e}");
+}
+
+/// Several validation prompts: one grid row of `num_validation_images` each,
+/// the prompts listed in the PNG; a config file may give one string or a list.
+#[test]
+fn several_validation_prompts_make_one_row_each() {
+    init();
+    let dir = tmp("validation-prompts");
+    instance_dir(&dir.join("instance"), 2);
+    let out = dir.join("out");
+    let mut cfg = config(&dir.join("instance"), &out);
+    cfg.max_train_steps = 2;
+    cfg.validation_steps = 1;
+    cfg.num_validation_images = 3;
+    cfg.validation_prompt = vec![INSTANCE_PROMPT.into(), "a sks ball on the beach".into()];
+    run(&cfg, None);
+    for step in [1, 2] {
+        let path = out.join(format!("validation/step-{step:06}.png"));
+        let (grid, text) = dreambooth::image_io::read_png(&path).unwrap();
+        assert_eq!(grid.dimensions(), (3 * 16, 2 * 16), "{}", path.display());
+        assert_eq!(
+            text["prompts"],
+            format!("{INSTANCE_PROMPT}\na sks ball on the beach")
+        );
+        assert_eq!(text["step"], step.to_string());
+    }
+    // One prompt: rows of up to 4, as before.
+    let out1 = dir.join("out1");
+    let mut cfg1 = config(&dir.join("instance"), &out1);
+    cfg1.max_train_steps = 1;
+    cfg1.num_validation_images = 6;
+    cfg1.validation_prompt = vec![INSTANCE_PROMPT.into()];
+    run(&cfg1, None);
+    let (grid, _) =
+        dreambooth::image_io::read_png(&out1.join("validation/step-000001.png")).unwrap();
+    assert_eq!(grid.dimensions(), (4 * 16, 2 * 16));
+
+    let file = dir.join("run.toml");
+    for (toml_value, want) in [
+        ("\"a photo of sks ball\"", vec!["a photo of sks ball"]),
+        ("[\"a\", \"b c\"]", vec!["a", "b c"]),
+    ] {
+        std::fs::write(
+            &file,
+            format!(
+                "instance_dir = \"x\"\ninstance_prompt = \"y\"\nvalidation_prompt = {toml_value}\n"
+            ),
+        )
+        .unwrap();
+        let c = TrainConfig::from_toml_file(&file).unwrap();
+        assert_eq!(c.validation_prompt, want);
+        // What the effective configuration prints loads back.
+        std::fs::write(&file, c.to_toml()).unwrap();
+        assert_eq!(
+            TrainConfig::from_toml_file(&file)
+                .unwrap()
+                .validation_prompt,
+            want
+        );
+    }
+    std::fs::write(&file, "validation_prompt = 3\n").unwrap();
+    let e = TrainConfig::from_toml_file(&file).unwrap_err().to_string();
+    assert!(
+        e.contains("run.toml") && e.contains("validation_prompt"),
+        "{e}"
+    );
 }

@@ -106,8 +106,9 @@ pub struct Args {
     /// Resume from `latest` or a checkpoint folder.
     #[arg(long)]
     pub resume: Option<String>,
+    /// A prompt to render every --validation-steps (repeatable: one grid row each).
     #[arg(long)]
-    pub validation_prompt: Option<String>,
+    pub validation_prompt: Vec<String>,
     #[arg(long)]
     pub validation_steps: Option<u64>,
     #[arg(long)]
@@ -272,9 +273,11 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         text_encoder_lr,
         snr_gamma,
         resume,
-        validation_prompt,
         lora_alpha
     );
+    if !args.validation_prompt.is_empty() {
+        cfg.validation_prompt = args.validation_prompt.clone();
+    }
     set_flag!(
         cfg,
         args,

@@ -57,7 +57,10 @@ pub struct TrainConfig {
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: usize,
     pub resume: Option<String>,
-    pub validation_prompt: Option<String>,
+    /// Prompts of the validation grids (one row each); a config file may give
+    /// one string or a list.
+    #[serde(deserialize_with = "one_or_many")]
+    pub validation_prompt: Vec<String>,
     pub validation_steps: u64,
     pub num_validation_images: usize,
     /// Class-image generation.
@@ -165,7 +168,7 @@ impl Default for TrainConfig {
             checkpointing_steps: 500,
             checkpoints_total_limit: 3,
             resume: None,
-            validation_prompt: None,
+            validation_prompt: Vec::new(),
             validation_steps: 100,
             num_validation_images: 4,
             sample_batch_size: 4,
@@ -418,4 +421,20 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// A string or a list of strings (`validation_prompt = "…"` or `[…]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }

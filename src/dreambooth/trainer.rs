@@ -767,12 +767,12 @@ pub fn train_model(
             (ev.log)(&format!("checkpoint saved: {}", p.display()));
             last_ckpt = Some(p);
         }
-        if let Some(prompt) = &cfg.validation_prompt
+        if !cfg.validation_prompt.is_empty()
             && cfg.validation_steps > 0
             && step.is_multiple_of(cfg.validation_steps)
             && step < cfg.max_train_steps
         {
-            let p = validation(cfg, model, prompt, step, res)?;
+            let p = validation(cfg, model, &cfg.validation_prompt, step, res)?;
             (ev.log)(&format!("validation images: {}", p.display()));
         }
         if ev.stop.load(Ordering::SeqCst) && step < cfg.max_train_steps {
@@ -797,8 +797,8 @@ pub fn train_model(
             lora_files: Vec::new(),
         });
     }
-    if let Some(prompt) = &cfg.validation_prompt {
-        let p = validation(cfg, model, prompt, step, res)?;
+    if !cfg.validation_prompt.is_empty() {
+        let p = validation(cfg, model, &cfg.validation_prompt, step, res)?;
         (ev.log)(&format!("validation images: {}", p.display()));
     }
     let mut outcome = TrainOutcome {
@@ -857,16 +857,23 @@ pub fn train_model(
     Ok(outcome)
 }
 
-/// Generates `num_validation_images` for `prompt` with the current weights and
-/// saves them as a grid under `output_dir/validation/`.
+/// Generates `num_validation_images` of each prompt with the current weights
+/// (the same seeds every time) and saves them as a grid under
+/// `output_dir/validation/`: one prompt in rows of up to 4, several one row
+/// each; the PNG's `prompts` text lists them in row order.
 fn validation(
     cfg: &TrainConfig,
     model: &StableDiffusion,
-    prompt: &str,
+    prompts: &[String],
     step: u64,
     res: usize,
 ) -> Result<PathBuf> {
-    let mut opts = GenerateOptions::new(prompt, cfg.num_validation_images.max(1));
+    let per = cfg.num_validation_images.max(1);
+    let mut opts = GenerateOptions::new("", 0);
+    opts.prompts = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), per))
+        .collect();
     opts.steps = cfg.sample_steps;
     opts.guidance_scale = cfg.sample_guidance;
     opts.seed = cfg.seed;
@@ -882,7 +889,8 @@ fn validation(
     };
     let g = generate(half_copy.as_ref().unwrap_or(model), &opts, &mut |_| {})?;
     let images: Vec<_> = g.images.into_iter().map(|i| i.image).collect();
-    let grid = crate::image_io::grid(&images, Some(images.len().min(4)))?;
+    let cols = if prompts.len() == 1 { per.min(4) } else { per };
+    let grid = crate::image_io::grid(&images, Some(cols))?;
     let path = cfg
         .output_dir
         .join("validation")
@@ -890,10 +898,11 @@ fn validation(
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
-    grid.save(&path).map_err(|e| Error::Image {
-        path: path.clone(),
-        msg: e.to_string(),
-    })?;
+    let text = [
+        ("prompts".to_string(), prompts.join("\n")),
+        ("step".to_string(), step.to_string()),
+    ];
+    crate::image_io::save_png(&path, &grid, &text)?;
     Ok(path)
 }
 
