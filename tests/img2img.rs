@@ -306,4 +306,18 @@ fn generate_command_with_init_image() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("missing.png"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
+    // A folder: the I/O error said once, on one line.
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(&tiny)
+        .args(["--prompt", "x", "--init-image"])
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert_eq!(e.matches("os error").count(), 1, "{e}");
 }
