@@ -470,3 +470,44 @@ fn generate_command_prompt_file() {
         );
     }
 }
+
+/// A second `generate` into the same folder numbers its images on (and names
+/// its grid after its first image) instead of writing over the first run's.
+#[test]
+fn generate_command_adds_to_a_used_folder() {
+    let tiny = common::fixtures().join("tiny-sd1");
+    let out = tmp("used-folder");
+    let run = |seed: &str| {
+        let o = bin()
+            .args(["generate", "--model"])
+            .arg(&tiny)
+            .args([
+                "--prompt",
+                "a sks dog",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddim",
+                "-n",
+                "2",
+            ])
+            .args(["--seed", seed, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(run("1").contains("00000.png to 00001.png, and grid.png"));
+    let first = std::fs::read(out.join("00000.png")).unwrap();
+    std::fs::write(out.join("notes.png.txt"), "x").unwrap();
+    assert!(run("3").contains("00002.png to 00003.png, and grid-00002.png"));
+    assert_eq!(
+        std::fs::read(out.join("00000.png")).unwrap(),
+        first,
+        "run 1's image was overwritten"
+    );
+    let (_, info) = image_io::read_generated(&out.join("00003.png")).unwrap();
+    assert_eq!(info.seed, 4);
+    assert!(out.join("grid.png").exists() && out.join("grid-00002.png").exists());
+}

@@ -1,7 +1,8 @@
 //! `dreambooth generate`: text-to-image with a Stable Diffusion model.
 //!
 //! Writes `OUT/00000.png`, `OUT/00001.png`, ... (each with its generation
-//! parameters in PNG text chunks) and `OUT/grid.png`.
+//! parameters in PNG text chunks) and `OUT/grid.png`; a folder that already
+//! holds numbered images gets the next numbers (and `grid-NNNNN.png`).
 
 use std::path::{Path, PathBuf};
 
@@ -253,8 +254,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    // Numbered on from what the folder already holds: a second run into the
+    // same folder adds its images instead of writing over the first's.
+    let first_index = next_index(&args.out)?;
     for (i, g) in result.images.iter().enumerate() {
-        image_io::save_generated(&args.out.join(format!("{i:05}.png")), &g.image, &g.info)?;
+        let path = args.out.join(format!("{:05}.png", first_index + i));
+        image_io::save_generated(&path, &g.image, &g.info)?;
     }
     let imgs: Vec<_> = result.images.iter().map(|g| g.image.clone()).collect();
     let grid = image_io::grid(&imgs, None)?;
@@ -265,14 +270,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "seed".into(),
         format!("{}..{}", args.seed, args.seed.wrapping_add(n as u64 - 1)),
     ));
-    image_io::save_png(&args.out.join("grid.png"), &grid, &text)?;
+    let grid_name = if first_index == 0 {
+        "grid.png".to_string()
+    } else {
+        format!("grid-{first_index:05}.png")
+    };
+    image_io::save_png(&args.out.join(&grid_name), &grid, &text)?;
     println!(
-        "wrote {n} image(s) of {}×{} to {} (and grid.png)",
+        "wrote {n} image(s) of {}×{} to {} ({:05}.png to {:05}.png, and {grid_name})",
         first.width,
         first.height,
-        args.out.display()
+        args.out.display(),
+        first_index,
+        first_index + n - 1
     );
     Ok(())
+}
+
+/// One past the highest `NNNNN.png` in `dir` (0 when there is none).
+fn next_index(dir: &Path) -> anyhow::Result<usize> {
+    let mut next = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(".png")
+            && stem.len() >= 5
+            && stem.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(i) = stem.parse::<usize>()
+        {
+            next = next.max(i + 1);
+        }
+    }
+    Ok(next)
 }
 
 /// The image-to-image output size: --width / --height (one given: the other
