@@ -5,7 +5,7 @@
 # training) per run, appending to $OUT/results.txt (runs already there are
 # skipped, so an interrupted sweep continues).
 #
-#   cargo build --release && tools/bench/demo_sweep.sh [OUT]    # 36 runs, ~25 min on 2 cores
+#   cargo build --release && tools/bench/demo_sweep.sh [OUT]    # 36 runs, 30-40 min on 2 cores
 set -euo pipefail
 BIN=${BIN:-target/release/dreambooth}
 OUT=${1:-demo-sweep}
