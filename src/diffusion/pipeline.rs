@@ -65,7 +65,8 @@ pub struct InitImage {
     /// (1 or B, 3, H, W) pixels in [-1, 1]; one image serves every prompt.
     pub pixels: Tensor,
     /// How far from the image to go, in (0, 1]: the share of the sampler's
-    /// steps that run (1 = text-to-image from the image's size alone).
+    /// steps that run (at 1 all run, from the image's latents noised to the
+    /// first step's level: little of the image is left).
     pub strength: f64,
     /// What the image was (its file name), for the generation record.
     pub name: String,
