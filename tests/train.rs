@@ -1511,3 +1511,75 @@ fn several_validation_prompts_make_one_row_each() {
         "{e}"
     );
 }
+
+/// Prodigy: a run stopped and resumed ends bit-identical (its step-size
+/// estimate and initial weights are in the checkpoint), with the text
+/// encoder trained too.
+#[test]
+fn resumed_run_is_bit_identical_with_prodigy() {
+    check_resume("resume-prodigy", 3, |cfg| {
+        cfg.optimizer = "prodigy".into();
+        cfg.learning_rate = 1.0;
+        cfg.train_text_encoder = true;
+    });
+}
+
+/// Prodigy trains (its step size grows from d0 and the weights move), is
+/// refused with the fused backward pass, and its checkpoint is not resumed
+/// by an AdamW run.
+#[test]
+fn prodigy_trains_and_its_checkpoints_stay_its_own() {
+    init();
+    let dir = tmp("prodigy");
+    instance_dir(&dir.join("instance"), 2);
+    let mut cfg = config(&dir.join("instance"), &dir.join("out"));
+    cfg.optimizer = "prodigy".into();
+    cfg.learning_rate = 1.0;
+    // Without the safeguarded warm-up d grows from the first steps.
+    cfg.prodigy_safeguard_warmup = false;
+    cfg.max_train_steps = 6;
+    cfg.checkpointing_steps = 2;
+    let before = common::fixture_model("tiny-sd1");
+    let (model, outcome, steps) = run(&cfg, None);
+    assert_eq!(outcome.final_step, 6);
+    assert!(steps.iter().all(|s| s.loss.is_finite()));
+    let d: Vec<f64> = steps.iter().map(|s| s.prodigy_d.unwrap()).collect();
+    assert!(
+        d.last() > d.first(),
+        "Prodigy's step size did not grow: {d:?}"
+    );
+    let moved = before
+        .unet_vb
+        .tensors()
+        .iter()
+        .filter(|(k, t)| common::max_abs(t, &model.unet_vb.tensors()[*k]) > 0.0)
+        .count();
+    assert!(moved > 10, "only {moved} UNet tensors moved");
+
+    let mut fused = cfg.clone();
+    fused.fused_backward_pass = true;
+    fused.gradient_checkpointing = true;
+    let e = fused.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("--fused-backward-pass") && e.contains("prodigy"),
+        "{e}"
+    );
+    let mut typo = cfg.clone();
+    typo.optimizer = "adam8bit".into();
+    let e = typo.validate().unwrap_err().to_string();
+    assert!(e.contains("adam8bit") && e.contains("prodigy"), "{e}");
+
+    let mut adam = cfg.clone();
+    adam.optimizer = "adamw".into();
+    adam.learning_rate = 1e-3;
+    adam.resume = Some("latest".into());
+    let e = common::train_until(&adam, None)
+        .map(|_| ())
+        .expect_err("resuming Prodigy's state as AdamW")
+        .to_string();
+    assert!(
+        e.contains("Prodigy") && e.contains("optimizer.safetensors"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -75,6 +75,22 @@ pub struct Args {
     pub lr_scheduler: Option<String>,
     #[arg(long)]
     pub lr_warmup_steps: Option<u64>,
+    /// adamw (default) or prodigy (its step size is estimated as it trains:
+    /// set --learning-rate 1.0, the multiplier of that estimate).
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Prodigy: the step-size estimate's averaging (default √beta2).
+    #[arg(long)]
+    pub prodigy_beta3: Option<f64>,
+    /// Prodigy: multiplier of the estimate (prodigyopt's d_coef; default 1).
+    #[arg(long)]
+    pub prodigy_d_coef: Option<f64>,
+    /// Prodigy: without Adam's bias correction (on by default, as diffusers' advanced script).
+    #[arg(long)]
+    pub prodigy_no_bias_correction: bool,
+    /// Prodigy: without the safeguarded warm-up (on by default).
+    #[arg(long)]
+    pub prodigy_no_safeguard_warmup: bool,
     #[arg(long)]
     pub adam_beta1: Option<f64>,
     #[arg(long)]
@@ -232,6 +248,8 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         max_train_steps,
         learning_rate,
         lr_warmup_steps,
+        optimizer,
+        prodigy_d_coef,
         adam_beta1,
         adam_beta2,
         adam_weight_decay,
@@ -273,8 +291,15 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         text_encoder_lr,
         snr_gamma,
         resume,
+        prodigy_beta3,
         lora_alpha
     );
+    if args.prodigy_no_bias_correction {
+        cfg.prodigy_use_bias_correction = false;
+    }
+    if args.prodigy_no_safeguard_warmup {
+        cfg.prodigy_safeguard_warmup = false;
+    }
     if !args.validation_prompt.is_empty() {
         cfg.validation_prompt = args.validation_prompt.clone();
     }

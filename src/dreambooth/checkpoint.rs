@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{read_safetensors, save_safetensors};
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,7 +30,7 @@ pub struct CheckpointState {
 pub struct Group<'a> {
     pub name: &'a str,
     pub vars: &'a BTreeMap<String, Var>,
-    pub opt: &'a mut AdamW,
+    pub opt: &'a mut Optimizer,
 }
 
 pub fn checkpoint_name(step: u64) -> String {
@@ -63,7 +63,7 @@ pub fn save(
             .collect();
         save_safetensors(&weights, &tmp.join(format!("{}.safetensors", g.name)), None)?;
         save_safetensors(
-            &g.opt.state(),
+            &g.opt.state()?,
             &tmp.join(format!("{}.optimizer.safetensors", g.name)),
             None,
         )?;

@@ -44,10 +44,19 @@ pub struct TrainConfig {
     pub text_encoder_lr: Option<f64>,
     pub lr_scheduler: LrScheduleKind,
     pub lr_warmup_steps: u64,
+    /// `adamw` or `prodigy` (then `learning_rate` multiplies its estimated
+    /// step size: 1.0 is usual; betas, epsilon and weight decay are the adam_ ones).
+    pub optimizer: String,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_weight_decay: f64,
     pub adam_epsilon: f64,
+    /// Prodigy's step-size averaging (default √adam_beta2).
+    pub prodigy_beta3: Option<f64>,
+    /// Prodigy's estimate multiplier (prodigyopt's `d_coef`).
+    pub prodigy_d_coef: f64,
+    pub prodigy_use_bias_correction: bool,
+    pub prodigy_safeguard_warmup: bool,
     pub max_grad_norm: f64,
     pub gradient_accumulation_steps: usize,
     pub train_text_encoder: bool,
@@ -155,10 +164,15 @@ impl Default for TrainConfig {
             text_encoder_lr: None,
             lr_scheduler: LrScheduleKind::Constant,
             lr_warmup_steps: 0,
+            optimizer: "adamw".into(),
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_weight_decay: 1e-2,
             adam_epsilon: 1e-8,
+            prodigy_beta3: None,
+            prodigy_d_coef: 1.0,
+            prodigy_use_bias_correction: true,
+            prodigy_safeguard_warmup: true,
             max_grad_norm: 1.0,
             gradient_accumulation_steps: 1,
             train_text_encoder: false,
@@ -304,6 +318,22 @@ impl TrainConfig {
                     .into(),
             );
         }
+        let optimizer: crate::optim::OptimizerKind = self
+            .optimizer
+            .parse()
+            .map_err(|e: Error| Error::msg(format!("invalid option: {e}")))?;
+        if self.fused_backward_pass && optimizer == crate::optim::OptimizerKind::Prodigy {
+            return bad(
+                "--fused-backward-pass does not work with --optimizer prodigy (its step size \
+                 is estimated from every gradient before any weight is updated)"
+                    .into(),
+            );
+        }
+        if let Some(b3) = self.prodigy_beta3
+            && !(0.0..1.0).contains(&b3)
+        {
+            return bad(format!("--prodigy-beta3 {b3} must be in [0, 1)"));
+        }
         if self.fused_backward_pass {
             if self.gradient_accumulation_steps > 1 {
                 return bad(format!(
@@ -353,8 +383,13 @@ impl TrainConfig {
                 self.text_encoder_lr.unwrap_or(self.learning_rate),
             ),
         ] {
-            if !(v > 0.0 && v < 1.0) {
-                return bad(format!("{name} {v} is out of range (0, 1)"));
+            // Prodigy's lr multiplies its own estimate (1 is usual).
+            let (max, what) = match optimizer {
+                crate::optim::OptimizerKind::AdamW => (1.0, ""),
+                crate::optim::OptimizerKind::Prodigy => (100.0, " with --optimizer prodigy"),
+            };
+            if !(v > 0.0 && v < max) {
+                return bad(format!("{name} {v} is out of range (0, {max}){what}"));
             }
         }
         if !(0.0..=1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {

@@ -32,7 +32,8 @@ use crate::models::{FrozenDTypes, LoadOptions, StableDiffusion, UNetCond, lora};
 use crate::nn::Precision;
 use crate::nn::checkpoint::Checkpointing;
 use crate::optim::{
-    AdamW, AdamWConfig, LossScaler, LrSchedule, ScaledStep, clip_factor, fused_backward, grad_norm,
+    AdamW, AdamWConfig, LossScaler, LrSchedule, Optimizer, OptimizerKind, Prodigy, ProdigyConfig,
+    ScaledStep, clip_factor, fused_backward, grad_norm,
 };
 use crate::util::randn;
 use crate::{Error, Result};
@@ -49,6 +50,9 @@ pub struct StepInfo {
     pub loss_instance: f64,
     pub loss_prior: Option<f64>,
     pub lr: f64,
+    /// Prodigy: the UNet optimizer's step-size estimate d (the step is d · lr).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prodigy_d: Option<f64>,
     pub grad_norm: f64,
     pub seconds: f64,
 }
@@ -399,8 +403,37 @@ pub fn train_model(
     }
     let dropout = lora::dropout_control(model);
     let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
-    let mut unet_opt = AdamW::new(unet_vars.clone(), adam(cfg.learning_rate))?;
-    let mut te_opt = AdamW::new(te_vars.clone(), adam(te_lr))?;
+    // One optimizer per trained network (with Prodigy, each estimates its
+    // own step size).
+    let kind: OptimizerKind = cfg.optimizer.parse()?;
+    let make_opt = |vars: BTreeMap<String, candle_core::Var>, lr: f64| -> Result<Optimizer> {
+        Ok(match kind {
+            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(vars, adam(lr))?),
+            OptimizerKind::Prodigy => Optimizer::Prodigy(Prodigy::new(
+                vars,
+                ProdigyConfig {
+                    beta1: cfg.adam_beta1,
+                    beta2: cfg.adam_beta2,
+                    beta3: cfg.prodigy_beta3,
+                    eps: cfg.adam_epsilon,
+                    weight_decay: cfg.adam_weight_decay,
+                    use_bias_correction: cfg.prodigy_use_bias_correction,
+                    safeguard_warmup: cfg.prodigy_safeguard_warmup,
+                    d_coef: cfg.prodigy_d_coef,
+                    ..ProdigyConfig::default()
+                },
+            )?),
+        })
+    };
+    if kind == OptimizerKind::Prodigy && cfg.learning_rate < 0.1 {
+        (ev.log)(&format!(
+            "warning: with --optimizer prodigy the learning rate ({}) multiplies the step size \
+             it estimates; 1.0 is usual (as diffusers advises)",
+            cfg.learning_rate
+        ));
+    }
+    let mut unet_opt = make_opt(unet_vars.clone(), cfg.learning_rate)?;
+    let mut te_opt = make_opt(te_vars.clone(), te_lr)?;
     // Gradient checkpointing (or blocks released one by one in the
     // backward): the trained networks as copies (sharing the weights) whose
     // blocks run as checkpointed nodes.
@@ -534,18 +567,18 @@ pub fn train_model(
         .map_err(|e| Error::io(&log_path, e))?;
 
     let save_ckpt = |step: u64,
-                     unet_opt: &mut AdamW,
-                     te_opt: &mut AdamW,
+                     unet_opt: &mut Optimizer,
+                     te_opt: &mut Optimizer,
                      scaler: &LossScaler|
      -> Result<PathBuf> {
-        let mut steps = BTreeMap::from([(unet_group.to_string(), unet_opt.step)]);
+        let mut steps = BTreeMap::from([(unet_group.to_string(), unet_opt.step())]);
         let mut groups = vec![Group {
             name: unet_group,
             vars: &unet_vars,
             opt: unet_opt,
         }];
         if cfg.train_text_encoder {
-            steps.insert(te_group.into(), te_opt.step);
+            steps.insert(te_group.into(), te_opt.step());
             groups.push(Group {
                 name: te_group,
                 vars: &te_vars,
@@ -683,9 +716,10 @@ pub fn train_model(
             }
             if let (true, Some(ck)) = (cfg.fused_backward_pass, checkpointing.as_deref()) {
                 // The update happens inside the backward (accumulation is 1).
-                let mut groups = vec![(&mut unet_opt, unet_sched.lr(step))];
+                // AdamW only: the config refuses Prodigy with the fused pass.
+                let mut groups = vec![(fused_adamw(&mut unet_opt)?, unet_sched.lr(step))];
                 if cfg.train_text_encoder {
-                    groups.push((&mut te_opt, te_sched.lr(step)));
+                    groups.push((fused_adamw(&mut te_opt)?, te_sched.lr(step)));
                 }
                 fused_norm = fused_backward(ck, &loss, &mut groups, cfg.max_grad_norm, true)?;
                 if let Some(d) = &dropout {
@@ -751,6 +785,10 @@ pub fn train_model(
             loss_instance: l_inst,
             loss_prior: class_bank.as_ref().map(|_| l_prior),
             lr,
+            prodigy_d: match &unet_opt {
+                Optimizer::Prodigy(p) => Some(p.d),
+                Optimizer::AdamW(_) => None,
+            },
             grad_norm: norm,
             seconds: t0.elapsed().as_secs_f64(),
         };
@@ -904,6 +942,12 @@ fn validation(
     ];
     crate::image_io::save_png(&path, &grid, &text)?;
     Ok(path)
+}
+
+/// The AdamW a fused backward pass updates with.
+fn fused_adamw(o: &mut Optimizer) -> Result<&mut AdamW> {
+    o.adamw_mut()
+        .ok_or_else(|| Error::msg("--fused-backward-pass needs --optimizer adamw"))
 }
 
 /// Where a run's checkpoints live.
