@@ -19,9 +19,7 @@ use serde_json::Value;
 use common::{fixture_model as load_model, max_abs};
 
 fn cases() -> serde_json::Map<String, Value> {
-    let path = common::fixtures().join("parity/img2img_cases.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v.as_object().unwrap().clone()
+    common::json_cases("parity/img2img_cases.json")
 }
 
 /// Pixels in [0, 1] → [-1, 1], as diffusers' image processor.
@@ -34,12 +32,8 @@ fn parity_with_diffusers() {
     for (name, case) in cases() {
         let fx = common::load(&format!("parity/img2img_{name}.safetensors"));
         let model = load_model(case["model"].as_str().unwrap());
-        let prompts: Vec<String> = case["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_string())
-            .collect();
+        let prompts: Vec<String> =
+            common::json_list(&case["prompts"], |p| p.as_str().map(String::from));
         let strength = case["strength"].as_f64().unwrap();
         let opts = GenerateOptions {
             batch_size: prompts.len(),

@@ -16,19 +16,13 @@ use serde_json::Value;
 use common::{fixture_model as load_model, max_abs};
 
 fn cases() -> serde_json::Map<String, Value> {
-    let path = common::fixtures().join("parity/pipeline_cases.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v.as_object().unwrap().clone()
+    common::json_cases("parity/pipeline_cases.json")
 }
 
 /// The options of a parity case, with its initial latents.
 fn case_options(case: &Value, latents: Tensor) -> GenerateOptions {
-    let prompts: Vec<String> = case["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    let prompts: Vec<String> =
+        common::json_list(&case["prompts"], |p| p.as_str().map(String::from));
     GenerateOptions {
         batch_size: prompts.len(),
         prompts,

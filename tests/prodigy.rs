@@ -13,12 +13,7 @@ use dreambooth::optim::{Prodigy, ProdigyConfig};
 use serde_json::Value;
 
 fn cases() -> serde_json::Map<String, Value> {
-    let path = common::fixtures().join("parity/prodigy.json");
-    serde_json::from_str::<Value>(&std::fs::read_to_string(path).unwrap())
-        .unwrap()
-        .as_object()
-        .unwrap()
-        .clone()
+    common::json_cases("parity/prodigy.json")
 }
 
 fn config(case: &Value) -> ProdigyConfig {
@@ -58,12 +53,7 @@ fn grads(
 fn prodigy_matches_prodigyopt() {
     let fx = common::load("parity/prodigy.safetensors");
     for (name, case) in cases() {
-        let lrs: Vec<f64> = case["lrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let lrs: Vec<f64> = common::json_list(&case["lrs"], Value::as_f64);
         let want_d = common::to_f64(&fx[&format!("{name}.d")]);
         let vs = vars(&fx, &name);
         let mut opt = Prodigy::new(vs.clone(), config(&case)).unwrap();
@@ -94,12 +84,7 @@ fn prodigy_state_round_trip_resumes_exactly() {
     let fx = common::load("parity/prodigy.safetensors");
     let cases = cases();
     let case = &cases["plain"];
-    let lrs: Vec<f64> = case["lrs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let lrs: Vec<f64> = common::json_list(&case["lrs"], Value::as_f64);
     let whole_vars = vars(&fx, "plain");
     let mut whole = Prodigy::new(whole_vars.clone(), config(case)).unwrap();
     for (t, &lr) in lrs.iter().enumerate() {

@@ -178,3 +178,19 @@ pub fn assert_pipeline_parity(
     println!("{name}: images max |Δ| {d:.2e} (×255 = {:.3})", d * 255.0);
     assert!(d < 2.0 / 255.0, "{name}: images differ by {d}");
 }
+
+/// The cases of a JSON fixture (`tests/fixtures/REL`): an object of name → case.
+pub fn json_cases(rel: &str) -> serde_json::Map<String, serde_json::Value> {
+    let text = std::fs::read_to_string(fixtures().join(rel)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_object().unwrap().clone()
+}
+
+/// A JSON array of strings (or numbers, via `f`) as a Vec.
+pub fn json_list<T>(v: &serde_json::Value, f: impl Fn(&serde_json::Value) -> Option<T>) -> Vec<T> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| f(x).unwrap())
+        .collect()
+}
