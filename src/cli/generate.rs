@@ -115,9 +115,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(f)) => read_prompt_file(f)?,
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    if args.init_image.is_some() {
-        dreambooth::diffusion::pipeline::first_step(args.steps, args.strength)?;
-    }
+    // The first sampler step that runs (image-to-image starts part-way).
+    let first_step = match &args.init_image {
+        Some(_) => dreambooth::diffusion::pipeline::first_step(args.steps, args.strength)?,
+        None => 0,
+    };
     // Read (and its errors shown) before the model loads.
     let init_rgb = match &args.init_image {
         Some(p) => Some(dreambooth::dreambooth::data::load_image(p)?),
@@ -229,13 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     dreambooth::diffusion::pipeline::image_size(&model, &opts)?;
 
     let batches = n.div_ceil(opts.batch_size);
-    let steps = match &opts.init {
-        Some(i) => {
-            args.steps - dreambooth::diffusion::pipeline::first_step(args.steps, i.strength)?
-        }
-        None => args.steps,
-    };
-    let bar = ProgressBar::new((batches * steps) as u64);
+    let bar = ProgressBar::new((batches * (args.steps - first_step)) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",

@@ -78,16 +78,8 @@ pub struct InitImage {
 impl InitImage {
     /// `image` as pixels in [-1, 1] (x/127.5 − 1, as diffusers' preprocessing).
     pub fn from_rgb(image: &RgbImage, strength: f64, name: impl Into<String>) -> Result<Self> {
-        let (w, h) = image.dimensions();
-        let x = Tensor::from_vec(
-            image.as_raw().clone(),
-            (1, h as usize, w as usize, 3),
-            &Device::Cpu,
-        )?
-        .permute((0, 3, 1, 2))?
-        .to_dtype(DType::F32)?;
         Ok(Self {
-            pixels: ((x / 127.5)? - 1.0)?,
+            pixels: crate::dreambooth::data::to_tensor(std::slice::from_ref(image), &Device::Cpu)?,
             strength,
             name: name.into(),
             posterior_noise: None,
