@@ -30,6 +30,7 @@ use dreambooth::dreambooth::data::{Crop, prepare, to_tensor};
 use dreambooth::dreambooth::loss::denoising_loss;
 use dreambooth::dreambooth::trainer::{Events, StepInfo, TrainOutcome, train};
 use dreambooth::models::{LoadOptions, StableDiffusion, UNetCond};
+use dreambooth::optim::OptimizerKind;
 use dreambooth::toy::world::{Subject, subject_photos};
 
 // The binary's allocator and CPU settings: a training step is several times
@@ -1518,7 +1519,7 @@ fn several_validation_prompts_make_one_row_each() {
 #[test]
 fn resumed_run_is_bit_identical_with_prodigy() {
     check_resume("resume-prodigy", 3, |cfg| {
-        cfg.optimizer = "prodigy".into();
+        cfg.optimizer = OptimizerKind::Prodigy;
         cfg.learning_rate = 1.0;
         cfg.train_text_encoder = true;
     });
@@ -1533,7 +1534,7 @@ fn prodigy_trains_and_its_checkpoints_stay_its_own() {
     let dir = tmp("prodigy");
     instance_dir(&dir.join("instance"), 2);
     let mut cfg = config(&dir.join("instance"), &dir.join("out"));
-    cfg.optimizer = "prodigy".into();
+    cfg.optimizer = OptimizerKind::Prodigy;
     cfg.learning_rate = 1.0;
     // Without the safeguarded warm-up d grows from the first steps.
     cfg.prodigy_safeguard_warmup = false;
@@ -1564,13 +1565,16 @@ fn prodigy_trains_and_its_checkpoints_stay_its_own() {
         e.contains("--fused-backward-pass") && e.contains("prodigy"),
         "{e}"
     );
-    let mut typo = cfg.clone();
-    typo.optimizer = "adam8bit".into();
-    let e = typo.validate().unwrap_err().to_string();
+    // A typo, on the command line or in a config file, names the choices.
+    let e = "adam8bit".parse::<OptimizerKind>().unwrap_err().to_string();
+    assert!(e.contains("adam8bit") && e.contains("prodigy"), "{e}");
+    let file = dir.join("run.toml");
+    std::fs::write(&file, "optimizer = \"adam8bit\"\n").unwrap();
+    let e = TrainConfig::from_toml_file(&file).unwrap_err().to_string();
     assert!(e.contains("adam8bit") && e.contains("prodigy"), "{e}");
 
     let mut adam = cfg.clone();
-    adam.optimizer = "adamw".into();
+    adam.optimizer = OptimizerKind::AdamW;
     adam.learning_rate = 1e-3;
     adam.resume = Some("latest".into());
     let e = common::train_until(&adam, None)

@@ -248,7 +248,6 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         max_train_steps,
         learning_rate,
         lr_warmup_steps,
-        optimizer,
         prodigy_d_coef,
         adam_beta1,
         adam_beta2,
@@ -318,6 +317,9 @@ pub fn effective_config(args: &Args) -> anyhow::Result<TrainConfig> {
         release_block_graphs,
         fused_backward_pass
     );
+    if let Some(s) = &args.optimizer {
+        cfg.optimizer = s.parse()?;
+    }
     if let Some(s) = &args.lr_scheduler {
         cfg.lr_scheduler = s
             .parse()

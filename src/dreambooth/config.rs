@@ -46,7 +46,7 @@ pub struct TrainConfig {
     pub lr_warmup_steps: u64,
     /// `adamw` or `prodigy` (then `learning_rate` multiplies its estimated
     /// step size: 1.0 is usual; betas, epsilon and weight decay are the adam_ ones).
-    pub optimizer: String,
+    pub optimizer: crate::optim::OptimizerKind,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_weight_decay: f64,
@@ -164,7 +164,7 @@ impl Default for TrainConfig {
             text_encoder_lr: None,
             lr_scheduler: LrScheduleKind::Constant,
             lr_warmup_steps: 0,
-            optimizer: "adamw".into(),
+            optimizer: crate::optim::OptimizerKind::AdamW,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_weight_decay: 1e-2,
@@ -318,10 +318,7 @@ impl TrainConfig {
                     .into(),
             );
         }
-        let optimizer: crate::optim::OptimizerKind = self
-            .optimizer
-            .parse()
-            .map_err(|e: Error| Error::msg(format!("invalid option: {e}")))?;
+        let optimizer = self.optimizer;
         if self.fused_backward_pass && optimizer == crate::optim::OptimizerKind::Prodigy {
             return bad(
                 "--fused-backward-pass does not work with --optimizer prodigy (its step size \

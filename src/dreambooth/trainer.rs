@@ -405,7 +405,7 @@ pub fn train_model(
     let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
     // One optimizer per trained network (with Prodigy, each estimates its
     // own step size).
-    let kind: OptimizerKind = cfg.optimizer.parse()?;
+    let kind = cfg.optimizer;
     let make_opt = |vars: BTreeMap<String, candle_core::Var>, lr: f64| -> Result<Optimizer> {
         Ok(match kind {
             OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(vars, adam(lr))?),
@@ -785,10 +785,7 @@ pub fn train_model(
             loss_instance: l_inst,
             loss_prior: class_bank.as_ref().map(|_| l_prior),
             lr,
-            prodigy_d: match &unet_opt {
-                Optimizer::Prodigy(p) => Some(p.d),
-                Optimizer::AdamW(_) => None,
-            },
+            prodigy_d: unet_opt.step_size_estimate(),
             grad_norm: norm,
             seconds: t0.elapsed().as_secs_f64(),
         };

@@ -11,7 +11,8 @@ use super::{AdamW, Prodigy};
 use crate::{Error, Result};
 
 /// `--optimizer`: which update rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     #[default]
     AdamW,
@@ -52,6 +53,14 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o.num_params(),
             Optimizer::Prodigy(o) => o.num_params(),
+        }
+    }
+
+    /// Prodigy's current step-size estimate d (`None` for AdamW).
+    pub fn step_size_estimate(&self) -> Option<f64> {
+        match self {
+            Optimizer::AdamW(_) => None,
+            Optimizer::Prodigy(o) => Some(o.d),
         }
     }
 
